@@ -1,0 +1,30 @@
+"""Packaging for the trainer: runtime dependencies, test extras and the console entry points."""
+
+import setuptools
+
+setuptools.setup(
+    name="mnist-dist-trainer",
+    version="0.1.0",
+    description="Distributed TensorFlow CNN training job (one device, many devices, many workers).",
+    packages=setuptools.find_packages(include=["trainer", "trainer.*"]),
+    python_requires=">=3.10,<3.14",
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<5",
+        # tensorflow-datasets imports it without declaring it.
+        "importlib_resources>=6",
+        "google-cloud-storage>=2.14,<4",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+    ],
+    extras_require={
+        # TensorFlow's CUDA wheels; `make train` adds this extra where nvidia-smi exists.
+        "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
+        "hypertune": ["cloudml-hypertune>=0.1.0.dev6"],
+        "test": [
+            "pytest>=8,<10",
+            "gcp-storage-emulator>=2024.8.3",
+            "cloudml-hypertune>=0.1.0.dev6",
+        ],
+    },
+)

@@ -1,0 +1,206 @@
+"""The one typed, frozen training configuration, its command-line flags and their validation."""
+
+import dataclasses
+import os
+from typing import Optional
+
+from absl import flags
+
+from trainer import errors
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
+LR_SCHEDULES = ("onecycle", "cosine", "constant")
+LR_SCALINGS = ("linear", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs; built once from flags (or directly by tests) and never mutated."""
+
+  model_dir: str = "runs/mnist"
+  data_dir: str = "~/tensorflow_datasets"
+  dataset: str = "mnist"
+  # Directory holding the four MNIST .gz files; "" means the copy vendored in this repository.
+  mnist_source_dir: str = ""
+  global_batch_size: int = 128
+  train_steps: Optional[int] = None
+  epochs: Optional[int] = None
+  learning_rate: float = 0.004
+  lr_schedule: str = "onecycle"
+  lr_scaling: str = "linear"
+  # --learning_rate is the rate for this global batch; linear scaling adjusts it for others.
+  reference_batch_size: int = 128
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  label_smoothing: float = 0.0
+  checkpoint_every_steps: int = 500
+  keep_checkpoints: int = 3
+  log_every_steps: int = 100
+  steps_per_loop: int = 20
+  eval_every_steps: int = 0
+  seed: int = 42
+  deterministic: bool = False
+  strategy: str = "auto"
+  num_cpu_devices: int = 1
+  collective_timeout_s: float = 300.0
+  preemption_grace_s: float = 25.0
+  model_widths: tuple = (32, 64)
+  dense_units: int = 0
+  dropout: float = 0.0
+  batch_norm: bool = True
+  mixed_precision: bool = False
+  xla: bool = False
+  train_examples: int = 0  # 0 = the whole train split; tests use small subsets
+  eval_examples: int = 0  # 0 = the whole test split
+  export: bool = True
+
+  def __post_init__(self):
+    validate(self)
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+
+def _positive(name, value):
+  if value <= 0:
+    raise errors.ConfigError(f"--{name} must be > 0, got {value}.")
+
+
+def validate(c: Config) -> None:
+  """Rejects bad or contradictory values with a message naming the flag and the fix."""
+  if not c.model_dir:
+    raise errors.ConfigError("--model_dir is empty: give a local path or a gs:// URI.")
+  if not c.dataset:
+    raise errors.ConfigError("--dataset is empty: use e.g. --dataset=mnist.")
+  _positive("global_batch_size", c.global_batch_size)
+  if c.train_steps is None and c.epochs is None:
+    raise errors.ConfigError("Set --train_steps or --epochs.")
+  if c.train_steps is not None:
+    _positive("train_steps", c.train_steps)
+  if c.epochs is not None:
+    _positive("epochs", c.epochs)
+  _positive("learning_rate", c.learning_rate)
+  _positive("reference_batch_size", c.reference_batch_size)
+  _positive("checkpoint_every_steps", c.checkpoint_every_steps)
+  _positive("keep_checkpoints", c.keep_checkpoints)
+  _positive("log_every_steps", c.log_every_steps)
+  _positive("steps_per_loop", c.steps_per_loop)
+  _positive("num_cpu_devices", c.num_cpu_devices)
+  _positive("collective_timeout_s", c.collective_timeout_s)
+  _positive("preemption_grace_s", c.preemption_grace_s)
+  for name in ("warmup_steps", "eval_every_steps", "train_examples", "eval_examples"):
+    if getattr(c, name) < 0:
+      raise errors.ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}.")
+  if not 0.0 <= c.dropout < 1.0:
+    raise errors.ConfigError(f"--dropout must be in [0, 1), got {c.dropout}.")
+  if not 0.0 <= c.label_smoothing < 1.0:
+    raise errors.ConfigError(f"--label_smoothing must be in [0, 1), got {c.label_smoothing}.")
+  if c.weight_decay < 0:
+    raise errors.ConfigError(f"--weight_decay must be >= 0, got {c.weight_decay}.")
+  if c.strategy not in STRATEGIES:
+    raise errors.ConfigError(f"--strategy={c.strategy!r}: use one of {', '.join(STRATEGIES)}.")
+  if c.lr_schedule not in LR_SCHEDULES:
+    raise errors.ConfigError(
+        f"--lr_schedule={c.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}.")
+  if c.lr_scaling not in LR_SCALINGS:
+    raise errors.ConfigError(f"--lr_scaling={c.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}.")
+  if not c.model_widths or any(w <= 0 for w in c.model_widths):
+    raise errors.ConfigError(f"--model_widths must be positive integers, got {c.model_widths}.")
+  if c.num_cpu_devices > 1 and c.strategy in ("one_device", "multi_worker_mirrored"):
+    raise errors.ConfigError(
+        f"--num_cpu_devices={c.num_cpu_devices} contradicts --strategy={c.strategy}: "
+        "logical CPU devices are for --strategy=mirrored (or auto).")
+
+
+def resolve_steps(c: Config, steps_per_epoch: int) -> int:
+  """Total training steps; --train_steps and --epochs must agree when both are given."""
+  if c.epochs is None:
+    return c.train_steps
+  from_epochs = c.epochs * steps_per_epoch
+  if c.train_steps is not None and c.train_steps != from_epochs:
+    raise errors.ConfigError(
+        f"--train_steps={c.train_steps} contradicts --epochs={c.epochs} "
+        f"({c.epochs} x {steps_per_epoch} steps per epoch = {from_epochs}); give only one.")
+  return from_epochs
+
+
+# ---- Command-line flags: one flag per Config field, same name. ----
+
+_DEFAULTS = Config(epochs=2)
+_HELP = {
+    "model_dir": "Where checkpoints, summaries, metrics.json and export/ go (local or gs://). "
+                 "Defaults to $AIP_MODEL_DIR when set.",
+    "data_dir": "TFDS data directory; MNIST is prepared here from the vendored files on first use.",
+    "dataset": "TFDS image-classification dataset name, e.g. mnist or fashion_mnist.",
+    "mnist_source_dir": "Directory with the four MNIST .gz files (default: the vendored copy).",
+    "global_batch_size": "Batch size summed over all replicas; must divide by the replica count.",
+    "train_steps": "Total optimizer steps (alternative to --epochs; both must agree).",
+    "epochs": "Passes over the training split (default 2 when --train_steps is not set).",
+    "learning_rate": "Peak learning rate at --reference_batch_size.",
+    "lr_schedule": "onecycle (warmup then cosine/linear down), cosine (with warmup) or constant.",
+    "lr_scaling": "linear: scale the learning rate by global_batch_size/reference_batch_size.",
+    "reference_batch_size": "The global batch --learning_rate was tuned for.",
+    "warmup_steps": "Linear warmup steps (onecycle uses 25%% of training when 0).",
+    "weight_decay": "Decoupled weight decay (AdamW) coefficient.",
+    "label_smoothing": "Label smoothing for the training loss.",
+    "checkpoint_every_steps": "Checkpoint period in steps (plus one at the end).",
+    "keep_checkpoints": "How many recent checkpoints to keep.",
+    "log_every_steps": "Logging and summary period in steps.",
+    "steps_per_loop": "Steps run inside one tf.function call (fewer host round trips).",
+    "eval_every_steps": "Evaluate on the test split every N steps (0: only at the end).",
+    "seed": "Seed for initialization and data order.",
+    "deterministic": "Op determinism and fixed seeds: resumed runs match uninterrupted ones.",
+    "strategy": "Distribution strategy; auto picks from TF_CONFIG and the visible GPUs.",
+    "num_cpu_devices": "Split the CPU into N logical devices (MirroredStrategy without GPUs).",
+    "collective_timeout_s": "Give up (exit 143) when a peer is silent this long.",
+    "preemption_grace_s": "Seconds between SIGTERM and the forced exit.",
+    "model_widths": "Channels of the convolution blocks.",
+    "dense_units": "Width of the hidden dense layer (0: none).",
+    "dropout": "Dropout rate before the classifier.",
+    "batch_norm": "Batch normalization after each convolution.",
+    "mixed_precision": "mixed_float16 on GPUs, mixed_bfloat16 on CPUs.",
+    "xla": "Compile the training step with XLA (jit_compile).",
+    "train_examples": "Use only the first N training examples (0: all).",
+    "eval_examples": "Evaluate on only the first N test examples (0: all).",
+    "export": "Export a SavedModel to model_dir/export after training.",
+}
+
+
+def define_flags() -> None:
+  """Defines one absl flag per Config field (idempotent, so tests may call it again)."""
+  if "global_batch_size" in flags.FLAGS:
+    return
+  for field in dataclasses.fields(Config):
+    default = getattr(_DEFAULTS, field.name)
+    help_text = _HELP[field.name]
+    if field.name in ("train_steps", "epochs"):
+      flags.DEFINE_integer(field.name, None, help_text)
+    elif field.name == "model_widths":
+      flags.DEFINE_list(field.name, [str(w) for w in default], help_text)
+    elif field.name in ("strategy", "lr_schedule", "lr_scaling"):
+      choices = {"strategy": STRATEGIES, "lr_schedule": LR_SCHEDULES,
+                 "lr_scaling": LR_SCALINGS}[field.name]
+      flags.DEFINE_enum(field.name, default, choices, help_text)
+    elif isinstance(default, bool):
+      flags.DEFINE_boolean(field.name, default, help_text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(field.name, default, help_text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(field.name, default, help_text)
+    else:
+      flags.DEFINE_string(field.name, default, help_text)
+
+
+def config_from_flags(flag_values=flags.FLAGS, environ=os.environ) -> Config:
+  """Builds the Config from parsed flags; platform environment variables fill unset paths."""
+  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
+  try:
+    values["model_widths"] = tuple(int(w) for w in values["model_widths"])
+  except ValueError:
+    raise errors.ConfigError(
+        f"--model_widths must be comma-separated integers, got {values['model_widths']}.")
+  if not flag_values["model_dir"].present and environ.get("AIP_MODEL_DIR"):
+    values["model_dir"] = environ["AIP_MODEL_DIR"]
+  if values["train_steps"] is None and values["epochs"] is None:
+    values["epochs"] = _DEFAULTS.epochs
+  return Config(**values)
