@@ -15,6 +15,8 @@ setuptools.setup(
         "importlib_resources>=6",
         "google-cloud-storage>=2.14,<4",
         "absl-py>=2.1,<3",
+        # TF 2.21 no longer pulls it in; tf.summary needs it.
+        "tensorboard>=2.20,<3",
         "numpy>=1.26,<3",
     ],
     extras_require={

@@ -53,6 +53,7 @@ class Config:
   train_examples: int = 0  # 0 = the whole train split; tests use small subsets
   eval_examples: int = 0  # 0 = the whole test split
   export: bool = True
+  inject_nan_at_step: int = 0  # fault injection for tests: loss is NaN from this step on
 
   def __post_init__(self):
     validate(self)
@@ -88,7 +89,8 @@ def validate(c: Config) -> None:
   _positive("num_cpu_devices", c.num_cpu_devices)
   _positive("collective_timeout_s", c.collective_timeout_s)
   _positive("preemption_grace_s", c.preemption_grace_s)
-  for name in ("warmup_steps", "eval_every_steps", "train_examples", "eval_examples"):
+  for name in ("warmup_steps", "eval_every_steps", "train_examples", "eval_examples",
+               "inject_nan_at_step"):
     if getattr(c, name) < 0:
       raise errors.ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}.")
   if not 0.0 <= c.dropout < 1.0:
@@ -163,6 +165,7 @@ _HELP = {
     "train_examples": "Use only the first N training examples (0: all).",
     "eval_examples": "Evaluate on only the first N test examples (0: all).",
     "export": "Export a SavedModel to model_dir/export after training.",
+    "inject_nan_at_step": "Testing aid: the loss becomes NaN from this step on (0: off).",
 }
 
 

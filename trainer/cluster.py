@@ -1,0 +1,150 @@
+"""Reads the cluster layout from TF_CONFIG (or Vertex AI's CLUSTER_SPEC) and validates it."""
+
+import dataclasses
+import json
+from typing import Mapping, Optional
+
+from trainer import errors
+
+# Vertex AI names its worker pools; pool 0 is the chief, pool 1 the workers, 2 parameter servers,
+# 3 the evaluator.
+_VERTEX_POOLS = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps",
+                 "workerpool3": "evaluator"}
+_TRAINING_TASK_TYPES = ("chief", "master", "worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+  """Who this process is in the cluster; a single process without TF_CONFIG is worker 0 of 1."""
+
+  cluster: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+  task_type: str = "worker"
+  task_index: int = 0
+  # The TF_CONFIG to hand to TensorFlow (normalized; e.g. built from CLUSTER_SPEC).
+  tf_config: Optional[str] = None
+
+  @property
+  def num_workers(self) -> int:
+    return sum(len(self.cluster.get(t, ())) for t in _TRAINING_TASK_TYPES)
+
+  @property
+  def is_multi_worker(self) -> bool:
+    return self.num_workers > 1
+
+  @property
+  def chief_task(self) -> tuple:
+    for task_type in ("chief", "master"):
+      if self.cluster.get(task_type):
+        return (task_type, 0)
+    return ("worker", 0)
+
+  @property
+  def is_chief(self) -> bool:
+    return (self.task_type, self.task_index) == self.chief_task
+
+  @property
+  def task_name(self) -> str:
+    return f"{self.task_type}:{self.task_index}"
+
+  def address_of(self, task_type: str, task_index: int) -> str:
+    return self.cluster[task_type][task_index]
+
+  def peers(self) -> list:
+    """(task name, address) of every training task except this one."""
+    out = []
+    for task_type in _TRAINING_TASK_TYPES:
+      for index, address in enumerate(self.cluster.get(task_type, ())):
+        if (task_type, index) != (self.task_type, self.task_index):
+          out.append((f"{task_type}:{index}", address))
+    return out
+
+
+def _load_json(text: str, name: str) -> dict:
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise errors.ConfigError(f"${name} is not valid JSON ({e}); fix or unset it.") from None
+  if not isinstance(value, dict):
+    raise errors.ConfigError(f"${name} must be a JSON object, got {type(value).__name__}.")
+  return value
+
+
+def _from_cluster_spec(spec: dict) -> dict:
+  """Translates Vertex AI's CLUSTER_SPEC into the TF_CONFIG layout."""
+  cluster = {}
+  for pool, addresses in spec.get("cluster", {}).items():
+    if pool not in _VERTEX_POOLS:
+      raise errors.ConfigError(f"$CLUSTER_SPEC has unknown worker pool {pool!r}.")
+    cluster[_VERTEX_POOLS[pool]] = addresses
+  task = dict(spec.get("task", {}))
+  if "type" in task:
+    task["type"] = _VERTEX_POOLS.get(task["type"], task["type"])
+  return {"cluster": cluster, "task": task}
+
+
+def parse_cluster(environ: Mapping[str, str]) -> ClusterInfo:
+  """Validates TF_CONFIG (or CLUSTER_SPEC) before any training; errors name the variable."""
+  name = "TF_CONFIG"
+  text = environ.get("TF_CONFIG", "").strip()
+  if not text and environ.get("CLUSTER_SPEC", "").strip():
+    name = "CLUSTER_SPEC"
+    tf_config = _from_cluster_spec(_load_json(environ["CLUSTER_SPEC"], name))
+  elif text:
+    tf_config = _load_json(text, name)
+  else:
+    return ClusterInfo()
+  cluster = tf_config.get("cluster")
+  if not cluster:
+    # Only a task, or nothing: TensorFlow treats this as a single worker.
+    return ClusterInfo()
+  if not isinstance(cluster, dict):
+    raise errors.ConfigError(f"${name}: 'cluster' must map task types to address lists.")
+  cluster = _validate_cluster(cluster, name)
+  task_type, task_index = _validate_task(tf_config.get("task"), cluster, name)
+  normalized = json.dumps({"cluster": {k: list(v) for k, v in cluster.items()},
+                           "task": {"type": task_type, "index": task_index}})
+  return ClusterInfo(cluster=cluster, task_type=task_type, task_index=task_index,
+                     tf_config=normalized)
+
+
+def _validate_cluster(cluster: dict, name: str) -> dict:
+  out = {}
+  for task_type, addresses in cluster.items():
+    if task_type == "ps":
+      raise errors.ConfigError(
+          f"${name} has parameter servers ('ps'): this trainer uses synchronous "
+          "MultiWorkerMirroredStrategy; remove the ps pool.")
+    if task_type not in _TRAINING_TASK_TYPES + ("evaluator",):
+      raise errors.ConfigError(f"${name} has unknown task type {task_type!r}; "
+                               "use chief, worker (or master).")
+    if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a
+                                                  for a in addresses):
+      raise errors.ConfigError(f"${name}: cluster[{task_type!r}] must be a list of 'host:port'.")
+    out[task_type] = tuple(addresses)
+  if len(out.get("chief", ())) > 1 or len(out.get("master", ())) > 1:
+    raise errors.ConfigError(f"${name}: a cluster has at most one chief/master.")
+  if out.get("chief") and out.get("master"):
+    raise errors.ConfigError(f"${name}: use either 'chief' or the legacy 'master', not both.")
+  if not any(out.get(t) for t in _TRAINING_TASK_TYPES):
+    raise errors.ConfigError(f"${name}: the cluster has no chief or worker tasks.")
+  return out
+
+
+def _validate_task(task, cluster: dict, name: str) -> tuple:
+  if not isinstance(task, dict) or "type" not in task:
+    raise errors.ConfigError(f"${name} has a cluster but no 'task' with 'type' and 'index': "
+                             "every process must say which task it is.")
+  task_type = task["type"]
+  task_index = task.get("index", 0)
+  if task_type == "evaluator":
+    raise errors.ConfigError(
+        f"${name} makes this process an 'evaluator': not supported, the chief evaluates on the "
+        "test split after training; remove the evaluator task (Vertex AI: worker pool 3).")
+  if task_type not in cluster:
+    raise errors.ConfigError(f"${name}: task type {task_type!r} is not in the cluster "
+                             f"({', '.join(cluster)}).")
+  if not isinstance(task_index, int) or not 0 <= task_index < len(cluster[task_type]):
+    raise errors.ConfigError(
+        f"${name}: task index {task_index!r} is out of range for {task_type!r}, which has "
+        f"{len(cluster[task_type])} task(s).")
+  return task_type, task_index

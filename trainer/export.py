@@ -1,0 +1,46 @@
+"""Exports the trained model as a SavedModel with a uint8-images serving signature."""
+
+import logging
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+
+class _Serving(tf.Module):
+  """Holds the model so its variables are saved; the signature does the preprocessing."""
+
+  def __init__(self, model, image_shape):
+    super().__init__()
+    self.model = model
+    self.serve = tf.function(self._serve, input_signature=[
+        tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
+
+  def _serve(self, images):
+    logits = self.model(tf.cast(images, tf.float32) / 255.0, training=False)
+    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    return {"probabilities": probabilities,
+            "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
+
+
+def export_saved_model(model, image_shape, export_dir: str) -> str:
+  """Writes export_dir atomically: a crash never leaves a partial export under that name."""
+  parent = os.path.dirname(os.path.abspath(export_dir))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  try:
+    module = _Serving(model, image_shape)
+    tf.saved_model.save(module, staging, signatures={"serving_default": module.serve})
+    old = None
+    if os.path.exists(export_dir):
+      old = export_dir + ".old"
+      shutil.rmtree(old, ignore_errors=True)
+      os.rename(export_dir, old)
+    os.rename(staging, export_dir)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  logging.info("Exported SavedModel to %s", export_dir)
+  return export_dir

@@ -1,0 +1,88 @@
+"""Classifies PNG digits with an exported SavedModel: `python -m trainer.predict --model_dir DIR a.png`."""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app
+from absl import flags
+
+from trainer import errors
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "Training output dir (its export/ is used) or an export.")
+flags.DEFINE_integer("samples", 0, "Also write this many MNIST test digits as PNGs into "
+                     "model_dir/samples and classify them (make predict uses 5).")
+
+
+def _export_dir(model_dir: str) -> str:
+  candidate = os.path.join(model_dir, "export")
+  return candidate if os.path.isdir(candidate) else model_dir
+
+
+def load_images(paths, image_shape):
+  """Decodes PNGs to uint8 [N, H, W, C], resizing when needed."""
+  import tensorflow as tf
+  height, width, channels = image_shape
+  out = []
+  for path in paths:
+    try:
+      image = tf.io.decode_png(tf.io.read_file(path), channels=channels)
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+      raise errors.DataError(f"Cannot read PNG {path}: {e.message}") from None
+    if image.shape[:2] != (height, width):
+      image = tf.cast(tf.image.resize(image, (height, width)), tf.uint8)
+    out.append(image)
+  return tf.stack(out)
+
+
+def write_samples(out_dir: str, count: int) -> list:
+  """Writes the first `count` vendored MNIST test digits as PNGs named by their true label."""
+  import tensorflow as tf
+  from trainer import data
+  source = data.vendored_mnist_dir()
+  images = data.read_idx(os.path.join(source, "t10k-images-idx3-ubyte.gz"))
+  labels = data.read_idx(os.path.join(source, "t10k-labels-idx1-ubyte.gz"))
+  os.makedirs(out_dir, exist_ok=True)
+  paths = []
+  for i in range(count):
+    path = os.path.join(out_dir, f"test{i:04d}_label{labels[i]}.png")
+    tf.io.write_file(path, tf.io.encode_png(images[i][..., None]))
+    paths.append(path)
+  return paths
+
+
+def predict(model_dir: str, paths) -> list:
+  """Returns (path, class, probability) per image."""
+  import tensorflow as tf
+  export_dir = _export_dir(model_dir)
+  if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
+    raise errors.DataError(f"--model_dir={model_dir} has no SavedModel (expected "
+                           f"{export_dir}/saved_model.pb): train first with make train.")
+  serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+  image_shape = serve.structured_input_signature[1]["images"].shape[1:]
+  out = serve(images=load_images(paths, image_shape))
+  classes = out["classes"].numpy()
+  probabilities = out["probabilities"].numpy()
+  return [(p, int(c), float(probabilities[i, c])) for i, (p, c) in enumerate(zip(paths, classes))]
+
+
+def main(argv):
+  paths = list(argv[1:])
+  try:
+    if not FLAGS.model_dir:
+      raise errors.ConfigError("--model_dir is required (the training output directory).")
+    if FLAGS.samples:
+      paths += write_samples(os.path.join(FLAGS.model_dir, "samples"), FLAGS.samples)
+    if not paths:
+      raise errors.ConfigError("Give PNG files to classify, or --samples=N.")
+    for path, cls, probability in predict(FLAGS.model_dir, paths):
+      print(f"{path}\tclass {cls}\tp={probability:.4f}")
+  except errors.TrainerError as e:
+    sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
+    sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+  app.run(main)

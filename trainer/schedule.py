@@ -1,0 +1,56 @@
+"""Learning-rate schedules (one-cycle, cosine, constant) with linear batch scaling, and the optimizer."""
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+def peak_learning_rate(config) -> float:
+  """Linear scaling rule: the rate grows with the global batch (Goyal et al., 2017)."""
+  if config.lr_scaling == "linear":
+    return config.learning_rate * config.global_batch_size / config.reference_batch_size
+  return config.learning_rate
+
+
+def warmup_steps(config, total_steps: int) -> int:
+  if config.warmup_steps:
+    return min(config.warmup_steps, total_steps)
+  if config.lr_schedule == "onecycle":
+    return max(1, int(0.25 * total_steps))
+  return 0
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warmup from peak/25 to peak, then cosine (or flat) decay to peak/1000."""
+
+  def __init__(self, peak: float, warmup: int, total: int, decay: str):
+    self.peak, self.warmup, self.total, self.decay = peak, warmup, max(total, 1), decay
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    start = self.peak / 25.0
+    warm = start + (self.peak - start) * step / max(self.warmup, 1)
+    if self.decay == "constant":
+      after = tf.constant(self.peak, tf.float32)
+    else:
+      progress = tf.clip_by_value((step - self.warmup) / max(self.total - self.warmup, 1), 0., 1.)
+      floor = self.peak / 1000.0
+      after = floor + (self.peak - floor) * 0.5 * (1.0 + tf.cos(math.pi * progress))
+    return tf.where(step < self.warmup, warm, after)
+
+  def get_config(self):
+    return {"peak": self.peak, "warmup": self.warmup, "total": self.total, "decay": self.decay}
+
+
+def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
+  decay = "constant" if config.lr_schedule == "constant" else "cosine"
+  schedule = WarmupSchedule(peak_learning_rate(config), warmup_steps(config, total_steps),
+                            total_steps, decay)
+  if config.weight_decay:
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+  else:
+    optimizer = keras.optimizers.Adam(schedule)
+  if keras.mixed_precision.global_policy().name == "mixed_float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer

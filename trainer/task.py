@@ -1,0 +1,41 @@
+"""Entry point: `python -m trainer.task --flags` parses flags into a Config and trains."""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from trainer import config as config_lib
+from trainer import errors
+
+# C++ INFO logs (oneDNN, CUDA probing) drown the training log; WARNING and up still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+config_lib.define_flags()
+
+
+def _parse_flags(argv):
+  """Unknown or malformed flags exit with the config code, not absl's generic 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpfull to see all flags.\n")
+    sys.exit(errors.EXIT_CONFIG)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}", errors.EXIT_CONFIG)
+  try:
+    config = config_lib.config_from_flags()
+    from trainer import train  # TensorFlow loads only after the flags are known to be good.
+    train.train_and_evaluate(config)
+  except errors.TrainerError as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
+    sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

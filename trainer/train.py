@@ -1,0 +1,321 @@
+"""train_and_evaluate: the one training path for one device, many devices and many workers."""
+
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import checkpoint as checkpoint_lib
+from trainer import config as config_lib
+from trainer import data
+from trainer import distribute
+from trainer import errors
+from trainer import export
+from trainer import model as model_lib
+from trainer import preemption
+from trainer import schedule
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def _set_precision_and_seeds(config) -> None:
+  keras.utils.set_random_seed(config.seed)
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  if config.mixed_precision:
+    policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+  else:
+    policy = "float32"
+  keras.mixed_precision.set_global_policy(policy)
+
+
+def _sum_variable(dtype=tf.float32):
+  # Replica-local accumulators, summed over replicas and workers only when read.
+  return tf.Variable(0, dtype=dtype, trainable=False,
+                     synchronization=tf.VariableSynchronization.ON_READ,
+                     aggregation=tf.VariableAggregation.SUM)
+
+
+class _Trainer:
+  """Model, optimizer and the compiled multi-step training function."""
+
+  def __init__(self, config, runtime, splits, total_steps):
+    self.config = config
+    self.strategy = runtime.strategy
+    with self.strategy.scope():
+      self.model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
+      self.optimizer = schedule.make_optimizer(config, total_steps)
+      self.optimizer.build(self.model.trainable_variables)
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+      self.loss_sum = _sum_variable()
+      self.correct = _sum_variable()
+      self.count = _sum_variable()
+    self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                          step=self.step)
+    self._num_classes = splits.num_classes
+    self._grads = tf.function(self._compute_grads, jit_compile=True) if config.xla else (
+        self._compute_grads)
+    self.train_chunk = tf.function(self._train_chunk)
+
+  def _compute_grads(self, images, labels, weights):
+    with tf.GradientTape() as tape:
+      logits = self.model(images, training=True)
+      per_example = keras.losses.categorical_crossentropy(
+          tf.one_hot(labels, self._num_classes), logits, from_logits=True,
+          label_smoothing=self.config.label_smoothing)
+      if self.config.inject_nan_at_step:
+        poison = tf.cast(self.step + 1 >= self.config.inject_nan_at_step, tf.float32)
+        per_example += poison * float("nan")
+      # Scaled by the global batch so summing gradients over replicas gives the mean.
+      loss = tf.reduce_sum(per_example * weights) / self.config.global_batch_size
+      scaled = (self.optimizer.scale_loss(loss)
+                if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) else loss)
+    grads = tape.gradient(scaled, self.model.trainable_variables)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+    return grads, tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights)
+
+  def _replica_step(self, batch):
+    images, labels, weights = batch
+    grads, loss_sum, correct = self._grads(images, labels, weights)
+    self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+    self.loss_sum.assign_add(loss_sum)
+    self.correct.assign_add(correct)
+    self.count.assign_add(tf.reduce_sum(weights))
+
+  def _reset(self):
+    for v in (self.loss_sum, self.correct, self.count):
+      v.assign(tf.zeros_like(v))
+
+  def _train_chunk(self, iterator, num_steps, stop_vote):
+    """num_steps steps in one call; returns summed loss, correct, count and stop votes."""
+    self.strategy.run(self._reset)
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._replica_step, args=(next(iterator),))
+    self.step.assign_add(tf.cast(num_steps, tf.int64))
+    votes = self.strategy.reduce(SUM, self.strategy.run(lambda v: tf.identity(v),
+                                                        args=(stop_vote,)), axis=None)
+    return (self.loss_sum.read_value(), self.correct.read_value(), self.count.read_value(),
+            votes)
+
+
+def _evaluate(model, splits, batch_size=1000) -> dict:
+  predict = tf.function(lambda x: model(x, training=False))
+  loss_total, correct, count = 0.0, 0, 0
+  for images, labels in data.eval_batches(splits.test_images, splits.test_labels, batch_size):
+    logits = tf.cast(predict(images), tf.float32)
+    loss_total += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True)))
+    correct += int(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                                  labels), tf.int32)))
+    count += int(labels.shape[0])
+  return {"test_accuracy": correct / count, "test_loss": loss_total / count,
+          "test_examples": count}
+
+
+def _clean_copy(config, splits, model):
+  """A non-distributed replica of the model for evaluation and export (no collectives)."""
+  policy = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("float32")
+  try:
+    clean = model_lib.build_model(config, splits.image_shape, splits.num_classes)
+  finally:
+    keras.mixed_precision.set_global_policy(policy)
+  clean.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+  return clean
+
+
+class _Chunker:
+  """Splits training into calls that end exactly at log, checkpoint and eval boundaries."""
+
+  def __init__(self, config, total_steps):
+    self._periods = [config.log_every_steps, config.checkpoint_every_steps]
+    if config.eval_every_steps:
+      self._periods.append(config.eval_every_steps)
+    self._max = config.steps_per_loop
+    self._total = total_steps
+
+  def next_size(self, step: int) -> int:
+    ends = [self._total, step + self._max] + [(step // p + 1) * p for p in self._periods]
+    return min(ends) - step
+
+
+def _due(step: int, period: int) -> bool:
+  return period > 0 and step % period == 0
+
+
+def _write_json(path: str, payload: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
+  """Trains (resuming from model_dir when it holds a checkpoint), evaluates and exports.
+
+  Returns the metrics dict (the chief also writes it to model_dir/metrics.json).
+  """
+  environ = os.environ if environ is None else environ
+  _set_precision_and_seeds(config)
+  runtime = distribute.create_runtime(config, environ)  # Before any other TF op.
+  watchdog = preemption.Watchdog(runtime.cluster.peers(), config.collective_timeout_s,
+                                 runtime.cluster.task_name)
+  handler = preemption.PreemptionHandler(config.preemption_grace_s)
+  handler.install()
+  store = None
+  try:
+    splits = data.load(config)
+    data.check_divisible(config.global_batch_size, runtime.num_replicas)
+    steps_per_epoch = data.steps_per_epoch(len(splits.train_images), config.global_batch_size)
+    total_steps = config_lib.resolve_steps(config, steps_per_epoch)
+    trainer = _Trainer(config, runtime, splits, total_steps)
+    model_dir = os.path.abspath(os.path.expanduser(config.model_dir))
+    if runtime.is_chief:
+      os.makedirs(model_dir, exist_ok=True)
+    store = checkpoint_lib.CheckpointStore(trainer.checkpoint,
+                                           os.path.join(model_dir, "checkpoints"),
+                                           runtime.is_chief, config.keep_checkpoints)
+    store.restore_latest(trainer.model, model_dir)
+    start_step = int(trainer.step.numpy())
+    loop = _TrainLoop(config, runtime, trainer, store, watchdog, handler, splits, model_dir,
+                      total_steps, steps_per_epoch, start_step)
+    train_stats = loop.run()
+    return _finish(config, runtime, trainer, splits, model_dir, start_step, train_stats, watchdog)
+  finally:
+    handler.uninstall()
+    watchdog.close()
+    if store is not None:
+      store.close()
+
+
+class _TrainLoop:
+  """Runs chunks, logs, checkpoints, and turns NaN, SIGTERM and peer loss into clean exits."""
+
+  def __init__(self, config, runtime, trainer, store, watchdog, handler, splits, model_dir,
+               total_steps, steps_per_epoch, start_step):
+    self.c, self.runtime, self.t, self.store = config, runtime, trainer, store
+    self.watchdog, self.handler, self.splits = watchdog, handler, splits
+    self.model_dir, self.total_steps, self.start_step = model_dir, total_steps, start_step
+    self.steps_per_epoch = steps_per_epoch
+    self.last_saved = start_step
+    if runtime.is_chief:
+      self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs", "train"))
+    else:
+      self.writer = tf.summary.create_noop_writer()
+
+  def run(self) -> dict:
+    c, t = self.c, self.t
+    step = self.start_step
+    if step >= self.total_steps:
+      logging.info("Checkpoint is at step %d >= %d steps: nothing to train.", step,
+                   self.total_steps)
+      return {"train_images_per_sec": 0.0, "train_seconds": 0.0}
+    logging.info("Training steps %d -> %d (%d per epoch, global batch %d, %d replica(s)).",
+                 step, self.total_steps, self.steps_per_epoch, c.global_batch_size,
+                 self.runtime.num_replicas)
+    dataset = self.runtime.strategy.distribute_datasets_from_function(data.train_dataset_fn(
+        self.splits.train_images, self.splits.train_labels, c.global_batch_size, c.seed,
+        start_step=step, total_steps=self.total_steps))
+    iterator = iter(dataset)
+    chunker = _Chunker(c, self.total_steps)
+    window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    steady_images, steady_seconds, first = 0, 0.0, True
+    started = time.time()
+    while step < self.total_steps:
+      n = chunker.next_size(step)
+      self.watchdog.arm("train")
+      tic = time.perf_counter()
+      loss, correct, count, votes = self.t.train_chunk(
+          iterator, tf.constant(n), tf.constant(1.0 if self.handler.requested.is_set() else 0.0))
+      loss, correct, count, votes = float(loss), float(correct), float(count), float(votes)
+      elapsed = time.perf_counter() - tic
+      self.watchdog.disarm()
+      step += n
+      if not math.isfinite(loss):
+        raise errors.DivergenceError(
+            f"Loss became {loss} by step {step} (steps {step - n + 1}-{step}); stopping every "
+            f"worker here. The last good checkpoint ({self.last_saved}) is kept. Lower "
+            "--learning_rate or raise --warmup_steps, then rerun.")
+      if not first:
+        steady_images += n * c.global_batch_size
+        steady_seconds += elapsed
+      first = False
+      window["loss"] += loss
+      window["correct"] += correct
+      window["count"] += count
+      if votes > 0:
+        self._save(step)
+        raise errors.RetryableError(
+            f"Preempted: checkpoint saved at step {step}; rerun the same command to resume.")
+      if _due(step, c.log_every_steps) or step == self.total_steps:
+        self._log(step, window, steady_images, steady_seconds)
+        window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+      if _due(step, c.checkpoint_every_steps) or step == self.total_steps:
+        self._save(step)
+      if _due(step, c.eval_every_steps) and self.runtime.is_chief:
+        self._eval_summary(step, started)
+    rate = steady_images / steady_seconds if steady_seconds else 0.0
+    return {"train_images_per_sec": rate, "train_seconds": time.time() - started}
+
+  def _save(self, step: int) -> None:
+    if step == self.last_saved and step != self.start_step:
+      return
+    self.watchdog.arm("checkpoint")
+    path = self.store.save(step)
+    self.watchdog.disarm()
+    self.last_saved = step
+    if self.runtime.is_chief:
+      logging.info("Saved checkpoint %s", path)
+
+  def _log(self, step, window, steady_images, steady_seconds) -> None:
+    count = max(window["count"], 1.0)
+    loss, accuracy = window["loss"] / count, window["correct"] / count
+    rate = steady_images / steady_seconds if steady_seconds else float("nan")
+    remaining = (self.total_steps - step) * self.c.global_batch_size
+    eta = remaining / rate if rate and math.isfinite(rate) else float("nan")
+    lr = float(self.t.optimizer.learning_rate)
+    logging.info("step %d/%d loss %.4f accuracy %.4f lr %.5f images/s %.0f ETA %.0fs", step,
+                 self.total_steps, loss, accuracy, lr, rate, eta)
+    with self.writer.as_default(step=step):
+      tf.summary.scalar("loss", loss)
+      tf.summary.scalar("accuracy", accuracy)
+      tf.summary.scalar("learning_rate", lr)
+      if math.isfinite(rate):
+        tf.summary.scalar("images_per_sec", rate)
+    self.writer.flush()
+
+  def _eval_summary(self, step: int, started: float) -> None:
+    metrics = _evaluate(_clean_copy(self.c, self.splits, self.t.model), self.splits)
+    logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (%.1fs into training)",
+                 step, metrics["test_accuracy"], metrics["test_loss"], time.time() - started)
+    with self.writer.as_default(step=step):
+      tf.summary.scalar("test_accuracy", metrics["test_accuracy"])
+      tf.summary.scalar("test_loss", metrics["test_loss"])
+
+
+def _finish(config, runtime, trainer, splits, model_dir, start_step, train_stats, watchdog):
+  """Chief-only side effects in one place: evaluation, metrics.json and the export."""
+  metrics = {"global_step": int(trainer.step.numpy()), "start_step": start_step,
+             "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
+             "strategy": runtime.kind, **train_stats}
+  if runtime.is_chief:
+    clean = _clean_copy(config, splits, trainer.model)
+    metrics.update(_evaluate(clean, splits))
+    _write_json(os.path.join(model_dir, "metrics.json"), metrics)
+    if config.export:
+      export.export_saved_model(clean, splits.image_shape, os.path.join(model_dir, "export"))
+    logging.info("test_accuracy %.4f test_loss %.4f; outputs in %s", metrics["test_accuracy"],
+                 metrics["test_loss"], model_dir)
+  if runtime.kind == "multi_worker_mirrored":
+    # Workers leave together, so nobody's coordination service sees a peer vanish early.
+    watchdog.arm("final barrier")
+    strategy = runtime.strategy
+    strategy.reduce(SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+    watchdog.disarm()
+  return metrics
