@@ -10,7 +10,6 @@ import tensorflow as tf
 
 from trainer import errors
 
-_MODEL_PREFIX = "model/"
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # What a torn, truncated or bit-flipped checkpoint raises on restore.
 _CORRUPT_ERRORS = (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
@@ -35,22 +34,28 @@ def candidates(checkpoint_dir: str) -> list:
 
 
 def _shape_counts(shapes) -> collections.Counter:
-  return collections.Counter(tuple(s) for s in shapes)
+  # Scalars (step counters, learning rate) say nothing about the architecture.
+  return collections.Counter(tuple(s) for s in shapes if len(s))
 
 
-def check_compatible(path: str, model, model_dir: str) -> None:
-  """Refuses a checkpoint of a different model shape before anything is restored or written."""
+def check_compatible(path: str, variables, model_dir: str) -> None:
+  """Refuses a checkpoint of a different model shape before anything is restored or written.
+
+  Compares the shapes of every stored tensor with those of the objects being restored (model
+  and optimizer): TF saves each variable once, under whichever object reaches it first.
+  """
   try:
     stored = [shape for name, shape in tf.train.list_variables(path)
-              if name.startswith(_MODEL_PREFIX) and name.endswith(_VALUE_SUFFIX)]
+              if name.endswith(_VALUE_SUFFIX)]
   except _CORRUPT_ERRORS:
     return  # Unreadable: restore() treats it as corrupt and falls back.
-  expected = [v.shape.as_list() for v in model.variables]
+  unique = {id(v): v for v in variables}.values()
+  expected = [v.shape.as_list() for v in unique]
   if _shape_counts(stored) != _shape_counts(expected):
     raise errors.IncompatibleCheckpointError(
         f"--model_dir={model_dir} holds a checkpoint of a different model ({path}: "
-        f"{len(stored)} variables, this model has {len(expected)} or other shapes). It was left "
-        "untouched: use a new --model_dir, or the flags that built it.")
+        f"{len(stored)} tensors, this model and its optimizer have {len(expected)} or other "
+        "shapes). It was left untouched: use a new --model_dir, or the flags that built it.")
 
 
 class CheckpointStore:
@@ -69,10 +74,10 @@ class CheckpointStore:
     self._manager = tf.train.CheckpointManager(checkpoint, save_dir,
                                                max_to_keep=max_to_keep if is_chief else 1)
 
-  def restore_latest(self, model, model_dir: str):
+  def restore_latest(self, variables, model_dir: str):
     """Restores the newest readable checkpoint; returns its path or None (fresh start)."""
     for path in candidates(self.chief_dir):
-      check_compatible(path, model, model_dir)
+      check_compatible(path, variables, model_dir)
       try:
         self._checkpoint.restore(path).assert_existing_objects_matched()
       except _CORRUPT_ERRORS as e:

@@ -169,29 +169,30 @@ _HELP = {
 }
 
 
-def define_flags() -> None:
+def define_flags(flag_values=flags.FLAGS) -> None:
   """Defines one absl flag per Config field (idempotent, so tests may call it again)."""
-  if "global_batch_size" in flags.FLAGS:
+  if "global_batch_size" in flag_values:
     return
+  fv = {"flag_values": flag_values}
   for field in dataclasses.fields(Config):
     default = getattr(_DEFAULTS, field.name)
     help_text = _HELP[field.name]
     if field.name in ("train_steps", "epochs"):
-      flags.DEFINE_integer(field.name, None, help_text)
+      flags.DEFINE_integer(field.name, None, help_text, **fv)
     elif field.name == "model_widths":
-      flags.DEFINE_list(field.name, [str(w) for w in default], help_text)
+      flags.DEFINE_list(field.name, [str(w) for w in default], help_text, **fv)
     elif field.name in ("strategy", "lr_schedule", "lr_scaling"):
       choices = {"strategy": STRATEGIES, "lr_schedule": LR_SCHEDULES,
                  "lr_scaling": LR_SCALINGS}[field.name]
-      flags.DEFINE_enum(field.name, default, choices, help_text)
+      flags.DEFINE_enum(field.name, default, choices, help_text, **fv)
     elif isinstance(default, bool):
-      flags.DEFINE_boolean(field.name, default, help_text)
+      flags.DEFINE_boolean(field.name, default, help_text, **fv)
     elif isinstance(default, int):
-      flags.DEFINE_integer(field.name, default, help_text)
+      flags.DEFINE_integer(field.name, default, help_text, **fv)
     elif isinstance(default, float):
-      flags.DEFINE_float(field.name, default, help_text)
+      flags.DEFINE_float(field.name, default, help_text, **fv)
     else:
-      flags.DEFINE_string(field.name, default, help_text)
+      flags.DEFINE_string(field.name, default, help_text, **fv)
 
 
 def config_from_flags(flag_values=flags.FLAGS, environ=os.environ) -> Config:

@@ -69,8 +69,8 @@ class _Trainer:
           tf.one_hot(labels, self._num_classes), logits, from_logits=True,
           label_smoothing=self.config.label_smoothing)
       if self.config.inject_nan_at_step:
-        poison = tf.cast(self.step + 1 >= self.config.inject_nan_at_step, tf.float32)
-        per_example += poison * float("nan")
+        poisoned = self.step + 1 >= self.config.inject_nan_at_step
+        per_example *= tf.where(poisoned, float("nan"), 1.0)
       # Scaled by the global batch so summing gradients over replicas gives the mean.
       loss = tf.reduce_sum(per_example * weights) / self.config.global_batch_size
       scaled = (self.optimizer.scale_loss(loss)
@@ -96,7 +96,7 @@ class _Trainer:
     self.strategy.run(self._reset)
     for _ in tf.range(num_steps):
       self.strategy.run(self._replica_step, args=(next(iterator),))
-    self.step.assign_add(tf.cast(num_steps, tf.int64))
+      self.step.assign_add(1)
     votes = self.strategy.reduce(SUM, self.strategy.run(lambda v: tf.identity(v),
                                                         args=(stop_vote,)), axis=None)
     return (self.loss_sum.read_value(), self.correct.read_value(), self.count.read_value(),
@@ -181,7 +181,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     store = checkpoint_lib.CheckpointStore(trainer.checkpoint,
                                            os.path.join(model_dir, "checkpoints"),
                                            runtime.is_chief, config.keep_checkpoints)
-    store.restore_latest(trainer.model, model_dir)
+    store.restore_latest(trainer.model.variables + trainer.optimizer.variables, model_dir)
     start_step = int(trainer.step.numpy())
     loop = _TrainLoop(config, runtime, trainer, store, watchdog, handler, splits, model_dir,
                       total_steps, steps_per_epoch, start_step)

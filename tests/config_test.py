@@ -1,0 +1,73 @@
+"""Tests for trainer.config: validation, step resolution and flag parsing."""
+
+import pytest
+
+from trainer import config as config_lib
+from trainer import errors
+
+
+def test_defaults_are_valid():
+  c = config_lib.Config(epochs=2)
+  assert c.dataset == "mnist" and c.strategy == "auto"
+
+
+def test_config_is_frozen():
+  c = config_lib.Config(epochs=1)
+  with pytest.raises(Exception):
+    c.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(global_batch_size=0), "--global_batch_size"),
+    (dict(global_batch_size=-8), "--global_batch_size"),
+    (dict(train_steps=0), "--train_steps"),
+    (dict(epochs=-1), "--epochs"),
+    (dict(learning_rate=0.0), "--learning_rate"),
+    (dict(strategy="parameter_server"), "--strategy"),
+    (dict(dropout=1.0), "--dropout"),
+    (dict(model_widths=()), "--model_widths"),
+    (dict(num_cpu_devices=2, strategy="one_device"), "--num_cpu_devices"),
+    (dict(checkpoint_every_steps=0), "--checkpoint_every_steps"),
+])
+def test_bad_values_name_the_flag(overrides, flag):
+  values = dict(epochs=1)
+  values.update(overrides)
+  with pytest.raises(errors.ConfigError, match=flag):
+    config_lib.Config(**values)
+
+
+def test_steps_or_epochs_required():
+  with pytest.raises(errors.ConfigError, match="--train_steps or --epochs"):
+    config_lib.Config()
+
+
+def test_resolve_steps():
+  assert config_lib.resolve_steps(config_lib.Config(epochs=2), 469) == 938
+  assert config_lib.resolve_steps(config_lib.Config(train_steps=7), 469) == 7
+  assert config_lib.resolve_steps(config_lib.Config(train_steps=938, epochs=2), 469) == 938
+  with pytest.raises(errors.ConfigError, match="contradicts --epochs=2"):
+    config_lib.resolve_steps(config_lib.Config(train_steps=900, epochs=2), 469)
+
+
+def _parse(argv):
+  from absl import flags
+  fv = flags.FlagValues()
+  config_lib.define_flags(fv)
+  fv(["prog", *argv])
+  return fv
+
+
+def test_config_from_flags_and_env():
+  c = config_lib.config_from_flags(_parse(["--model_widths=4,8", "--train_steps=5"]),
+                                   environ={"AIP_MODEL_DIR": "gs://b/model"})
+  assert c.model_widths == (4, 8) and c.train_steps == 5 and c.epochs is None
+  assert c.model_dir == "gs://b/model"
+  c2 = config_lib.config_from_flags(_parse(["--model_dir=/tmp/x"]),
+                                    environ={"AIP_MODEL_DIR": "gs://b/model"})
+  assert c2.model_dir == "/tmp/x", "an explicit flag wins over the environment"
+  assert c2.epochs == 2
+
+
+def test_bad_model_widths_flag():
+  with pytest.raises(errors.ConfigError, match="--model_widths"):
+    config_lib.config_from_flags(_parse(["--model_widths=4,x"]), environ={})
