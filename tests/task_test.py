@@ -1,0 +1,80 @@
+"""The command line: bad input exits non-zero with a message naming the flag or file."""
+
+import os
+import shutil
+
+import pytest
+
+from conftest import child_env, run_module, tiny_flags
+from trainer import errors
+
+
+def _task(*args, **kw):
+  return run_module("trainer.task", *args, **kw)
+
+
+def test_unknown_flag_is_an_error(tmp_path):
+  result = _task("--model_dir", str(tmp_path), "--train_step=5")
+  assert result.returncode == errors.EXIT_CONFIG
+  assert "train_step" in result.stdout and "train_steps" in result.stdout  # with a suggestion
+
+
+def test_positional_argument_is_an_error(tmp_path):
+  result = _task(f"--model_dir={tmp_path}", "--train_steps=1", "stray")
+  assert result.returncode == errors.EXIT_CONFIG and "stray" in result.stdout
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--global_batch_size=0"], errors.EXIT_CONFIG, "--global_batch_size must be > 0"),
+    (["--train_steps=0"], errors.EXIT_CONFIG, "--train_steps must be > 0"),
+    (["--epochs=0"], errors.EXIT_CONFIG, "--epochs must be > 0"),
+    (["--train_steps=5", "--epochs=1"], errors.EXIT_CONFIG, "contradicts --epochs=1"),
+    (["--dataset=not_a_dataset"], errors.EXIT_CONFIG, "--dataset='not_a_dataset'"),
+    (["--strategy=multi_worker_mirrored"], errors.EXIT_CONFIG, "needs TF_CONFIG"),
+])
+def test_bad_flags(tmp_path, tfds_dir, args, code, message):
+  result = _task(*tiny_flags(str(tmp_path / "run"), tfds_dir), *args)
+  assert result.returncode == code, result.stdout[-2000:]
+  assert message in result.stdout
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_unwritable_data_dir(tmp_path):
+  (tmp_path / "file").write_text("x")
+  result = _task(*tiny_flags(str(tmp_path / "run"), str(tmp_path / "file" / "tfds")))
+  assert result.returncode == errors.EXIT_DATA
+  assert "--data_dir=" in result.stdout and "not writable" in result.stdout
+
+
+def test_corrupt_mnist_source(tmp_path):
+  from trainer import data
+  src = tmp_path / "mnist"
+  shutil.copytree(data.vendored_mnist_dir(), src)
+  os.chmod(src / "train-labels-idx1-ubyte.gz", 0o644)
+  with open(src / "train-labels-idx1-ubyte.gz", "r+b") as f:
+    f.seek(50)
+    f.write(b"\x00\x01\x02")
+  result = _task(*tiny_flags(str(tmp_path / "run"), str(tmp_path / "tfds")),
+                 f"--mnist_source_dir={src}")
+  assert result.returncode == errors.EXIT_DATA
+  assert "train-labels-idx1-ubyte.gz is corrupt" in result.stdout
+
+
+def test_malformed_tf_config(tmp_path, tfds_dir):
+  result = _task(*tiny_flags(str(tmp_path / "run"), tfds_dir),
+                 env=child_env(TF_CONFIG="{oops"))
+  assert result.returncode == errors.EXIT_CONFIG and "TF_CONFIG is not valid JSON" in result.stdout
+
+
+def test_flagfile_and_incompatible_model_dir(tmp_path, tfds_dir):
+  flagfile = tmp_path / "run.flags"
+  flagfile.write_text("\n".join(tiny_flags(str(tmp_path / "run"), tfds_dir, train_steps=5,
+                                           export=False)) + "\n")
+  first = _task(f"--flagfile={flagfile}")
+  assert first.returncode == 0, first.stdout[-3000:]
+  ckpt_dir = tmp_path / "run" / "checkpoints"
+  before = {p: (ckpt_dir / p).read_bytes() for p in os.listdir(ckpt_dir)}
+  second = _task(f"--flagfile={flagfile}", "--model_widths=16,16", "--train_steps=10")
+  assert second.returncode == errors.EXIT_INCOMPATIBLE_CHECKPOINT, second.stdout[-3000:]
+  assert "different model" in second.stdout and str(tmp_path / "run") in second.stdout
+  assert {p: (ckpt_dir / p).read_bytes() for p in os.listdir(ckpt_dir)} == before
