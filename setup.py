@@ -27,6 +27,9 @@ setuptools.setup(
             "pytest>=8,<10",
             "gcp-storage-emulator>=2024.8.3",
             "cloudml-hypertune>=0.1.0.dev6",
+            # Tests validate rendered job specs against its official request types.
+            "google-cloud-aiplatform>=2.7,<3",
         ],
+        "vertex": ["google-cloud-aiplatform>=2.7,<3"],
     },
 )

@@ -1,4 +1,4 @@
-"""Test helpers: a gcp-storage-emulator subprocess and a fault-injecting HTTP proxy in front of it."""
+"""Test helpers: a gcp-storage-emulator subprocess and a fault-injecting HTTP proxy for it."""
 
 import collections
 import http.server
@@ -39,12 +39,6 @@ def _emulator_command() -> list:
   return [found] if found else [sys.executable, "-m", "gcp_storage_emulator"]
 
 
-def _object_metadata(host: str, bucket: str, name: str):
-  quoted = urllib.parse.quote(name, safe="")
-  status, body = _http("GET", f"{host}/storage/v1/b/{bucket}/o/{quoted}")
-  return json.loads(body) if status == 200 else None
-
-
 def _http(method: str, url: str, body=None, timeout=5.0):
   """(status, body bytes) of one plain request; HTTP errors are results, not exceptions."""
   data = json.dumps(body).encode() if body is not None else None
@@ -55,6 +49,12 @@ def _http(method: str, url: str, body=None, timeout=5.0):
       return response.status, response.read()
   except urllib.error.HTTPError as exc:
     return exc.code, exc.read()
+
+
+def _object_metadata(host: str, bucket: str, name: str):
+  quoted = urllib.parse.quote(name, safe="")
+  status, body = _http("GET", f"{host}/storage/v1/b/{bucket}/o/{quoted}")
+  return json.loads(body) if status == 200 else None
 
 
 class Emulator:
@@ -148,9 +148,10 @@ class FaultProxy:
   The emulator ignores ifGenerationMatch, so with enforce_preconditions the proxy checks it on
   upload starts (multipart and resumable) and answers 412 itself, like GCS would.
   forbid_bucket answers 403 to every request that touches that bucket (the emulator has no IAM).
-  `script` lists (method, mode) pairs: the next request with that method gets that mode, in
-  order (the client library also fetches bucket metadata from a background thread, so request
-  positions are not deterministic but the sequence of, say, PUTs is).
+  `script` lists (request prefix, mode) pairs, used in order: the next request whose
+  "METHOD /path" starts with the prefix ("PUT", "GET /download") gets the mode. Matching beats
+  counting requests because the client library also fetches bucket metadata from a background
+  thread at unpredictable moments.
   """
 
   def __init__(self, upstream: str, fail_rate: float = 0.0, seed: int = 0, modes=FAULT_MODES,
@@ -181,8 +182,8 @@ class FaultProxy:
     self._server = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
     self._server.proxy = self
     self.host = f"http://127.0.0.1:{self._server.server_address[1]}"
-    self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                    name="fault-proxy", daemon=True)
+    self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy",
+                                    kwargs={"poll_interval": 0.1}, daemon=True)
     self._thread.start()
     return self
 
@@ -199,7 +200,7 @@ class FaultProxy:
     with self._lock:
       self.counts["requests"] += 1
       fault = None
-      if self._script and self._script[0][0] == method:
+      if self._script and f"{method} {path}".startswith(self._script[0][0]):
         fault = self._script.popleft()[1]
       elif self.fail_rate and self._rng.random() < self.fail_rate:
         fault = self._rng.choice(self.modes)
@@ -216,7 +217,9 @@ class _ProxyServer(http.server.ThreadingHTTPServer):
   proxy = None
 
   def handle_error(self, request, client_address):
-    pass  # a client that went away mid-request is routine here, not worth a traceback
+    # Injected resets and clients that give up surface as these; anything else is a proxy bug.
+    if not isinstance(sys.exc_info()[1], (OSError, ValueError)):
+      super().handle_error(request, client_address)
 
 
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -250,8 +253,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
       return self._send_json(503, _error(503, "backendError", "Service Unavailable (injected)"))
     if proxy.enforce_preconditions and self._precondition_fails(body):
       proxy.count("precondition_failed")
-      return self._send_json(412, _error(412, "conditionNotMet",
-                                         "At least one of the pre-conditions you specified did not hold."))
+      return self._send_json(412, _error(
+          412, "conditionNotMet", "At least one of the pre-conditions you specified did not hold."))
     response = self._forward(body)
     if fault == "drop_response":
       return self._reset()

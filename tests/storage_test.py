@@ -209,8 +209,8 @@ def test_upload_download_dir_round_trip(root, tmp_path):
   assert storage.is_complete(remote, MARKER, verify_files=True)
   manifest = json.loads(storage.read_text(storage.join(remote, MARKER)))
   assert {f["path"]: f["size"] for f in manifest["files"]} == {k: len(v) for k, v in files.items()}
-  downloaded = storage.download_dir(remote, str(tmp_path / "dst"))
-  assert downloaded == sorted(list(files) + [MARKER])
+  downloaded = storage.download_dir(remote, str(tmp_path / "dst"), marker=MARKER)
+  assert downloaded == sorted(files) + [MARKER]  # the marker comes last
   got = read_tree(tmp_path / "dst")
   assert got.pop(MARKER) == storage.read_bytes(storage.join(remote, MARKER))
   assert got == files
@@ -231,6 +231,8 @@ def test_half_uploaded_dir_is_not_complete(root, tmp_path):
   remote = storage.join(root, "ckpt")
   storage.upload_dir(str(tmp_path / "src"), remote)  # no marker: an interrupted upload
   assert not storage.is_complete(remote, MARKER)
+  with pytest.raises(FileNotFoundError, match=MARKER):
+    storage.download_dir(remote, str(tmp_path / "dst"), marker=MARKER)
   storage.upload_dir(str(tmp_path / "src"), remote, marker=MARKER)
   storage.remove(storage.join(remote, "sub", "b.txt"))
   assert storage.is_complete(remote, MARKER)
@@ -309,17 +311,30 @@ def test_transfers_survive_injected_faults(proxy, emulator, gcs_root, tmp_path):
   assert object_names(emulator, gcs_root) == sorted(list(files) + [MARKER])
 
 
-@pytest.mark.parametrize("size, method", [(10, "POST"), (BIG, "PUT")],
-                         ids=["multipart", "resumable"])
-def test_lost_upload_response_is_not_an_error(proxy, emulator, gcs_root, size, method):
-  # The upload lands but its response is lost; the retry then meets its own object.
-  fault_proxy = proxy(script=[(method, "drop_response")])
+@pytest.mark.parametrize("size, request_prefix, fault, landed", [
+    (10, "POST", "drop_response", True),
+    (BIG, "PUT", "drop_response", True),
+    (10, "POST", "reset_mid_body", False),
+    (BIG, "PUT", "reset_mid_body", False),
+], ids=["multipart-lost-response", "resumable-lost-response", "multipart-cut", "resumable-cut"])
+def test_interrupted_upload_is_retried_whole(proxy, emulator, gcs_root, size, request_prefix,
+                                             fault, landed):
+  # A lost response means the object landed: the retry must meet it (412) and accept it.
+  fault_proxy = proxy(script=[(request_prefix, fault)])
   data = os.urandom(size)
   storage.write_bytes(storage.join(gcs_root, "x"), data)
-  assert fault_proxy.counts["drop_response"] == 1
-  assert fault_proxy.counts["precondition_failed"] == 1
+  assert fault_proxy.counts[fault] == 1
+  assert fault_proxy.counts["precondition_failed"] == int(landed)
   assert storage.read_bytes(storage.join(gcs_root, "x")) == data
   assert object_names(emulator, gcs_root) == ["x"]
+
+
+def test_interrupted_download_is_retried(proxy, gcs_root):
+  data = os.urandom(BIG)
+  storage.write_bytes(storage.join(gcs_root, "x"), data)
+  fault_proxy = proxy(script=[("GET /download", "truncate_response")] * 2)
+  assert storage.read_bytes(storage.join(gcs_root, "x")) == data
+  assert fault_proxy.counts["truncate_response"] == 2
 
 
 def test_upload_over_another_writers_object_is_an_error(proxy, gcs_root):

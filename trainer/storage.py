@@ -1,4 +1,4 @@
-"""Artifact I/O for local paths and gs:// URIs alike, with bounded retries of transient GCS errors."""
+"""Artifact I/O for local paths and gs:// URIs alike, with time-bounded retries of GCS errors."""
 
 import base64
 import contextlib
@@ -70,7 +70,7 @@ def is_gcs(path: str) -> bool:
   return str(path).startswith(_SCHEME)
 
 
-def split_gcs(uri: str) -> tuple:
+def split_gcs(uri: str) -> tuple[str, str]:
   """("bucket", "object/name") of a gs:// URI; the name is "" for the bucket root."""
   if not is_gcs(uri):
     raise errors.ConfigError(f"not a gs:// URI: {uri!r}")
@@ -232,11 +232,13 @@ def _crc32c_file(path: str) -> str:
 
 def _get_blob(bucket: str, name: str):
   """The object's metadata, or None when it does not exist."""
-  return _retry(lambda: client().bucket(bucket).get_blob(name, retry=None, timeout=_REQUEST_TIMEOUT),
-                f"stat {_uri(bucket, name)}")
+  def attempt():
+    return client().bucket(bucket).get_blob(name, retry=None, timeout=_REQUEST_TIMEOUT)
+  return _retry(attempt, f"stat {_uri(bucket, name)}")
 
 
-def _list(bucket: str, prefix: str, delimiter=None, max_results=None) -> tuple:
+def _list(bucket: str, prefix: str, delimiter: str | None = None,
+          max_results: int | None = None) -> tuple[list, list[str]]:
   """(blobs, prefixes) under prefix; a whole listing is one retried unit."""
   def attempt():
     it = client().list_blobs(bucket, prefix=prefix, delimiter=delimiter, max_results=max_results,
@@ -273,7 +275,7 @@ def _upload(uri: str, open_source, size: int, crc32c: str, generation=None) -> N
 
 def _accept_if_ours(bucket: str, name: str, size: int, crc32c: str) -> None:
   """After a 412: fine if an earlier attempt of ours landed (same bytes), an error otherwise."""
-  current = client().bucket(bucket).get_blob(name, retry=None, timeout=_REQUEST_TIMEOUT)
+  current = _get_blob(bucket, name)
   if current is not None and current.size == size and current.crc32c == crc32c:
     _LOG.info("%s already holds these bytes: an earlier attempt landed", _uri(bucket, name))
     return
@@ -348,7 +350,7 @@ def _copy_local(src: str, dst: str) -> None:
     _atomic_write_local(dst, lambda f: shutil.copyfileobj(source, f, _COPY_BUFFER))
 
 
-def _local_files(root: str) -> list:
+def _local_files(root: str) -> list[str]:
   """Relative paths (with "/") of every file under root, sorted."""
   found = []
   for dirpath, _, filenames in os.walk(root):
@@ -443,7 +445,7 @@ def _get_file(src: str, dst: str) -> None:
     _atomic_write_local(dst, lambda f: _download_into(bucket, name, f))
 
 
-def listdir(path: str) -> list:
+def listdir(path: str) -> list[str]:
   """Sorted names of path's immediate children; a missing directory lists as empty.
 
   GCS has no directories, so "missing" and "empty" cannot differ there; local paths follow suit
@@ -503,7 +505,7 @@ def rmtree(path: str) -> None:
 # --------------------------------------------------------------------------- directories
 
 
-def upload_dir(local_dir: str, remote_dir: str, marker=None) -> list:
+def upload_dir(local_dir: str, remote_dir: str, marker: str | None = None) -> list[str]:
   """Copies every file under local_dir to remote_dir (local or gs://); returns relative paths.
 
   With a marker name, any old marker goes first and the new one (a JSON manifest) is written
@@ -526,7 +528,7 @@ def upload_dir(local_dir: str, remote_dir: str, marker=None) -> list:
   return files
 
 
-def _remote_files(remote_dir: str) -> dict:
+def _remote_files(remote_dir: str) -> dict[str, int]:
   """{relative path: size} of every file under remote_dir (local or gs://)."""
   if not is_gcs(remote_dir):
     if not os.path.isdir(remote_dir):
@@ -548,11 +550,19 @@ def _safe_local_path(local_dir: str, rel: str) -> str:
   return os.path.join(local_dir, *parts)
 
 
-def download_dir(remote_dir: str, local_dir: str) -> list:
-  """Copies every file under remote_dir (local or gs://) into local_dir; returns relative paths."""
+def download_dir(remote_dir: str, local_dir: str, marker: str | None = None) -> list[str]:
+  """Copies every file under remote_dir (local or gs://) into local_dir; returns relative paths.
+
+  With a marker name, a remote_dir without it is refused as incomplete, and the marker is
+  fetched last so that an interrupted download never looks complete either.
+  """
   files = sorted(_remote_files(remote_dir))
   if not files:
     raise FileNotFoundError(f"nothing to download under {remote_dir}")
+  if marker:
+    if marker not in files:
+      raise FileNotFoundError(f"{remote_dir} has no {marker}: its upload did not finish")
+    files = [rel for rel in files if rel != marker] + [marker]
   os.makedirs(local_dir, exist_ok=True)
   for rel in files:
     _get_file(join(remote_dir, *rel.split("/")), _safe_local_path(local_dir, rel))
