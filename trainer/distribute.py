@@ -53,13 +53,12 @@ def _split_cpu(num_cpu_devices: int) -> None:
       cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
 
 
-def create_runtime(config, environ=os.environ) -> Runtime:
+def create_runtime(config, cluster: cluster_lib.ClusterInfo) -> Runtime:
   """Creates the strategy; must run before any other TensorFlow op (TF's rule)."""
-  cluster = cluster_lib.parse_cluster(environ)
   gpus = tf.config.list_physical_devices("GPU")
   kind = choose_kind(config.strategy, cluster, len(gpus), config.num_cpu_devices)
   if kind == "multi_worker_mirrored":
-    strategy = _multi_worker(config, cluster, environ)
+    strategy = _multi_worker(config, cluster)
   elif kind == "mirrored":
     strategy = _mirrored(config, gpus)
   else:
@@ -81,7 +80,7 @@ def _mirrored(config, gpus) -> tf.distribute.Strategy:
       devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
-def _multi_worker(config, cluster, environ) -> tf.distribute.Strategy:
+def _multi_worker(config, cluster) -> tf.distribute.Strategy:
   if not cluster.is_multi_worker:
     raise errors.ConfigError(
         "--strategy=multi_worker_mirrored needs TF_CONFIG (or CLUSTER_SPEC) listing the "

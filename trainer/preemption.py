@@ -24,6 +24,39 @@ def unreachable_peers(peers, timeout_s: float = 1.0) -> list:
   return lost
 
 
+def rendezvous(own_address: str, peers, timeout_s: float, task_name: str) -> None:
+  """Waits until every peer's port accepts connections, or raises naming the missing ones.
+
+  MultiWorkerMirroredStrategy's constructor blocks inside TensorFlow while holding the GIL, so
+  no Python watchdog can interrupt it; waiting here first keeps start-up bounded. Our own port
+  answers meanwhile (a bare listen backlog, closed before TensorFlow binds the port).
+  """
+  listener = None
+  try:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("", int(own_address.rsplit(":", 1)[1])))
+    listener.listen(64)
+  except OSError as e:
+    logging.warning("Cannot listen on %s before start-up (%s); polling peers only.",
+                    own_address, e)
+    listener = None
+  deadline = time.monotonic() + timeout_s
+  try:
+    missing = unreachable_peers(peers, timeout_s=0.5)
+    while missing and time.monotonic() < deadline:
+      time.sleep(0.5)
+      missing = unreachable_peers(peers, timeout_s=0.5)
+  finally:
+    if listener is not None:
+      listener.close()
+  if missing:
+    raise errors.RetryableError(
+        f"{task_name}: peer(s) {', '.join(missing)} did not start within "
+        f"--collective_timeout_s={timeout_s:.0f}s. Check that every task of TF_CONFIG was "
+        "launched and can reach the others; the platform may retry.")
+
+
 def _hard_exit(message: str, code: int) -> None:
   # os._exit: a thread stuck in a collective op cannot be unwound by an exception.
   sys.stderr.write(message + "\n")

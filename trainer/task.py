@@ -34,6 +34,12 @@ def main(argv):
   except errors.TrainerError as e:
     logging.error("%s: %s", type(e).__name__, e)
     sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
+    sys.stderr.flush()
+    if isinstance(e, errors.RetryableError):
+      # TF's collective threads may still wait on a dead peer; interpreter teardown would
+      # join them and hang, so leave at once.
+      logging.flush()
+      os._exit(e.exit_code)
     sys.exit(e.exit_code)
 
 

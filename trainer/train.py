@@ -1,5 +1,6 @@
 """train_and_evaluate: the one training path for one device, many devices and many workers."""
 
+import hashlib
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import checkpoint as checkpoint_lib
+from trainer import cluster as cluster_lib
 from trainer import config as config_lib
 from trainer import data
 from trainer import distribute
@@ -21,6 +23,9 @@ from trainer import preemption
 from trainer import schedule
 
 SUM = tf.distribute.ReduceOp.SUM
+# What a collective raises when a peer dies, times out or the coordination service gives up.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.CancelledError, tf.errors.AbortedError)
 
 
 def _set_precision_and_seeds(config) -> None:
@@ -162,19 +167,24 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   Returns the metrics dict (the chief also writes it to model_dir/metrics.json).
   """
   environ = os.environ if environ is None else environ
+  cluster = cluster_lib.parse_cluster(environ)  # Bad TF_CONFIG fails before any TF work.
   _set_precision_and_seeds(config)
-  runtime = distribute.create_runtime(config, environ)  # Before any other TF op.
-  watchdog = preemption.Watchdog(runtime.cluster.peers(), config.collective_timeout_s,
-                                 runtime.cluster.task_name)
+  watchdog = preemption.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name)
   handler = preemption.PreemptionHandler(config.preemption_grace_s)
   handler.install()
   store = None
   try:
+    if cluster.is_multi_worker:
+      preemption.rendezvous(cluster.address_of(cluster.task_type, cluster.task_index),
+                            cluster.peers(), config.collective_timeout_s, cluster.task_name)
+    runtime = distribute.create_runtime(config, cluster)  # Before any other TF op.
     splits = data.load(config)
     data.check_divisible(config.global_batch_size, runtime.num_replicas)
     steps_per_epoch = data.steps_per_epoch(len(splits.train_images), config.global_batch_size)
     total_steps = config_lib.resolve_steps(config, steps_per_epoch)
+    watchdog.arm("model initialization (variables are broadcast from the chief)")
     trainer = _Trainer(config, runtime, splits, total_steps)
+    watchdog.disarm()
     model_dir = os.path.abspath(os.path.expanduser(config.model_dir))
     if runtime.is_chief:
       os.makedirs(model_dir, exist_ok=True)
@@ -187,6 +197,13 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
                       total_steps, steps_per_epoch, start_step)
     train_stats = loop.run()
     return _finish(config, runtime, trainer, splits, model_dir, start_step, train_stats, watchdog)
+  except _PEER_ERRORS as e:
+    if not cluster.is_multi_worker:
+      raise
+    lost = preemption.unreachable_peers(cluster.peers())
+    raise errors.RetryableError(
+        f"{cluster.task_name} lost contact with its peers (lost: {', '.join(lost) or 'unknown'})"
+        f": {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
   finally:
     handler.uninstall()
     watchdog.close()
@@ -299,11 +316,22 @@ class _TrainLoop:
       tf.summary.scalar("test_loss", metrics["test_loss"])
 
 
+def weights_fingerprint(model) -> str:
+  """SHA-256 of every model weight: equal on all workers iff their models are identical."""
+  digest = hashlib.sha256()
+  for weight in model.get_weights():
+    digest.update(np.ascontiguousarray(weight).tobytes())
+  return digest.hexdigest()
+
+
 def _finish(config, runtime, trainer, splits, model_dir, start_step, train_stats, watchdog):
   """Chief-only side effects in one place: evaluation, metrics.json and the export."""
   metrics = {"global_step": int(trainer.step.numpy()), "start_step": start_step,
              "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
              "strategy": runtime.kind, **train_stats}
+  metrics["weights_sha256"] = weights_fingerprint(trainer.model)
+  logging.info("Final step %d weights_sha256 %s", metrics["global_step"],
+               metrics["weights_sha256"])
   if runtime.is_chief:
     clean = _clean_copy(config, splits, trainer.model)
     metrics.update(_evaluate(clean, splits))
