@@ -29,6 +29,12 @@ setuptools.setup(
             "cloudml-hypertune>=0.1.0.dev6",
             # Tests validate rendered job specs against its official request types.
             "google-cloud-aiplatform>=2.7,<3",
+            # The notebook quickstart test executes notebooks/quickstart.ipynb headless.
+            "nbclient>=0.10,<1",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
+            "jupyter-client>=8,<9",
+            "matplotlib>=3.9,<4",
         ],
         "vertex": ["google-cloud-aiplatform>=2.7,<3"],
     },

@@ -111,7 +111,8 @@ def main(argv):
     sys.stderr.write(f"FATAL --workers must be >= 1, got {FLAGS.workers}.\n")
     sys.exit(2)
   cluster = Cluster(FLAGS.workers, trainer_args, FLAGS.threads_per_worker)
-  print(f"[launcher] {FLAGS.workers} worker(s) on {', '.join(cluster.addresses)}", flush=True)
+  for i, (proc, address) in enumerate(zip(cluster.procs, cluster.addresses)):
+    print(f"[launcher] worker:{i} pid {proc.pid} on {address}", flush=True)
 
   def on_signal(signum, frame):
     print(f"[launcher] signal {signum}: stopping workers (grace {FLAGS.shutdown_grace_s:.0f}s)",

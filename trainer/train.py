@@ -171,13 +171,14 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   _set_precision_and_seeds(config)
   watchdog = preemption.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name)
   handler = preemption.PreemptionHandler(config.preemption_grace_s)
-  handler.install()
   store = None
   try:
     if cluster.is_multi_worker:
       preemption.rendezvous(cluster.address_of(cluster.task_type, cluster.task_index),
                             cluster.peers(), config.collective_timeout_s, cluster.task_name)
     runtime = distribute.create_runtime(config, cluster)  # Before any other TF op.
+    # After the strategy: TF's coordination service installs its own SIGTERM handler.
+    handler.install()
     splits = data.load(config)
     data.check_divisible(config.global_batch_size, runtime.num_replicas)
     steps_per_epoch = data.steps_per_epoch(len(splits.train_images), config.global_batch_size)
