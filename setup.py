@@ -18,15 +18,15 @@ setuptools.setup(
         # TF 2.21 no longer pulls it in; tf.summary needs it.
         "tensorboard>=2.20,<3",
         "numpy>=1.26,<3",
+        # Reports the tuning metric inside Vertex AI hyperparameter-tuning trials.
+        "cloudml-hypertune>=0.1.0.dev6",
     ],
     extras_require={
         # TensorFlow's CUDA wheels; `make train` adds this extra where nvidia-smi exists.
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
-        "hypertune": ["cloudml-hypertune>=0.1.0.dev6"],
         "test": [
             "pytest>=8,<10",
             "gcp-storage-emulator>=2024.8.3",
-            "cloudml-hypertune>=0.1.0.dev6",
             # Tests validate rendered job specs against its official request types.
             "google-cloud-aiplatform>=2.7,<3",
             # The notebook quickstart test executes notebooks/quickstart.ipynb headless.

@@ -9,8 +9,11 @@ import tempfile
 import tensorflow as tf
 
 from trainer import errors
+from trainer import storage
 
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+# A checkpoint in a bucket is a folder ckpt-N/ that counts only once this marker is in it.
+MARKER = "_COMPLETE"
 # What a torn, truncated or bit-flipped checkpoint raises on restore.
 _CORRUPT_ERRORS = (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
                    tf.errors.InvalidArgumentError, tf.errors.InternalError)
@@ -58,6 +61,48 @@ def check_compatible(path: str, variables, model_dir: str) -> None:
         "shapes). It was left untouched: use a new --model_dir, or the flags that built it.")
 
 
+def _number(name: str) -> int:
+  try:
+    return int(name.rstrip("/").rsplit("-", 1)[1])
+  except (IndexError, ValueError):
+    return -1
+
+
+def push(path: str, remote_dir: str, keep_names) -> None:
+  """Uploads checkpoint `path` as remote_dir/ckpt-N/, marker last; prunes what the manager dropped."""
+  local_dir, prefix = os.path.split(path)
+  names = [f for f in os.listdir(local_dir) if f.startswith(prefix + ".")]
+  storage.upload_dir(local_dir, storage.join(remote_dir, prefix), marker=MARKER, names=names)
+  for child in storage.listdir(remote_dir):
+    name = child.rstrip("/")
+    if _number(name) >= 0 and name not in keep_names:
+      storage.rmtree(storage.join(remote_dir, name))
+  logging.info("Uploaded checkpoint %s to %s", prefix, remote_dir)
+
+
+def pull(remote_dir: str, local_dir: str, max_to_keep: int) -> list:
+  """Downloads the newest complete checkpoints; half-uploaded ones are logged and ignored."""
+  names = sorted((c.rstrip("/") for c in storage.listdir(remote_dir) if _number(c) >= 0),
+                 key=_number, reverse=True)
+  complete = []
+  for name in names:
+    remote = storage.join(remote_dir, name)
+    if not storage.is_complete(remote, MARKER, verify_files=True):
+      logging.warning("Ignoring %s: its upload never completed (no %s).", remote, MARKER)
+      continue
+    if not os.path.exists(os.path.join(local_dir, name + ".index")):
+      storage.download_dir(remote, local_dir, marker=MARKER)
+    complete.append(os.path.join(local_dir, name))
+    if len(complete) == max_to_keep:
+      break
+  if complete:
+    tf.compat.v1.train.update_checkpoint_state(local_dir, complete[0],
+                                               all_model_checkpoint_paths=list(reversed(complete)))
+  elif os.path.exists(os.path.join(local_dir, "checkpoint")):
+    os.remove(os.path.join(local_dir, "checkpoint"))  # the bucket, not a stale cache, decides
+  return complete
+
+
 class CheckpointStore:
   """Saves where this task may write; restores from the chief's directory.
 
@@ -66,9 +111,15 @@ class CheckpointStore:
   """
 
   def __init__(self, checkpoint: tf.train.Checkpoint, chief_dir: str, is_chief: bool,
-               max_to_keep: int):
+               max_to_keep: int, remote_dir: str = ""):
     self._checkpoint = checkpoint
     self.chief_dir = chief_dir
+    self._remote_dir = remote_dir if storage.is_gcs(remote_dir) else ""
+    self._is_chief = is_chief
+    self._keep = max_to_keep
+    if self._remote_dir:
+      os.makedirs(chief_dir, exist_ok=True)
+      pull(self._remote_dir, chief_dir, max_to_keep)
     self._temp_dir = None if is_chief else tempfile.mkdtemp(prefix="trainer-worker-ckpt-")
     save_dir = chief_dir if is_chief else self._temp_dir
     self._manager = tf.train.CheckpointManager(checkpoint, save_dir,
@@ -93,7 +144,10 @@ class CheckpointStore:
     return None
 
   def save(self, step: int) -> str:
-    return self._manager.save(checkpoint_number=step)
+    path = self._manager.save(checkpoint_number=step)
+    if self._remote_dir and self._is_chief:
+      push(path, self._remote_dir, [os.path.basename(p) for p in self._manager.checkpoints])
+    return path
 
   def close(self) -> None:
     if self._temp_dir:

@@ -18,6 +18,8 @@ class Config:
   """Everything a run needs; built once from flags (or directly by tests) and never mutated."""
 
   model_dir: str = "runs/mnist"
+  checkpoint_dir: str = ""  # "" = model_dir/checkpoints ($AIP_CHECKPOINT_DIR on Vertex AI)
+  tensorboard_dir: str = ""  # "" = model_dir/logs ($AIP_TENSORBOARD_LOG_DIR on Vertex AI)
   data_dir: str = "~/tensorflow_datasets"
   dataset: str = "mnist"
   # Directory holding the four MNIST .gz files; "" means the copy vendored in this repository.
@@ -132,6 +134,10 @@ _DEFAULTS = Config(epochs=2)
 _HELP = {
     "model_dir": "Where checkpoints, summaries, metrics.json and export/ go (local or gs://). "
                  "Defaults to $AIP_MODEL_DIR when set.",
+    "checkpoint_dir": "Checkpoint directory (local or gs://); default model_dir/checkpoints or "
+                      "$AIP_CHECKPOINT_DIR.",
+    "tensorboard_dir": "TensorBoard log directory; default model_dir/logs or "
+                       "$AIP_TENSORBOARD_LOG_DIR.",
     "data_dir": "TFDS data directory; MNIST is prepared here from the vendored files on first use.",
     "dataset": "TFDS image-classification dataset name, e.g. mnist or fashion_mnist.",
     "mnist_source_dir": "Directory with the four MNIST .gz files (default: the vendored copy).",
@@ -203,8 +209,11 @@ def config_from_flags(flag_values=flags.FLAGS, environ=os.environ) -> Config:
   except ValueError:
     raise errors.ConfigError(
         f"--model_widths must be comma-separated integers, got {values['model_widths']}.")
-  if not flag_values["model_dir"].present and environ.get("AIP_MODEL_DIR"):
-    values["model_dir"] = environ["AIP_MODEL_DIR"]
+  # Vertex AI tells the job where outputs go; an explicit flag still wins.
+  for field, variable in (("model_dir", "AIP_MODEL_DIR"), ("checkpoint_dir", "AIP_CHECKPOINT_DIR"),
+                          ("tensorboard_dir", "AIP_TENSORBOARD_LOG_DIR")):
+    if not flag_values[field].present and environ.get(variable):
+      values[field] = environ[variable]
   if values["train_steps"] is None and values["epochs"] is None:
     values["epochs"] = _DEFAULTS.epochs
   return Config(**values)

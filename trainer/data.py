@@ -105,9 +105,31 @@ def _builder(dataset: str, data_dir: str):
   return builder
 
 
+def stage(path: str, what: str) -> str:
+  """A local copy of a gs:// directory (data inputs are read locally); local paths pass through."""
+  from trainer import storage
+  if not storage.is_gcs(path):
+    return os.path.expanduser(path)
+  cache = os.environ.get("TRAINER_CACHE_DIR") or os.path.expanduser("~/.cache/mnist-trainer")
+  local = os.path.join(cache, "staged", hashlib.sha256(path.encode()).hexdigest()[:16])
+  if not os.path.isdir(local) or not os.listdir(local):
+    try:
+      storage.download_dir(path, local)
+    except FileNotFoundError:
+      raise errors.DataError(f"{what}={path} holds no files: upload the data there first.") from None
+    logging.info("Staged %s into %s", path, local)
+  return local
+
+
 def prepare(dataset: str, data_dir: str, mnist_source_dir: str = ""):
-  """Returns a prepared TFDS builder; MNIST is built from local files, never downloaded."""
-  data_dir = os.path.expanduser(data_dir)
+  """Returns a prepared TFDS builder; MNIST is built from local files, never downloaded.
+
+  gs:// inputs are staged to local disk first: a prepared TFDS directory in a bucket, or the
+  four MNIST files.
+  """
+  data_dir = stage(data_dir, "--data_dir")
+  if mnist_source_dir:
+    mnist_source_dir = stage(mnist_source_dir, "--mnist_source_dir")
   check_writable(data_dir)
   builder = _builder(dataset, data_dir)
   with _lock(data_dir, dataset):

@@ -17,8 +17,20 @@ flags.DEFINE_integer("samples", 0, "Also write this many MNIST test digits as PN
 
 
 def _export_dir(model_dir: str) -> str:
-  candidate = os.path.join(model_dir, "export")
-  return candidate if os.path.isdir(candidate) else model_dir
+  """A local export directory; a gs:// export is downloaded only when marked complete."""
+  from trainer import outputs
+  from trainer import storage
+  if not storage.is_gcs(model_dir):
+    candidate = os.path.join(model_dir, "export")
+    return candidate if os.path.isdir(candidate) else model_dir
+  import tempfile
+  for remote in (storage.join(model_dir, "export"), model_dir):
+    if storage.is_complete(remote, outputs.EXPORT_MARKER, verify_files=True):
+      local = tempfile.mkdtemp(prefix="trainer-predict-")
+      storage.download_dir(remote, local, marker=outputs.EXPORT_MARKER)
+      return local
+  raise errors.DataError(f"--model_dir={model_dir} has no complete export (no "
+                         f"{outputs.EXPORT_MARKER} marker): wait for training to finish.")
 
 
 def load_images(paths, image_shape):
@@ -74,7 +86,10 @@ def main(argv):
     if not FLAGS.model_dir:
       raise errors.ConfigError("--model_dir is required (the training output directory).")
     if FLAGS.samples:
-      paths += write_samples(os.path.join(FLAGS.model_dir, "samples"), FLAGS.samples)
+      from trainer import storage
+      sample_root = (os.path.join(os.getcwd(), "samples") if storage.is_gcs(FLAGS.model_dir)
+                     else os.path.join(FLAGS.model_dir, "samples"))
+      paths += write_samples(sample_root, FLAGS.samples)
     if not paths:
       raise errors.ConfigError("Give PNG files to classify, or --samples=N.")
     for path, cls, probability in predict(FLAGS.model_dir, paths):

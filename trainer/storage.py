@@ -505,15 +505,18 @@ def rmtree(path: str) -> None:
 # --------------------------------------------------------------------------- directories
 
 
-def upload_dir(local_dir: str, remote_dir: str, marker: str | None = None) -> list[str]:
+def upload_dir(local_dir: str, remote_dir: str, marker: str | None = None,
+               names=None) -> list[str]:
   """Copies every file under local_dir to remote_dir (local or gs://); returns relative paths.
 
   With a marker name, any old marker goes first and the new one (a JSON manifest) is written
   only after every other file succeeded, so a reader that sees it sees a complete directory.
+  `names`, when given, limits the upload to those relative paths.
   """
   if not os.path.isdir(local_dir):
     raise FileNotFoundError(local_dir)
-  files = [rel for rel in _local_files(local_dir) if rel != marker]
+  files = [rel for rel in _local_files(local_dir)
+           if rel != marker and (names is None or rel in names)]
   if marker:
     _remove_if_exists(join(remote_dir, marker))
   sizes = {}

@@ -1,7 +1,6 @@
 """train_and_evaluate: the one training path for one device, many devices and many workers."""
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from trainer import distribute
 from trainer import errors
 from trainer import export
 from trainer import model as model_lib
+from trainer import outputs
 from trainer import preemption
 from trainer import schedule
 
@@ -153,14 +153,6 @@ def _due(step: int, period: int) -> bool:
   return period > 0 and step % period == 0
 
 
-def _write_json(path: str, payload: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
 def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   """Trains (resuming from model_dir when it holds a checkpoint), evaluates and exports.
 
@@ -179,6 +171,8 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     runtime = distribute.create_runtime(config, cluster)  # Before any other TF op.
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
+    paths = outputs.resolve(config, cluster.task_name, environ)
+    outputs.preflight(paths, runtime.is_chief)
     splits = data.load(config)
     data.check_divisible(config.global_batch_size, runtime.num_replicas)
     steps_per_epoch = data.steps_per_epoch(len(splits.train_images), config.global_batch_size)
@@ -186,18 +180,19 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     watchdog.arm("model initialization (variables are broadcast from the chief)")
     trainer = _Trainer(config, runtime, splits, total_steps)
     watchdog.disarm()
-    model_dir = os.path.abspath(os.path.expanduser(config.model_dir))
     if runtime.is_chief:
-      os.makedirs(model_dir, exist_ok=True)
-    store = checkpoint_lib.CheckpointStore(trainer.checkpoint,
-                                           os.path.join(model_dir, "checkpoints"),
-                                           runtime.is_chief, config.keep_checkpoints)
-    store.restore_latest(trainer.model.variables + trainer.optimizer.variables, model_dir)
+      for path in (paths.local_model_dir, paths.local_checkpoint_dir, paths.local_log_dir):
+        os.makedirs(path, exist_ok=True)
+    store = checkpoint_lib.CheckpointStore(trainer.checkpoint, paths.local_checkpoint_dir,
+                                           runtime.is_chief, config.keep_checkpoints,
+                                           remote_dir=paths.checkpoint_dir)
+    store.restore_latest(trainer.model.variables + trainer.optimizer.variables, paths.model_dir)
     start_step = int(trainer.step.numpy())
-    loop = _TrainLoop(config, runtime, trainer, store, watchdog, handler, splits, model_dir,
+    loop = _TrainLoop(config, runtime, trainer, store, watchdog, handler, splits, paths,
                       total_steps, steps_per_epoch, start_step)
     train_stats = loop.run()
-    return _finish(config, runtime, trainer, splits, model_dir, start_step, train_stats, watchdog)
+    return _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
+                   environ)
   except _PEER_ERRORS as e:
     if not cluster.is_multi_worker:
       raise
@@ -215,15 +210,15 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
 class _TrainLoop:
   """Runs chunks, logs, checkpoints, and turns NaN, SIGTERM and peer loss into clean exits."""
 
-  def __init__(self, config, runtime, trainer, store, watchdog, handler, splits, model_dir,
+  def __init__(self, config, runtime, trainer, store, watchdog, handler, splits, paths,
                total_steps, steps_per_epoch, start_step):
     self.c, self.runtime, self.t, self.store = config, runtime, trainer, store
     self.watchdog, self.handler, self.splits = watchdog, handler, splits
-    self.model_dir, self.total_steps, self.start_step = model_dir, total_steps, start_step
+    self.paths, self.total_steps, self.start_step = paths, total_steps, start_step
     self.steps_per_epoch = steps_per_epoch
     self.last_saved = start_step
     if runtime.is_chief:
-      self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "logs", "train"))
+      self.writer = tf.summary.create_file_writer(os.path.join(paths.local_log_dir, "train"))
     else:
       self.writer = tf.summary.create_noop_writer()
 
@@ -290,6 +285,8 @@ class _TrainLoop:
     self.last_saved = step
     if self.runtime.is_chief:
       logging.info("Saved checkpoint %s", path)
+      self.writer.flush()
+      outputs.publish_logs(self.paths)
 
   def _log(self, step, window, steady_images, steady_seconds) -> None:
     count = max(window["count"], 1.0)
@@ -325,8 +322,9 @@ def weights_fingerprint(model) -> str:
   return digest.hexdigest()
 
 
-def _finish(config, runtime, trainer, splits, model_dir, start_step, train_stats, watchdog):
-  """Chief-only side effects in one place: evaluation, metrics.json and the export."""
+def _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
+            environ):
+  """Chief-only side effects in one place: evaluation, metrics.json, export, hypertune."""
   metrics = {"global_step": int(trainer.step.numpy()), "start_step": start_step,
              "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
              "strategy": runtime.kind, **train_stats}
@@ -336,11 +334,15 @@ def _finish(config, runtime, trainer, splits, model_dir, start_step, train_stats
   if runtime.is_chief:
     clean = _clean_copy(config, splits, trainer.model)
     metrics.update(_evaluate(clean, splits))
-    _write_json(os.path.join(model_dir, "metrics.json"), metrics)
+    outputs.write_metrics(paths, metrics)
     if config.export:
-      export.export_saved_model(clean, splits.image_shape, os.path.join(model_dir, "export"))
+      local_export = export.export_saved_model(
+          clean, splits.image_shape, os.path.join(paths.local_model_dir, "export"))
+      outputs.publish_export(paths, local_export)
+    outputs.publish_logs(paths)
+    outputs.report_hypertune(metrics, environ)
     logging.info("test_accuracy %.4f test_loss %.4f; outputs in %s", metrics["test_accuracy"],
-                 metrics["test_loss"], model_dir)
+                 metrics["test_loss"], paths.model_dir)
   if runtime.kind == "multi_worker_mirrored":
     # Workers leave together, so nobody's coordination service sees a peer vanish early.
     watchdog.arm("final barrier")

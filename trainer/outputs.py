@@ -1,0 +1,102 @@
+"""Where a run's outputs go: model, checkpoint and log dirs (local or gs://) and their local mirrors."""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+
+from trainer import storage
+
+EXPORT_MARKER = "_COMPLETE"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+  """Final locations (maybe gs://) and the local directories TensorFlow writes to first.
+
+  TensorFlow's own gs:// file system cannot reach an emulator and is not needed: everything is
+  written locally, then published through trainer.storage.
+  """
+
+  model_dir: str
+  checkpoint_dir: str
+  tensorboard_dir: str
+  local_model_dir: str
+  local_checkpoint_dir: str
+  local_log_dir: str
+
+  @property
+  def any_remote(self) -> bool:
+    return any(storage.is_gcs(p)
+               for p in (self.model_dir, self.checkpoint_dir, self.tensorboard_dir))
+
+
+def _with_trial(path: str, trial_id: str) -> str:
+  """Hyperparameter-tuning trials must not share outputs; Vertex's AIP_* dirs already differ."""
+  if not trial_id or trial_id in path.rstrip("/").split("/"):
+    return path
+  return storage.join(path, f"trial_{trial_id}")
+
+
+def _local(path: str, mirror_root: str, name: str) -> str:
+  if storage.is_gcs(path):
+    return os.path.join(mirror_root, name)
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def resolve(config, task_name: str, environ) -> RunPaths:
+  trial = environ.get("CLOUD_ML_TRIAL_ID", "")
+  model_dir = _with_trial(config.model_dir, trial)
+  checkpoint_dir = _with_trial(config.checkpoint_dir, trial) if config.checkpoint_dir else (
+      storage.join(model_dir, "checkpoints"))
+  tensorboard_dir = (_with_trial(config.tensorboard_dir, trial) if config.tensorboard_dir
+                     else storage.join(model_dir, "logs"))
+  cache = environ.get("TRAINER_CACHE_DIR") or os.path.expanduser("~/.cache/mnist-trainer")
+  # One mirror per (run, task): workers sharing a machine must not share files.
+  key = hashlib.sha256(model_dir.encode()).hexdigest()[:16]
+  mirror = os.path.join(cache, key, task_name.replace(":", "-"))
+  return RunPaths(model_dir=model_dir, checkpoint_dir=checkpoint_dir,
+                  tensorboard_dir=tensorboard_dir,
+                  local_model_dir=_local(model_dir, mirror, "model"),
+                  local_checkpoint_dir=_local(checkpoint_dir, mirror, "checkpoints"),
+                  local_log_dir=_local(tensorboard_dir, mirror, "logs"))
+
+
+def preflight(paths: RunPaths, is_chief: bool) -> None:
+  """A permanent storage problem (403, missing bucket) fails before any training."""
+  if is_chief:
+    for path in {paths.model_dir, paths.checkpoint_dir, paths.tensorboard_dir}:
+      storage.preflight(path)
+  else:
+    storage.exists(paths.checkpoint_dir)  # read access is all a non-chief worker needs
+
+
+def publish_logs(paths: RunPaths) -> None:
+  if storage.is_gcs(paths.tensorboard_dir) and os.path.isdir(paths.local_log_dir):
+    storage.upload_dir(paths.local_log_dir, paths.tensorboard_dir)
+
+
+def write_metrics(paths: RunPaths, metrics: dict) -> None:
+  storage.write_text(storage.join(paths.model_dir, "metrics.json"),
+                     json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def publish_export(paths: RunPaths, local_export: str) -> str:
+  """Uploads the export with its completion marker last; local exports are already atomic."""
+  remote = storage.join(paths.model_dir, "export")
+  if storage.is_gcs(remote):
+    storage.upload_dir(local_export, remote, marker=EXPORT_MARKER)
+    logging.info("Published export to %s", remote)
+  return remote
+
+
+def report_hypertune(metrics: dict, environ) -> None:
+  """Reports test accuracy for Vertex AI hyperparameter tuning, only inside a trial."""
+  if not environ.get("CLOUD_ML_TRIAL_ID"):
+    return
+  import hypertune  # cloudml-hypertune: writes the metrics file Vertex AI reads.
+  hypertune.HyperTune().report_hyperparameter_tuning_metric(
+      hyperparameter_metric_tag="test_accuracy", metric_value=metrics["test_accuracy"],
+      global_step=metrics["global_step"])
+  logging.info("Reported test_accuracy=%.4f to hypertune", metrics["test_accuracy"])
