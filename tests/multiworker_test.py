@@ -127,3 +127,25 @@ def test_batch_not_divisible_by_replicas(tmp_path, tfds_dir):
                       "--num_cpu_devices=2", "--strategy=mirrored")
   assert result.returncode == errors.EXIT_CONFIG
   assert "--global_batch_size=33 is not divisible by the 2 replicas" in result.stdout
+
+
+def test_launcher_ctrl_c_leaves_no_process(tmp_path, tfds_dir):
+  args = tiny_flags(str(tmp_path / "run"), tfds_dir, train_steps=100000, log_every_steps=5,
+                    checkpoint_every_steps=1000, collective_timeout_s=30)
+  log_path = tmp_path / "launcher.log"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.launcher", "--workers=2",
+                             "--shutdown_grace_s=30", "--", *args], env=child_env(), cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not re.search(r"\[worker:1\].*step 10/100000", log_path.read_text()):
+      assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+      time.sleep(0.3)
+    pids = [int(p) for p in re.findall(r"worker:\d pid (\d+)", log_path.read_text())]
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the launcher
+    code, _ = _wait(proc, timeout=90)
+  out = log_path.read_text()
+  assert code == errors.EXIT_RETRYABLE, out[-3000:]
+  assert "[launcher] exit codes: [143, 143]" in out
+  for pid in pids:
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

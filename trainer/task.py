@@ -15,10 +15,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 config_lib.define_flags()
 
 
+_HELP_FLAGS = ("--help", "-h", "-?", "--helpfull", "--helpshort", "--helpxml")
+
+
 def _parse_flags(argv):
   """Unknown or malformed flags exit with the config code, not absl's generic 1."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    # absl exits 1 after printing --help/--helpfull; asking for help is not a failure.
+    if any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]) and e.code == 1:
+      sys.exit(0)
+    raise
   except flags.Error as e:
     sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpfull to see all flags.\n")
     sys.exit(errors.EXIT_CONFIG)
