@@ -171,12 +171,13 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     runtime = distribute.create_runtime(config, cluster)  # Before any other TF op.
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
-    paths = outputs.resolve(config, cluster.task_name, environ)
-    outputs.preflight(paths, runtime.is_chief)
     splits = data.load(config)
     data.check_divisible(config.global_batch_size, runtime.num_replicas)
     steps_per_epoch = data.steps_per_epoch(len(splits.train_images), config.global_batch_size)
     total_steps = config_lib.resolve_steps(config, steps_per_epoch)
+    # Inputs are valid; now make sure the outputs can be written, still before any training.
+    paths = outputs.resolve(config, cluster.task_name, environ)
+    outputs.preflight(paths, runtime.is_chief)
     watchdog.arm("model initialization (variables are broadcast from the chief)")
     trainer = _Trainer(config, runtime, splits, total_steps)
     watchdog.disarm()
