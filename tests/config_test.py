@@ -65,7 +65,7 @@ def test_config_from_flags_and_env():
   c2 = config_lib.config_from_flags(_parse(["--model_dir=/tmp/x"]),
                                     environ={"AIP_MODEL_DIR": "gs://b/model"})
   assert c2.model_dir == "/tmp/x", "an explicit flag wins over the environment"
-  assert c2.epochs == 2
+  assert c2.epochs == 3
 
 
 def test_bad_model_widths_flag():

@@ -41,11 +41,17 @@ def _shape_counts(shapes) -> collections.Counter:
   return collections.Counter(tuple(s) for s in shapes if len(s))
 
 
+def _checkpointed_variables(checkpoint) -> list:
+  """Every variable the checkpoint object saves (model, optimizer, RNG states, step)."""
+  return [x for x in tf.train.TrackableView(checkpoint).descendants()
+          if hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "assign")]
+
+
 def check_compatible(path: str, variables, model_dir: str) -> None:
   """Refuses a checkpoint of a different model shape before anything is restored or written.
 
-  Compares the shapes of every stored tensor with those of the objects being restored (model
-  and optimizer): TF saves each variable once, under whichever object reaches it first.
+  Compares the shapes of every stored tensor with those of the variables being restored: TF
+  saves each variable once, under whichever object reaches it first.
   """
   try:
     stored = [shape for name, shape in tf.train.list_variables(path)
@@ -125,8 +131,9 @@ class CheckpointStore:
     self._manager = tf.train.CheckpointManager(checkpoint, save_dir,
                                                max_to_keep=max_to_keep if is_chief else 1)
 
-  def restore_latest(self, variables, model_dir: str):
+  def restore_latest(self, model_dir: str):
     """Restores the newest readable checkpoint; returns its path or None (fresh start)."""
+    variables = _checkpointed_variables(self._checkpoint)
     for path in candidates(self.chief_dir):
       check_compatible(path, variables, model_dir)
       try:

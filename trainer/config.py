@@ -47,9 +47,9 @@ class Config:
   collective_timeout_s: float = 300.0
   preemption_grace_s: float = 25.0
   model_widths: tuple = (32, 64)
-  dense_units: int = 0
-  dropout: float = 0.0
-  batch_norm: bool = True
+  dense_units: int = 128
+  dropout: float = 0.25
+  batch_norm: bool = False
   mixed_precision: bool = False
   xla: bool = False
   train_examples: int = 0  # 0 = the whole train split; tests use small subsets
@@ -130,7 +130,7 @@ def resolve_steps(c: Config, steps_per_epoch: int) -> int:
 
 # ---- Command-line flags: one flag per Config field, same name. ----
 
-_DEFAULTS = Config(epochs=2)
+_DEFAULTS = Config(epochs=3)
 _HELP = {
     "model_dir": "Where checkpoints, summaries, metrics.json and export/ go (local or gs://). "
                  "Defaults to $AIP_MODEL_DIR when set.",
@@ -143,7 +143,7 @@ _HELP = {
     "mnist_source_dir": "Directory with the four MNIST .gz files (default: the vendored copy).",
     "global_batch_size": "Batch size summed over all replicas; must divide by the replica count.",
     "train_steps": "Total optimizer steps (alternative to --epochs; both must agree).",
-    "epochs": "Passes over the training split (default 2 when --train_steps is not set).",
+    "epochs": "Passes over the training split (default 3 when --train_steps is not set).",
     "learning_rate": "Peak learning rate at --reference_batch_size.",
     "lr_schedule": "onecycle (warmup then cosine/linear down), cosine (with warmup) or constant.",
     "lr_scaling": "linear: scale the learning rate by global_batch_size/reference_batch_size.",

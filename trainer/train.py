@@ -63,6 +63,8 @@ class _Trainer:
     self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                           step=self.step)
     self._num_classes = splits.num_classes
+    self._seed_generators = [layer.seed_generator for layer in self.model.layers
+                             if getattr(layer, "seed_generator", None) is not None]
     self._grads = tf.function(self._compute_grads, jit_compile=True) if config.xla else (
         self._compute_grads)
     self.train_chunk = tf.function(self._train_chunk)
@@ -84,8 +86,19 @@ class _Trainer:
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
     return grads, tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights)
 
+  def _reseed(self):
+    """Dropout masks are a function of (seed, step, replica), not of an unsaved RNG state.
+
+    Keras keeps dropout's RNG state outside the checkpoint; without this a resumed run would
+    draw other masks than an uninterrupted one.
+    """
+    replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+    for generator in self._seed_generators:
+      generator.state.assign(tf.stack([self.config.seed * 1000 + replica, self.step]))
+
   def _replica_step(self, batch):
     images, labels, weights = batch
+    self._reseed()
     grads, loss_sum, correct = self._grads(images, labels, weights)
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     self.loss_sum.assign_add(loss_sum)
@@ -187,7 +200,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     store = checkpoint_lib.CheckpointStore(trainer.checkpoint, paths.local_checkpoint_dir,
                                            runtime.is_chief, config.keep_checkpoints,
                                            remote_dir=paths.checkpoint_dir)
-    store.restore_latest(trainer.model.variables + trainer.optimizer.variables, paths.model_dir)
+    store.restore_latest(paths.model_dir)
     start_step = int(trainer.step.numpy())
     loop = _TrainLoop(config, runtime, trainer, store, watchdog, handler, splits, paths,
                       total_steps, steps_per_epoch, start_step)
