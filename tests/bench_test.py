@@ -7,6 +7,7 @@ import pytest
 
 from bench import flops
 from bench import hardware
+from bench import harness
 from bench import procs
 from bench import recipes
 from bench import report
@@ -53,15 +54,26 @@ def test_model_flops_of_a_tiny_keras_model():
   assert counted["train"] == 3 * 624
 
 
-def test_default_trainer_model_flops():
+def test_trainer_model_flops():
   pytest.importorskip("keras")
   from trainer import config as config_lib
   from trainer import model as model_lib
-  model = model_lib.build_model(config_lib.Config(epochs=1), (28, 28, 1), 10)
+
+  def forward(**fields):
+    config = config_lib.Config(epochs=1, model_widths=(32, 64), **fields)
+    return flops.model_flops(model_lib.build_model(config, (28, 28, 1), 10))["forward"]
+
   conv0 = 2 * 28 * 28 * 9 * 1 * 32  # same padding keeps 28x28
   conv1 = 2 * 14 * 14 * 9 * 32 * 64
-  logits = 2 * (7 * 7 * 64) * 10
-  assert flops.model_flops(model)["forward"] == conv0 + conv1 + logits == 7_739_648
+  flat = 7 * 7 * 64
+  assert forward(batch_norm=True, dense_units=0) == conv0 + conv1 + 2 * flat * 10 == 7_739_648
+  assert forward(batch_norm=False, dense_units=128, dropout=0.25) == (
+      conv0 + conv1 + 2 * flat * 128 + 2 * 128 * 10)
+
+
+def test_same_model_flags_are_explicit():
+  assert harness.same_model_flags() == ["--model_widths=32,64", "--batch_norm=false",
+                                        "--dropout=0.5", "--dense_units=0"]
 
 
 def test_zen4_peak_assumes_double_pumped_avx512():

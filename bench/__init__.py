@@ -1,0 +1,1 @@
+"""Benchmark harness: `python -m bench.run` measures the trainer against plain Keras and the CPU."""

@@ -1,0 +1,253 @@
+"""`python -m bench.run [--quick] [--only=a,b]`: every benchmark in one session, one report.
+
+Writes bench/results.json and bench/results.md and prints the markdown. Every measurement runs
+in a fresh subprocess (trainer.task, trainer.launcher or bench.probes) so none inherits another's
+threads or traced functions. The benchmark never fails the build: it exits 0 whatever it finds.
+"""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import time
+
+from absl import app
+from absl import flags
+
+from bench import hardware
+from bench import harness
+from bench import report
+from bench import stats
+
+FLAGS = flags.FLAGS
+flags.DEFINE_boolean("quick", False, "One seed and short runs: a smoke test, not a measurement.")
+flags.DEFINE_list("only", [], "Run only these metrics (names as in the targets table).")
+flags.DEFINE_list("seeds", [], "Seeds for time_to_99_ratio (default 1,2,3; --quick: 1).")
+flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
+                    "Where results.json and results.md go.")
+flags.DEFINE_string("cache_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                              ".cache"),
+                    "Prepared TFDS data (tfds/) and per-run model dirs and logs (runs/).")
+flags.DEFINE_float("clock_ghz", 0.0, "CPU clock for the peak (0: /proc/cpuinfo, raised to what "
+                   "a measured matmul proves).")
+flags.DEFINE_integer("flops_per_cycle", 0, "FP32 FLOP/cycle/core for the peak (0: detect).")
+flags.DEFINE_float("quiet_wait_s", 90.0, "Before each measurement, wait up to this long for "
+                   "other processes to leave the CPU idle (0: never wait).")
+
+Bench = harness.Bench
+
+
+def _reached(times) -> int:
+  return sum(t is not None for t in times)
+
+
+# ---- metrics: each returns {"value", "basis", "details"} ----
+
+
+def time_to_99_ratio(b: Bench) -> dict:
+  refs, ours = [], []
+  for seed in b.seeds:
+    refs.append(b.probe(f"reference_seed{seed}", "keras_time_to_99", seed=seed))
+    ours.append(b.default_run(seed))
+  ref_t = [r["summary"].get("time_to_99_s") for r in refs]
+  our_t = [r["summary"].get("time_to_99_s") for r in ours]
+  ref_med, our_med = stats.median_with_failures(ref_t), stats.median_with_failures(our_t)
+  basis = (f"reference {report.fmt(ref_med, 1)} s ({_reached(ref_t)}/{len(ref_t)} reached 99%)"
+           f" / ours {report.fmt(our_med, 1)} s ({_reached(our_t)}/{len(our_t)} reached); "
+           "medians, training time only")
+  return {"value": stats.ratio(ref_med, our_med), "basis": basis,
+          "details": {"reference_s": ref_t, "ours_s": our_t, "seeds": b.seeds,
+                      "reference_median_s": ref_med, "ours_median_s": our_med,
+                      "ours_wall_into_training_s": [
+                          r["summary"].get("wall_into_training_at_99_s") for r in ours]}}
+
+
+def same_model_throughput_ratio(b: Bench) -> dict:
+  ours = b.trainer("ours_same_model", [
+      *harness.same_model_flags(), f"--global_batch_size={harness.BATCH}", "--lr_schedule=constant", "--learning_rate=0.001",
+      "--lr_scaling=none", f"--train_steps={2 * b.keras_steps + 20}",
+      "--checkpoint_every_steps=100000"])
+  keras_fit = b.probe("keras_fit_same_model", "keras_throughput", steps=b.keras_steps)
+  ours_rate = ours["summary"].get("images_per_sec")
+  keras_rate = keras_fit["summary"].get("images_per_sec")
+  return {"value": stats.ratio(ours_rate, keras_rate),
+          "basis": f"ours {report.fmt(ours_rate, 0)} / Keras fit {report.fmt(keras_rate, 0)} "
+                   "images/s (conv32-conv64 same padding, no BN, no hidden dense, dropout 0.5, batch 128)",
+          "details": {"ours_images_per_sec": ours_rate, "keras_images_per_sec": keras_rate}}
+
+
+def input_headroom(b: Bench) -> dict:
+  pipeline = b.probe("input_pipeline", "input_pipeline", batches=b.input_batches)
+  train_rate, source = b.default_images_per_sec()
+  result = pipeline.get("result") or {}
+  graph_rate = result.get("graph_images_per_sec")
+  return {"value": stats.ratio(graph_rate, train_rate),
+          "basis": f"pipeline {report.fmt(graph_rate, 0)} images/s drained in-graph (from Python:"
+                   f" {report.fmt(result.get('eager_images_per_sec'), 0)}) / training "
+                   f"{report.fmt(train_rate, 0)} images/s",
+          "details": {"pipeline": result, "train_images_per_sec": train_rate,
+                      "train_source": source}}
+
+
+def effective_peak(hw: dict) -> hardware.Peak:
+  """The documented peak, with the clock raised when a measured matmul proves it is higher."""
+  cpu = hardware.read_cpuinfo()
+  peak = hardware.fp32_peak(cpu, FLAGS.clock_ghz, FLAGS.flops_per_cycle)
+  matmul = hw.get("matmul_fp32_gflops") or 0.0
+  if FLAGS.clock_ghz or matmul <= peak.gflops:
+    return peak
+  implied = matmul / (peak.cores * peak.flops_per_cycle)
+  note = (f"; a measured fp32 matmul ran at {matmul:.0f} GFLOP/s, above the nominal-clock peak "
+          f"{peak.gflops:.0f}, so the cores boost: clock raised to the implied minimum "
+          f"{implied:.2f} GHz (the true boost clock may be higher still)")
+  return hardware.Peak(gflops=matmul, cores=peak.cores, clock_ghz=implied,
+                       flops_per_cycle=peak.flops_per_cycle, assumption=peak.assumption + note)
+
+
+def fraction_of_peak(b: Bench) -> dict:
+  hw = b.hardware_info()
+  train_rate, source = b.default_images_per_sec()
+  train_flops = (hw.get("default_model") or {}).get("train")
+  peak = effective_peak(hw)
+  achieved = train_rate * train_flops / 1e9 if train_flops else float("nan")
+  matmul = hw.get("matmul_fp32_gflops")
+  return {"value": stats.ratio(achieved, peak.gflops),
+          "basis": f"{report.fmt(achieved, 1)} GFLOP/s ({report.fmt(train_rate, 0)} images/s x "
+                   f"{report.fmt(train_flops / 1e6 if train_flops else None, 2)} MFLOP) / peak "
+                   f"{report.fmt(peak.gflops, 1)}; a large fp32 matmul reaches "
+                   f"{report.fmt(matmul, 0)} GFLOP/s",
+          "details": {"achieved_gflops": achieved, "train_flops_per_image": train_flops,
+                      "peak_gflops": peak.gflops, "peak_assumption": peak.assumption,
+                      "fraction_of_matmul": stats.ratio(achieved, matmul or float("nan")),
+                      "hardware_probe": hw, "train_source": source}}
+
+
+def _scaling_flags(steps: int) -> list:
+  return [f"--train_steps={steps}", "--checkpoint_every_steps=100000"]
+
+
+def two_worker_ratio(b: Bench) -> dict:
+  one = b.trainer("launcher_1_worker", _scaling_flags(b.scaling_steps), workers=1)
+  two = b.trainer("launcher_2_workers", _scaling_flags(b.scaling_steps), workers=2)
+  r1, r2 = one["summary"].get("images_per_sec"), two["summary"].get("images_per_sec")
+  return {"value": stats.ratio(r2, r1),
+          "basis": f"2 workers {report.fmt(r2, 0)} / 1 worker {report.fmt(r1, 0)} images/s "
+                   f"(global batch {harness.BATCH}, 1 core per worker vs 2)",
+          "details": {"one_worker": r1, "two_workers": r2}}
+
+
+def two_device_ratio(b: Bench) -> dict:
+  one = b.trainer("one_device", _scaling_flags(b.scaling_steps))
+  two = b.trainer("mirrored_2_cpu_devices",
+                  _scaling_flags(b.scaling_steps) + ["--num_cpu_devices=2"])
+  r1, r2 = one["summary"].get("images_per_sec"), two["summary"].get("images_per_sec")
+  return {"value": stats.ratio(r2, r1),
+          "basis": f"2 logical CPU devices {report.fmt(r2, 0)} / 1 device {report.fmt(r1, 0)} "
+                   "images/s (MirroredStrategy, same global batch)",
+          "details": {"one_device": r1, "two_devices": r2}}
+
+
+METRICS = {"time_to_99_ratio": time_to_99_ratio,
+           "same_model_throughput_ratio": same_model_throughput_ratio,
+           "input_headroom": input_headroom, "fraction_of_peak": fraction_of_peak,
+           "two_worker_ratio": two_worker_ratio, "two_device_ratio": two_device_ratio}
+
+NOTES = [
+    "Training time excludes compilation/tracing and evaluation for both sides. Reference: "
+    "keras.io 'Simple MNIST convnet' on all 60k training images (no validation_split), "
+    "warm-up fit/evaluate on 2 batches first, weights and Adam state reset, then per-epoch "
+    "train time (epoch start to validation start); 99% is checked once per epoch as in the "
+    "recipe, capped at 15 epochs. Ours: steps to the first eval >= 99% (every "
+    f"{harness.EVAL_EVERY} steps) x global batch / the trainer's steady images/s.",
+    "Medians count a seed that never reached 99% as infinitely slow.",
+    "Throughput: the trainer's steady images/s excludes its first chunk; Keras fit excludes "
+    "its first epoch and uses only epoch-level callbacks (batch dispatch stays asynchronous). "
+    "Keras does not use XLA on CPU by default (jit_compile='auto' resolves to False).",
+    "FLOPs are analytic (2 per multiply-add, conv and dense layers only); training = 3 x "
+    "forward, which slightly overcounts because the first convolution needs no input gradient.",
+    "Other processes on this machine can slow any run; 'other procs' CPU' is the share of both "
+    "cores used by processes outside the benchmark during that run.",
+]
+
+
+def _machine_meta(b: Bench, started: str, wall_s: float, only) -> dict:
+  cpu = hardware.read_cpuinfo()
+  peak = effective_peak(b.hardware or {})
+  others = [r["cpu"]["others_cpu"] for r in b.runs]
+  return {"started": started, "wall_s": wall_s, "mode": "quick" if b.quick else "full",
+          "only": ",".join(only), "seeds": b.seeds, "cpu_model": cpu.model_name,
+          "cpu_family": cpu.family, "cpu_model_id": cpu.model, "cores": cpu.cores,
+          "clock_ghz": peak.clock_ghz, "flops_per_cycle": peak.flops_per_cycle,
+          "peak_gflops": peak.gflops, "peak_assumption": peak.assumption,
+          "tf_version": _version("tensorflow"), "keras_version": _version("keras"),
+          "python": platform.python_version(), "others_cpu_max": max(others, default=None)}
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def run(names, quick: bool, seeds, cache_dir: str, only=(), quiet_wait_s: float = 0.0) -> dict:
+  """Runs the named metrics in order and returns the full results dict."""
+  started = datetime.datetime.now().isoformat(timespec="seconds")
+  tic = time.monotonic()
+  code_before = harness.trainer_fingerprint()
+  b = Bench(quick, cache_dir, seeds, quiet_wait_s)
+  harness.prepare_data(b.data_dir)
+  metrics = {}
+  for name in names:
+    print(f"[bench] measuring {name}", flush=True)
+    try:
+      m = METRICS[name](b)
+    except Exception as e:  # One broken measurement must not cost the others.
+      m = {"value": float("nan"), "basis": f"error: {type(e).__name__}: {e}"}
+    m["status"] = stats.target(name).status(m["value"])
+    m["target"] = stats.target(name).threshold
+    m["description"] = stats.target(name).description
+    metrics[name] = m
+  b.hardware_info()
+  meta = _machine_meta(b, started, time.monotonic() - tic, only)
+  code_after = harness.trainer_fingerprint()
+  meta.update(code=code_before, code_changed_during_run=code_after != code_before)
+  notes = list(NOTES)
+  if code_after != code_before:
+    notes.insert(0, f"WARNING: trainer/ changed during this run ({code_before} -> {code_after}):"
+                 " the results mix code versions; rerun.")
+  return {"meta": meta, "metrics": metrics, "runs": b.runs, "notes": notes}
+
+
+def write(results: dict, out_dir: str) -> str:
+  safe = report.json_safe(results)
+  text = report.markdown(safe)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(safe, f, indent=2)
+    f.write("\n")
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(text)
+  return text
+
+
+def _selected(only) -> list:
+  unknown = [n for n in only if n not in METRICS]
+  if unknown:
+    raise app.UsageError(f"--only: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(METRICS)}")
+  return [n for n in METRICS if n in only] if only else list(METRICS)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  names = _selected(FLAGS.only)
+  seeds = [int(s) for s in FLAGS.seeds] or ([1] if FLAGS.quick else [1, 2, 3])
+  results = run(names, FLAGS.quick, seeds, FLAGS.cache_dir, FLAGS.only, FLAGS.quiet_wait_s)
+  print(write(results, FLAGS.out_dir))
+
+
+if __name__ == "__main__":
+  app.run(main)
