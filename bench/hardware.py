@@ -1,4 +1,4 @@
-"""The CPU's FP32 peak from /proc/cpuinfo: cores x clock x FLOP/cycle, with the assumption stated."""
+"""The CPU's FP32 peak from /proc/cpuinfo: cores x clock x FLOP/cycle, assumption stated."""
 
 import dataclasses
 import os

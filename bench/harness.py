@@ -57,6 +57,7 @@ class Bench:
     self.keras_steps = 150 if quick else 300
     self.input_batches = 1000 if quick else 3000
     self.scaling_steps = 120 if quick else 300
+    self.repeats = 1 if quick else 2  # Throughput runs per side, interleaved.
 
   # ---- subprocesses ----
 

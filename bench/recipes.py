@@ -58,12 +58,16 @@ def run_recipe(b: harness.Bench, name: str, args: list, seeds, mode: str, steps:
           "others_cpu_max": max(r["cpu"]["others_cpu"] for r in records)}
 
 
+def _cells(values, digits=None) -> str:
+  return " ".join(report.fmt(v) if digits is None else report.fmt(v, digits) for v in values)
+
+
 def rows_table(rows: list) -> str:
   return report.table(
       ["recipe", "flags", "train s to 99% (median)", "reached", "steps to 99%", "final acc",
        "images/s", "other CPU"],
       [[r["name"], r["args"] or "(defaults)", report.fmt(r["time_to_99_median_s"], 1),
-        r["reached"], " ".join(report.fmt(s) for s in r["steps_to_99"]), " ".join(report.fmt(a, 4) for a in r["final_accuracy"]),
+        r["reached"], _cells(r["steps_to_99"]), _cells(r["final_accuracy"], 4),
         report.fmt(r["images_per_sec_median"], 0), report.fmt(r["others_cpu_max"], 2)]
        for r in rows])
 

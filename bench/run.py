@@ -63,18 +63,40 @@ def time_to_99_ratio(b: Bench) -> dict:
                           r["summary"].get("wall_into_training_at_99_s") for r in ours]}}
 
 
+def _best_rates(b: Bench, makers: dict) -> tuple:
+  """Runs each maker b.repeats times, interleaved; returns (best images/s per key, records).
+
+  Interference from other processes only slows a run, so the fastest repeat is the best
+  estimate of the undisturbed rate (as timeit takes the minimum time).
+  """
+  records = {key: [] for key in makers}
+  for i in range(b.repeats):
+    for key, make in makers.items():
+      records[key].append(make(f"_r{i + 1}" if b.repeats > 1 else ""))
+  best = {key: max((r["summary"].get("images_per_sec") or 0.0 for r in runs if r["ok"]),
+                   default=float("nan"))
+          for key, runs in records.items()}
+  return best, records
+
+
+def _all_rates(records: dict) -> dict:
+  return {key: [r["summary"].get("images_per_sec") for r in runs]
+          for key, runs in records.items()}
+
+
 def same_model_throughput_ratio(b: Bench) -> dict:
-  ours = b.trainer("ours_same_model", [
-      *harness.same_model_flags(), f"--global_batch_size={harness.BATCH}", "--lr_schedule=constant", "--learning_rate=0.001",
-      "--lr_scaling=none", f"--train_steps={2 * b.keras_steps + 20}",
-      "--checkpoint_every_steps=100000"])
-  keras_fit = b.probe("keras_fit_same_model", "keras_throughput", steps=b.keras_steps)
-  ours_rate = ours["summary"].get("images_per_sec")
-  keras_rate = keras_fit["summary"].get("images_per_sec")
-  return {"value": stats.ratio(ours_rate, keras_rate),
-          "basis": f"ours {report.fmt(ours_rate, 0)} / Keras fit {report.fmt(keras_rate, 0)} "
-                   "images/s (conv32-conv64 same padding, no BN, no hidden dense, dropout 0.5, batch 128)",
-          "details": {"ours_images_per_sec": ours_rate, "keras_images_per_sec": keras_rate}}
+  ours_flags = [*harness.same_model_flags(), f"--global_batch_size={harness.BATCH}",
+                "--lr_schedule=constant", "--learning_rate=0.001", "--lr_scaling=none",
+                f"--train_steps={2 * b.keras_steps + 20}", "--checkpoint_every_steps=100000"]
+  best, records = _best_rates(b, {
+      "ours": lambda tag: b.trainer(f"ours_same_model{tag}", ours_flags),
+      "keras": lambda tag: b.probe(f"keras_fit_same_model{tag}", "keras_throughput",
+                                   steps=b.keras_steps)})
+  return {"value": stats.ratio(best["ours"], best["keras"]),
+          "basis": f"ours {report.fmt(best['ours'], 0)} / Keras fit "
+                   f"{report.fmt(best['keras'], 0)} images/s (conv32-conv64 same padding, no BN,"
+                   f" no hidden dense, dropout 0.5, batch 128; best of {b.repeats})",
+          "details": {"images_per_sec": _all_rates(records)}}
 
 
 def input_headroom(b: Bench) -> dict:
@@ -128,24 +150,28 @@ def _scaling_flags(steps: int) -> list:
 
 
 def two_worker_ratio(b: Bench) -> dict:
-  one = b.trainer("launcher_1_worker", _scaling_flags(b.scaling_steps), workers=1)
-  two = b.trainer("launcher_2_workers", _scaling_flags(b.scaling_steps), workers=2)
-  r1, r2 = one["summary"].get("images_per_sec"), two["summary"].get("images_per_sec")
-  return {"value": stats.ratio(r2, r1),
-          "basis": f"2 workers {report.fmt(r2, 0)} / 1 worker {report.fmt(r1, 0)} images/s "
-                   f"(global batch {harness.BATCH}, 1 core per worker vs 2)",
-          "details": {"one_worker": r1, "two_workers": r2}}
+  flag_args = _scaling_flags(b.scaling_steps)
+  best, records = _best_rates(b, {
+      "one": lambda tag: b.trainer(f"launcher_1_worker{tag}", flag_args, workers=1),
+      "two": lambda tag: b.trainer(f"launcher_2_workers{tag}", flag_args, workers=2)})
+  return {"value": stats.ratio(best["two"], best["one"]),
+          "basis": f"2 workers {report.fmt(best['two'], 0)} / 1 worker "
+                   f"{report.fmt(best['one'], 0)} images/s (global batch {harness.BATCH}, 1 core "
+                   f"per worker vs 2; best of {b.repeats})",
+          "details": {"images_per_sec": _all_rates(records)}}
 
 
 def two_device_ratio(b: Bench) -> dict:
-  one = b.trainer("one_device", _scaling_flags(b.scaling_steps))
-  two = b.trainer("mirrored_2_cpu_devices",
-                  _scaling_flags(b.scaling_steps) + ["--num_cpu_devices=2"])
-  r1, r2 = one["summary"].get("images_per_sec"), two["summary"].get("images_per_sec")
-  return {"value": stats.ratio(r2, r1),
-          "basis": f"2 logical CPU devices {report.fmt(r2, 0)} / 1 device {report.fmt(r1, 0)} "
-                   "images/s (MirroredStrategy, same global batch)",
-          "details": {"one_device": r1, "two_devices": r2}}
+  flag_args = _scaling_flags(b.scaling_steps)
+  best, records = _best_rates(b, {
+      "one": lambda tag: b.trainer(f"one_device{tag}", flag_args),
+      "two": lambda tag: b.trainer(f"mirrored_2_cpu_devices{tag}",
+                                   flag_args + ["--num_cpu_devices=2"])})
+  return {"value": stats.ratio(best["two"], best["one"]),
+          "basis": f"2 logical CPU devices {report.fmt(best['two'], 0)} / 1 device "
+                   f"{report.fmt(best['one'], 0)} images/s (MirroredStrategy, same global batch; "
+                   f"best of {b.repeats})",
+          "details": {"images_per_sec": _all_rates(records)}}
 
 
 METRICS = {"time_to_99_ratio": time_to_99_ratio,
@@ -163,6 +189,7 @@ NOTES = [
     "Medians count a seed that never reached 99% as infinitely slow.",
     "Throughput: the trainer's steady images/s excludes its first chunk; Keras fit excludes "
     "its first epoch and uses only epoch-level callbacks (batch dispatch stays asynchronous). "
+    "Throughput ratios take the fastest of their interleaved repeats on each side. "
     "Keras does not use XLA on CPU by default (jit_compile='auto' resolves to False).",
     "FLOPs are analytic (2 per multiply-add, conv and dense layers only); training = 3 x "
     "forward, which slightly overcounts because the first convolution needs no input gradient.",
