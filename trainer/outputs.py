@@ -26,11 +26,6 @@ class RunPaths:
   local_checkpoint_dir: str
   local_log_dir: str
 
-  @property
-  def any_remote(self) -> bool:
-    return any(storage.is_gcs(p)
-               for p in (self.model_dir, self.checkpoint_dir, self.tensorboard_dir))
-
 
 def _with_trial(path: str, trial_id: str) -> str:
   """Hyperparameter-tuning trials must not share outputs; Vertex's AIP_* dirs already differ."""
