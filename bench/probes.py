@@ -44,22 +44,6 @@ def _as_float(images):
   return x.reshape(x.shape[0], 28, 28, 1) if x.ndim == 3 else x
 
 
-def keras_io_model():
-  """keras.io 'Simple MNIST convnet' (valid padding, dropout 0.5, softmax output)."""
-  import keras
-  layers = keras.layers
-  return keras.Sequential([
-      keras.Input(shape=(28, 28, 1)),
-      layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-      layers.MaxPooling2D(pool_size=(2, 2)),
-      layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-      layers.MaxPooling2D(pool_size=(2, 2)),
-      layers.Flatten(),
-      layers.Dropout(0.5),
-      layers.Dense(10, activation="softmax"),
-  ])
-
-
 def _epoch_timer_class():
   import keras
 
@@ -103,7 +87,7 @@ def keras_time_to_99(splits) -> dict:
   x, xt = _as_float(splits.train_images), _as_float(splits.test_images)
   y = keras.utils.to_categorical(splits.train_labels, 10)
   yt = keras.utils.to_categorical(splits.test_labels, 10)
-  model = keras_io_model()
+  model = harness.keras_io_model()
   model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
   initial = model.get_weights()
   # Traces the train and test functions (full and ragged last batch) before the clock starts.
@@ -213,7 +197,7 @@ def hardware(splits) -> dict:
   same = model_lib.build_model(config_lib.Config(epochs=1, **harness.SAME_MODEL), shape, classes)
   return {"default_model": flops.model_flops(default),
           "same_model": flops.model_flops(same),
-          "keras_io_model": flops.model_flops(keras_io_model()),
+          "keras_io_model": flops.model_flops(harness.keras_io_model()),
           "matmul_fp32_gflops": _matmul_gflops(tf.float32),
           "matmul_bf16_gflops": _matmul_gflops(tf.bfloat16)}
 

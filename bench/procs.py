@@ -92,6 +92,8 @@ def child_env() -> dict:
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["PYTHONUNBUFFERED"] = "1"
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  # The trainer's default; explicit so the reference probes run with the same kernels.
+  env.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
   return env
 
 

@@ -25,7 +25,6 @@ flags.DEFINE_string("cache_dir", os.path.join(os.path.dirname(os.path.abspath(__
                                               ".cache"), "Data and run directories.")
 flags.DEFINE_float("quiet_wait_s", 60.0, "Wait this long at most for an idle CPU before a run.")
 
-EVAL_IMAGES = 60 * harness.BATCH  # The eval spacing of bench.run, in images.
 
 
 def parse_recipe(text: str) -> tuple:
@@ -35,8 +34,9 @@ def parse_recipe(text: str) -> tuple:
 
 
 def eval_every(args: list) -> int:
-  batch = int(harness.flag_value(args, "global_batch_size", harness.BATCH))
-  return max(1, round(EVAL_IMAGES / batch))
+  """bench.run's evaluation spacing (harness.EVAL_IMAGES) in this recipe's steps."""
+  return harness.eval_every(int(harness.flag_value(args, "global_batch_size",
+                                                  harness.DEFAULT_BATCH)))
 
 
 def run_recipe(b: harness.Bench, name: str, args: list, seeds, mode: str, steps: int) -> dict:

@@ -50,7 +50,10 @@ TARGETS = (
            "our images/s / Keras fit images/s, same model and batch"),
     Target("input_headroom", 20.0, "input pipeline images/s / our training images/s"),
     Target("fraction_of_peak", 0.5, "achieved training FLOP/s / CPU FP32 peak"),
-    Target("two_worker_ratio", 0.8, "2 workers (launcher, loopback) / 1 worker, same cores"),
+    Target("two_worker_ratio", 0.8, "2 workers (launcher, loopback) / 1 worker, same cores, "
+           "same per-worker batch"),
+    Target("two_worker_same_global_batch_ratio", None,
+           "as two_worker_ratio, but the 2 workers split one worker's global batch (no target)"),
     Target("two_device_ratio", None, "MirroredStrategy 2 logical CPUs / 1 device (no target)"),
 )
 

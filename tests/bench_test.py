@@ -60,20 +60,30 @@ def test_trainer_model_flops():
   from trainer import model as model_lib
 
   def forward(**fields):
-    config = config_lib.Config(epochs=1, model_widths=(32, 64), **fields)
+    config = config_lib.Config(epochs=1, **fields)
     return flops.model_flops(model_lib.build_model(config, (28, 28, 1), 10))["forward"]
 
+  # The default: conv 5x5 valid 28 -> 24 (pool 12), conv 3x3 valid 12 -> 10 (pool 5).
+  conv0 = 2 * 24 * 24 * 25 * 1 * 16
+  conv1 = 2 * 10 * 10 * 9 * 16 * 32
+  assert forward() == conv0 + conv1 + 2 * 800 * 256 + 2 * 256 * 10
+  same = dict(model_widths=(32, 64), kernel_sizes=(3, 3), conv_padding="same")
   conv0 = 2 * 28 * 28 * 9 * 1 * 32  # same padding keeps 28x28
   conv1 = 2 * 14 * 14 * 9 * 32 * 64
-  flat = 7 * 7 * 64
-  assert forward(batch_norm=True, dense_units=0) == conv0 + conv1 + 2 * flat * 10 == 7_739_648
-  assert forward(batch_norm=False, dense_units=128, dropout=0.25) == (
-      conv0 + conv1 + 2 * flat * 128 + 2 * 128 * 10)
+  assert forward(batch_norm=True, dense_units=0, **same) == conv0 + conv1 + 2 * 7 * 7 * 64 * 10
 
 
-def test_same_model_flags_are_explicit():
-  assert harness.same_model_flags() == ["--model_widths=32,64", "--batch_norm=false",
-                                        "--dropout=0.5", "--dense_units=0"]
+def test_same_model_is_the_keras_io_convnet():
+  pytest.importorskip("keras")
+  from trainer import config as config_lib
+  from trainer import model as model_lib
+  assert harness.same_model_flags() == [
+      "--model_widths=32,64", "--kernel_sizes=3,3", "--conv_padding=valid",
+      "--batch_norm=false", "--dropout=0.5", "--dense_units=0"]
+  ours = model_lib.build_model(config_lib.Config(epochs=1, **harness.SAME_MODEL), (28, 28, 1), 10)
+  reference = harness.keras_io_model()
+  assert ours.count_params() == reference.count_params() == 34_826
+  assert flops.model_flops(ours)["forward"] == flops.model_flops(reference)["forward"]
 
 
 def test_zen4_peak_assumes_double_pumped_avx512():
@@ -135,7 +145,8 @@ def test_eval_lines_and_first_reaching():
 def test_recipe_parsing_and_eval_spacing():
   assert recipes.parse_recipe("e1=--epochs=1 --xla") == ("e1", ["--epochs=1", "--xla"])
   assert recipes.parse_recipe("default=") == ("default", [])
-  assert recipes.eval_every([]) == 60
+  # Every 7,680 training images, whatever the batch (the default recipe's is 256).
+  assert recipes.eval_every([]) == 7680 // harness.DEFAULT_BATCH == 30
   assert recipes.eval_every(["--global_batch_size=512"]) == 15
 
 

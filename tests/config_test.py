@@ -26,6 +26,11 @@ def test_config_is_frozen():
     (dict(strategy="parameter_server"), "--strategy"),
     (dict(dropout=1.0), "--dropout"),
     (dict(model_widths=()), "--model_widths"),
+    (dict(model_widths=(8, 16), kernel_sizes=(3,)), "--kernel_sizes"),
+    (dict(kernel_sizes=(5, 0)), "--kernel_sizes"),
+    (dict(conv_padding="full"), "--conv_padding"),
+    (dict(adam_beta1=1.0), "--adam_beta1"),
+    (dict(adam_beta2=-0.1), "--adam_beta2"),
     (dict(num_cpu_devices=2, strategy="one_device"), "--num_cpu_devices"),
     (dict(checkpoint_every_steps=0), "--checkpoint_every_steps"),
 ])
@@ -65,7 +70,16 @@ def test_config_from_flags_and_env():
   c2 = config_lib.config_from_flags(_parse(["--model_dir=/tmp/x"]),
                                     environ={"AIP_MODEL_DIR": "gs://b/model"})
   assert c2.model_dir == "/tmp/x", "an explicit flag wins over the environment"
-  assert c2.epochs == 3
+  assert c2.epochs == 2
+
+
+def test_kernel_sizes_follow_model_widths_unless_given():
+  deeper = config_lib.config_from_flags(_parse(["--model_widths=8,16,32"]), environ={})
+  assert deeper.kernel_sizes == (5, 3, 3), "extra blocks reuse the last default kernel size"
+  assert config_lib.config_from_flags(_parse(["--model_widths=8"]), environ={}).kernel_sizes == (5,)
+  with pytest.raises(errors.ConfigError, match="--kernel_sizes"):
+    config_lib.config_from_flags(_parse(["--model_widths=8,16,32", "--kernel_sizes=3,3"]),
+                                 environ={})
 
 
 def test_bad_model_widths_flag():

@@ -10,14 +10,41 @@ def test_default_model_shapes():
   m = model_lib.build_model(config_lib.Config(epochs=1), (28, 28, 1), 10)
   out = m(np.zeros((3, 28, 28, 1), np.float32), training=False)
   assert out.shape == (3, 10) and out.dtype == "float32"
-  # conv0 3*3*1*32+32, conv1 3*3*32*64+64, hidden 7*7*64*128+128, logits 128*10+10
-  assert m.count_params() == 320 + 18496 + 3136 * 128 + 128 + 1290
+  # conv0 5x5 valid (28 -> 24, pool 12), conv1 3x3 valid (12 -> 10, pool 5): 5*5*32 = 800 flat.
+  assert m.count_params() == (5 * 5 * 16 + 16) + (3 * 3 * 16 * 32 + 32) + (800 * 256 + 256) + (
+      256 * 10 + 10)
+
+
+def test_kernel_sizes_and_padding_set_the_shapes():
+  c = config_lib.Config(epochs=1, model_widths=(8, 16), kernel_sizes=(3, 3), conv_padding="same",
+                        dense_units=0)
+  m = model_lib.build_model(c, (28, 28, 1), 10)
+  assert m.get_layer("conv0").kernel.shape == (3, 3, 1, 8)
+  assert m.get_layer("flatten").output.shape[-1] == 7 * 7 * 16  # same padding: 28 -> 14 -> 7
+  valid = model_lib.build_model(c.replace(conv_padding="valid"), (28, 28, 1), 10)
+  assert valid.get_layer("flatten").output.shape[-1] == 5 * 5 * 16  # 26 -> 13 -> 11 -> 5
+
+
+def test_pooling_before_relu_equals_relu_before_pooling():
+  import tensorflow as tf
+  x = tf.random.normal((4, 8, 8, 3), seed=1)
+  pooled_first = tf.nn.relu(tf.nn.max_pool2d(x, 2, 2, "VALID"))
+  np.testing.assert_array_equal(pooled_first, tf.nn.max_pool2d(tf.nn.relu(x), 2, 2, "VALID"))
 
 
 def test_options_change_the_architecture():
-  c = config_lib.Config(epochs=1, model_widths=(8,), batch_norm=True, dense_units=0,
-                        dropout=0.0)
+  c = config_lib.Config(epochs=1, model_widths=(8,), kernel_sizes=(3,), batch_norm=True,
+                        dense_units=0, dropout=0.0)
   m = model_lib.build_model(c, (32, 32, 3), 5)
   names = [layer.name for layer in m.layers]
   assert "hidden" not in names and "dropout" not in names and "bn0" in names
   assert m(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 5)
+
+
+def test_too_many_valid_blocks_is_a_config_error():
+  import pytest
+  from trainer import errors
+  c = config_lib.Config(epochs=1, model_widths=(8, 8, 8, 8), kernel_sizes=(5, 3, 3, 3))
+  with pytest.raises(errors.ConfigError, match="--conv_padding=same"):
+    model_lib.build_model(c, (28, 28, 1), 10)
+  model_lib.build_model(c.replace(conv_padding="same"), (28, 28, 1), 10)  # 28 -> 1 is fine

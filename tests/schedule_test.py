@@ -11,8 +11,10 @@ def _config(**kw):
 
 
 def test_linear_scaling_rule():
-  assert schedule.peak_learning_rate(_config(learning_rate=0.004, global_batch_size=512)) == (
-      pytest.approx(0.016))
+  assert schedule.peak_learning_rate(_config(learning_rate=0.004, global_batch_size=512,
+                                             reference_batch_size=128)) == pytest.approx(0.016)
+  assert schedule.peak_learning_rate(_config(global_batch_size=512)) == pytest.approx(0.02), (
+      "the default 0.01 is for the default batch 256")
   assert schedule.peak_learning_rate(_config(learning_rate=0.004, global_batch_size=512,
                                              lr_scaling="none")) == pytest.approx(0.004)
 

@@ -11,6 +11,7 @@ from trainer import errors
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALINGS = ("linear", "none")
+PADDINGS = ("same", "valid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,16 +25,18 @@ class Config:
   dataset: str = "mnist"
   # Directory holding the four MNIST .gz files; "" means the copy vendored in this repository.
   mnist_source_dir: str = ""
-  global_batch_size: int = 128
+  global_batch_size: int = 256
   train_steps: Optional[int] = None
   epochs: Optional[int] = None
-  learning_rate: float = 0.004
+  learning_rate: float = 0.01
   lr_schedule: str = "onecycle"
   lr_scaling: str = "linear"
   # --learning_rate is the rate for this global batch; linear scaling adjusts it for others.
-  reference_batch_size: int = 128
+  reference_batch_size: int = 256
   warmup_steps: int = 0
   weight_decay: float = 0.0
+  adam_beta1: float = 0.7
+  adam_beta2: float = 0.9
   label_smoothing: float = 0.0
   checkpoint_every_steps: int = 500
   keep_checkpoints: int = 3
@@ -46,9 +49,13 @@ class Config:
   num_cpu_devices: int = 1
   collective_timeout_s: float = 300.0
   preemption_grace_s: float = 25.0
-  model_widths: tuple = (32, 64)
-  dense_units: int = 128
-  dropout: float = 0.25
+  # The default recipe (after tuomaso/train_mnist_fast): small, wide-kernel first block, valid
+  # padding, no dropout, Adam with short memories and one-cycle: >= 99% test accuracy in 2 epochs.
+  model_widths: tuple = (16, 32)
+  kernel_sizes: tuple = (5, 3)  # one per convolution block
+  conv_padding: str = "valid"
+  dense_units: int = 256
+  dropout: float = 0.0
   batch_norm: bool = False
   mixed_precision: bool = False
   xla: bool = False
@@ -110,6 +117,15 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(f"--lr_scaling={c.lr_scaling!r}: use one of {', '.join(LR_SCALINGS)}.")
   if not c.model_widths or any(w <= 0 for w in c.model_widths):
     raise errors.ConfigError(f"--model_widths must be positive integers, got {c.model_widths}.")
+  if len(c.kernel_sizes) != len(c.model_widths) or any(k <= 0 for k in c.kernel_sizes):
+    raise errors.ConfigError(
+        f"--kernel_sizes={','.join(map(str, c.kernel_sizes))} must give one positive size per "
+        f"--model_widths entry ({len(c.model_widths)}).")
+  if c.conv_padding not in PADDINGS:
+    raise errors.ConfigError(f"--conv_padding={c.conv_padding!r}: use one of {', '.join(PADDINGS)}.")
+  for name in ("adam_beta1", "adam_beta2"):
+    if not 0.0 <= getattr(c, name) < 1.0:
+      raise errors.ConfigError(f"--{name} must be in [0, 1), got {getattr(c, name)}.")
   if c.num_cpu_devices > 1 and c.strategy in ("one_device", "multi_worker_mirrored"):
     raise errors.ConfigError(
         f"--num_cpu_devices={c.num_cpu_devices} contradicts --strategy={c.strategy}: "
@@ -130,7 +146,7 @@ def resolve_steps(c: Config, steps_per_epoch: int) -> int:
 
 # ---- Command-line flags: one flag per Config field, same name. ----
 
-_DEFAULTS = Config(epochs=3)
+_DEFAULTS = Config(epochs=2)
 _HELP = {
     "model_dir": "Where checkpoints, summaries, metrics.json and export/ go (local or gs://). "
                  "Defaults to $AIP_MODEL_DIR when set.",
@@ -143,13 +159,15 @@ _HELP = {
     "mnist_source_dir": "Directory with the four MNIST .gz files (default: the vendored copy).",
     "global_batch_size": "Batch size summed over all replicas; must divide by the replica count.",
     "train_steps": "Total optimizer steps (alternative to --epochs; both must agree).",
-    "epochs": "Passes over the training split (default 3 when --train_steps is not set).",
+    "epochs": "Passes over the training split (default 2 when --train_steps is not set).",
     "learning_rate": "Peak learning rate at --reference_batch_size.",
     "lr_schedule": "onecycle (warmup then cosine/linear down), cosine (with warmup) or constant.",
     "lr_scaling": "linear: scale the learning rate by global_batch_size/reference_batch_size.",
     "reference_batch_size": "The global batch --learning_rate was tuned for.",
     "warmup_steps": "Linear warmup steps (onecycle uses 25%% of training when 0).",
     "weight_decay": "Decoupled weight decay (AdamW) coefficient.",
+    "adam_beta1": "Adam's first-moment decay.",
+    "adam_beta2": "Adam's second-moment decay.",
     "label_smoothing": "Label smoothing for the training loss.",
     "checkpoint_every_steps": "Checkpoint period in steps (plus one at the end).",
     "keep_checkpoints": "How many recent checkpoints to keep.",
@@ -163,6 +181,8 @@ _HELP = {
     "collective_timeout_s": "Give up (exit 143) when a peer is silent this long.",
     "preemption_grace_s": "Seconds between SIGTERM and the forced exit.",
     "model_widths": "Channels of the convolution blocks.",
+    "kernel_sizes": "Kernel size of each convolution block (one per --model_widths entry).",
+    "conv_padding": "Convolution padding: same keeps the size, valid shrinks it (less compute).",
     "dense_units": "Width of the hidden dense layer (0: none).",
     "dropout": "Dropout rate before the classifier.",
     "batch_norm": "Batch normalization after each convolution.",
@@ -175,6 +195,10 @@ _HELP = {
 }
 
 
+_CHOICES = {"strategy": STRATEGIES, "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
+            "conv_padding": PADDINGS}
+
+
 def define_flags(flag_values=flags.FLAGS) -> None:
   """Defines one absl flag per Config field (idempotent, so tests may call it again)."""
   if "global_batch_size" in flag_values:
@@ -185,11 +209,10 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     help_text = _HELP[field.name]
     if field.name in ("train_steps", "epochs"):
       flags.DEFINE_integer(field.name, None, help_text, **fv)
-    elif field.name == "model_widths":
+    elif field.name in ("model_widths", "kernel_sizes"):
       flags.DEFINE_list(field.name, [str(w) for w in default], help_text, **fv)
-    elif field.name in ("strategy", "lr_schedule", "lr_scaling"):
-      choices = {"strategy": STRATEGIES, "lr_schedule": LR_SCHEDULES,
-                 "lr_scaling": LR_SCALINGS}[field.name]
+    elif field.name in _CHOICES:
+      choices = _CHOICES[field.name]
       flags.DEFINE_enum(field.name, default, choices, help_text, **fv)
     elif isinstance(default, bool):
       flags.DEFINE_boolean(field.name, default, help_text, **fv)
@@ -204,11 +227,17 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 def config_from_flags(flag_values=flags.FLAGS, environ=os.environ) -> Config:
   """Builds the Config from parsed flags; platform environment variables fill unset paths."""
   values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
-  try:
-    values["model_widths"] = tuple(int(w) for w in values["model_widths"])
-  except ValueError:
-    raise errors.ConfigError(
-        f"--model_widths must be comma-separated integers, got {values['model_widths']}.")
+  for name in ("model_widths", "kernel_sizes"):
+    try:
+      values[name] = tuple(int(w) for w in values[name])
+    except ValueError:
+      raise errors.ConfigError(
+          f"--{name} must be comma-separated integers, got {','.join(values[name])}.")
+  if not flag_values["kernel_sizes"].present:
+    # Only --model_widths was given: its extra blocks reuse the last default kernel size.
+    defaults = values["kernel_sizes"]
+    values["kernel_sizes"] = tuple(defaults[min(i, len(defaults) - 1)]
+                                   for i in range(len(values["model_widths"])))
   # Vertex AI tells the job where outputs go; an explicit flag still wins.
   for field, variable in (("model_dir", "AIP_MODEL_DIR"), ("checkpoint_dir", "AIP_CHECKPOINT_DIR"),
                           ("tensorboard_dir", "AIP_TENSORBOARD_LOG_DIR")):

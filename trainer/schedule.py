@@ -48,9 +48,11 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
   schedule = WarmupSchedule(peak_learning_rate(config), warmup_steps(config, total_steps),
                             total_steps, decay)
   if config.weight_decay:
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay)
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay,
+                                       beta_1=config.adam_beta1, beta_2=config.adam_beta2)
   else:
-    optimizer = keras.optimizers.Adam(schedule)
+    optimizer = keras.optimizers.Adam(schedule, beta_1=config.adam_beta1,
+                                      beta_2=config.adam_beta2)
   if keras.mixed_precision.global_policy().name == "mixed_float16":
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   return optimizer

@@ -121,30 +121,40 @@ class _Trainer:
             votes)
 
 
-def _evaluate(model, splits, batch_size=1000) -> dict:
-  predict = tf.function(lambda x: model(x, training=False))
-  loss_total, correct, count = 0.0, 0, 0
-  for images, labels in data.eval_batches(splits.test_images, splits.test_labels, batch_size):
-    logits = tf.cast(predict(images), tf.float32)
-    loss_total += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
-        labels, logits, from_logits=True)))
-    correct += int(tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
-                                                  labels), tf.int32)))
-    count += int(labels.shape[0])
-  return {"test_accuracy": correct / count, "test_loss": loss_total / count,
-          "test_examples": count}
+class _Evaluator:
+  """A float32, non-distributed copy of the model (no collectives) for evaluation and export.
 
+  Built and traced once; each use copies the current weights in, so periodic evaluation does not
+  rebuild or retrace anything.
+  """
 
-def _clean_copy(config, splits, model):
-  """A non-distributed replica of the model for evaluation and export (no collectives)."""
-  policy = keras.mixed_precision.global_policy()
-  keras.mixed_precision.set_global_policy("float32")
-  try:
-    clean = model_lib.build_model(config, splits.image_shape, splits.num_classes)
-  finally:
-    keras.mixed_precision.set_global_policy(policy)
-  clean.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
-  return clean
+  def __init__(self, config, splits):
+    self._splits = splits
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+      self.model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
+    finally:
+      keras.mixed_precision.set_global_policy(policy)
+    self._predict = tf.function(lambda x: self.model(x, training=False))
+
+  def sync(self, model) -> keras.Model:
+    self.model.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    return self.model
+
+  def evaluate(self, model, batch_size=1000) -> dict:
+    self.sync(model)
+    splits = self._splits
+    loss_total, correct, count = 0.0, 0, 0
+    for images, labels in data.eval_batches(splits.test_images, splits.test_labels, batch_size):
+      logits = tf.cast(self._predict(images), tf.float32)
+      loss_total += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+          labels, logits, from_logits=True)))
+      correct += int(tf.reduce_sum(tf.cast(
+          tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)))
+      count += int(labels.shape[0])
+    return {"test_accuracy": correct / count, "test_loss": loss_total / count,
+            "test_examples": count}
 
 
 class _Chunker:
@@ -206,7 +216,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
                       total_steps, steps_per_epoch, start_step)
     train_stats = loop.run()
     return _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
-                   environ)
+                   environ, loop.evaluator)
   except _PEER_ERRORS as e:
     if not cluster.is_multi_worker:
       raise
@@ -231,6 +241,7 @@ class _TrainLoop:
     self.paths, self.total_steps, self.start_step = paths, total_steps, start_step
     self.steps_per_epoch = steps_per_epoch
     self.last_saved = start_step
+    self.evaluator = None
     if runtime.is_chief:
       self.writer = tf.summary.create_file_writer(os.path.join(paths.local_log_dir, "train"))
     else:
@@ -320,7 +331,9 @@ class _TrainLoop:
     self.writer.flush()
 
   def _eval_summary(self, step: int, started: float) -> None:
-    metrics = _evaluate(_clean_copy(self.c, self.splits, self.t.model), self.splits)
+    if self.evaluator is None:
+      self.evaluator = _Evaluator(self.c, self.splits)
+    metrics = self.evaluator.evaluate(self.t.model)
     logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (%.1fs into training)",
                  step, metrics["test_accuracy"], metrics["test_loss"], time.time() - started)
     with self.writer.as_default(step=step):
@@ -337,7 +350,7 @@ def weights_fingerprint(model) -> str:
 
 
 def _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
-            environ):
+            environ, evaluator=None):
   """Chief-only side effects in one place: evaluation, metrics.json, export, hypertune."""
   metrics = {"global_step": int(trainer.step.numpy()), "start_step": start_step,
              "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
@@ -346,8 +359,9 @@ def _finish(config, runtime, trainer, splits, paths, start_step, train_stats, wa
   logging.info("Final step %d weights_sha256 %s", metrics["global_step"],
                metrics["weights_sha256"])
   if runtime.is_chief:
-    clean = _clean_copy(config, splits, trainer.model)
-    metrics.update(_evaluate(clean, splits))
+    evaluator = evaluator or _Evaluator(config, splits)
+    metrics.update(evaluator.evaluate(trainer.model))
+    clean = evaluator.model
     outputs.write_metrics(paths, metrics)
     if config.export:
       local_export = export.export_saved_model(
