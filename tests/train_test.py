@@ -96,3 +96,14 @@ def test_batch_not_divisible_is_an_error(tiny):
 def test_epochs_and_steps_contradiction(tiny):
   with pytest.raises(errors.ConfigError, match="contradicts --epochs"):
     train.train_and_evaluate(tiny(train_steps=7, epochs=1))
+
+
+def test_cpu_speed_warnings_name_the_flag():
+  from trainer import config as config_lib
+  c = config_lib.Config(epochs=1, xla=True, mixed_precision=True)
+  warnings = train.cpu_speed_warnings(c, has_gpu=False, cpu_flags={"avx2", "fma"})
+  assert any("--xla" in w for w in warnings) and any("--mixed_precision" in w for w in warnings)
+  assert not any("--mixed_precision" in w
+                 for w in train.cpu_speed_warnings(c, False, {"avx512_bf16"}))
+  assert train.cpu_speed_warnings(c, has_gpu=True, cpu_flags=set()) == []
+  assert train.cpu_speed_warnings(config_lib.Config(epochs=1), False, set()) == []

@@ -32,11 +32,39 @@ def _set_precision_and_seeds(config) -> None:
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
+  gpus = tf.config.list_physical_devices("GPU")
   if config.mixed_precision:
-    policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    policy = "mixed_float16" if gpus else "mixed_bfloat16"
   else:
     policy = "float32"
   keras.mixed_precision.set_global_policy(policy)
+  for warning in cpu_speed_warnings(config, bool(gpus), _cpu_flags()):
+    logging.warning(warning)
+
+
+def _cpu_flags() -> set:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set) -> list:
+  """The GPU switches run on CPU too (they are tested there), but mostly slower: say so."""
+  if has_gpu:
+    return []
+  warnings = []
+  if config.xla:
+    warnings.append("--xla on CPU: the XLA-compiled step ran about 2x slower than the default "
+                    "one in `make bench`; it is meant for GPUs.")
+  if config.mixed_precision and "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags:
+    warnings.append("--mixed_precision on a CPU without AVX512_BF16/AMX: bfloat16 is emulated "
+                    "and trained about 8x slower than float32 in `make bench`.")
+  return warnings
 
 
 def _sum_variable(dtype=tf.float32):
