@@ -95,8 +95,8 @@ def same_model_throughput_ratio(b: Bench) -> dict:
                                    steps=b.keras_steps)})
   return {"value": stats.ratio(best["ours"], best["keras"]),
           "basis": f"ours {report.fmt(best['ours'], 0)} / Keras fit "
-                   f"{report.fmt(best['keras'], 0)} images/s (the keras.io convnet: conv32-conv64 3x3 valid, "
-                   f"dropout 0.5, batch {harness.BATCH}; best of {b.repeats})",
+                   f"{report.fmt(best['keras'], 0)} images/s (the keras.io convnet: conv32-conv64 "
+                   f"3x3 valid, dropout 0.5, batch {harness.BATCH}; best of {b.repeats})",
           "details": {"images_per_sec": _all_rates(records)}}
 
 

@@ -122,7 +122,8 @@ def validate(c: Config) -> None:
         f"--kernel_sizes={','.join(map(str, c.kernel_sizes))} must give one positive size per "
         f"--model_widths entry ({len(c.model_widths)}).")
   if c.conv_padding not in PADDINGS:
-    raise errors.ConfigError(f"--conv_padding={c.conv_padding!r}: use one of {', '.join(PADDINGS)}.")
+    raise errors.ConfigError(
+        f"--conv_padding={c.conv_padding!r}: use one of {', '.join(PADDINGS)}.")
   for name in ("adam_beta1", "adam_beta2"):
     if not 0.0 <= getattr(c, name) < 1.0:
       raise errors.ConfigError(f"--{name} must be in [0, 1), got {getattr(c, name)}.")

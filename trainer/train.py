@@ -166,12 +166,9 @@ class _Evaluator:
       keras.mixed_precision.set_global_policy(policy)
     self._predict = tf.function(lambda x: self.model(x, training=False))
 
-  def sync(self, model) -> keras.Model:
-    self.model.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
-    return self.model
-
   def evaluate(self, model, batch_size=1000) -> dict:
-    self.sync(model)
+    """Copies `model`'s weights into the float32 copy and evaluates it on the test split."""
+    self.model.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
     splits = self._splits
     loss_total, correct, count = 0.0, 0, 0
     for images, labels in data.eval_batches(splits.test_images, splits.test_labels, batch_size):
@@ -240,11 +237,13 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
                                            remote_dir=paths.checkpoint_dir)
     store.restore_latest(paths.model_dir)
     start_step = int(trainer.step.numpy())
+    # Chief-only: evaluation during and after training and the export use this one copy.
+    evaluator = _Evaluator(config, splits) if runtime.is_chief else None
     loop = _TrainLoop(config, runtime, trainer, store, watchdog, handler, splits, paths,
-                      total_steps, steps_per_epoch, start_step)
+                      total_steps, steps_per_epoch, start_step, evaluator)
     train_stats = loop.run()
     return _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
-                   environ, loop.evaluator)
+                   environ, evaluator)
   except _PEER_ERRORS as e:
     if not cluster.is_multi_worker:
       raise
@@ -263,13 +262,13 @@ class _TrainLoop:
   """Runs chunks, logs, checkpoints, and turns NaN, SIGTERM and peer loss into clean exits."""
 
   def __init__(self, config, runtime, trainer, store, watchdog, handler, splits, paths,
-               total_steps, steps_per_epoch, start_step):
+               total_steps, steps_per_epoch, start_step, evaluator):
     self.c, self.runtime, self.t, self.store = config, runtime, trainer, store
     self.watchdog, self.handler, self.splits = watchdog, handler, splits
     self.paths, self.total_steps, self.start_step = paths, total_steps, start_step
     self.steps_per_epoch = steps_per_epoch
     self.last_saved = start_step
-    self.evaluator = None
+    self.evaluator = evaluator
     if runtime.is_chief:
       self.writer = tf.summary.create_file_writer(os.path.join(paths.local_log_dir, "train"))
     else:
@@ -359,8 +358,6 @@ class _TrainLoop:
     self.writer.flush()
 
   def _eval_summary(self, step: int, started: float) -> None:
-    if self.evaluator is None:
-      self.evaluator = _Evaluator(self.c, self.splits)
     metrics = self.evaluator.evaluate(self.t.model)
     logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (%.1fs into training)",
                  step, metrics["test_accuracy"], metrics["test_loss"], time.time() - started)
@@ -378,7 +375,7 @@ def weights_fingerprint(model) -> str:
 
 
 def _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
-            environ, evaluator=None):
+            environ, evaluator):
   """Chief-only side effects in one place: evaluation, metrics.json, export, hypertune."""
   metrics = {"global_step": int(trainer.step.numpy()), "start_step": start_step,
              "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
@@ -387,7 +384,6 @@ def _finish(config, runtime, trainer, splits, paths, start_step, train_stats, wa
   logging.info("Final step %d weights_sha256 %s", metrics["global_step"],
                metrics["weights_sha256"])
   if runtime.is_chief:
-    evaluator = evaluator or _Evaluator(config, splits)
     metrics.update(evaluator.evaluate(trainer.model))
     clean = evaluator.model
     outputs.write_metrics(paths, metrics)
