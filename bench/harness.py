@@ -14,8 +14,15 @@ BATCH = 128  # The keras.io reference recipe's batch.
 DEFAULT_BATCH = config_lib.Config(epochs=1).global_batch_size  # Our default recipe's batch.
 EVAL_IMAGES = 60 * BATCH  # Our test-set evaluation cadence, in training images.
 # The keras.io convnet, layer for layer, in the trainer's model family.
-SAME_MODEL = {"model_widths": (32, 64), "kernel_sizes": (3, 3), "conv_padding": "valid",
-              "batch_norm": False, "dropout": 0.5, "dense_units": 0}
+SAME_MODEL = {"model_widths": (32, 64), "kernel_sizes": (3, 3), "pool_sizes": (2, 2),
+              "conv_padding": "valid", "space_to_depth": 1, "batch_norm": False, "dropout": 0.5,
+              "dense_units": 0}
+# A model whose FLOPs sit in deep 14x14 convolutions (2x2 pixels folded into channels, conv 32
+# and conv 64 at full 14x14, then pool): it shows what fraction of peak the trainer reaches
+# when the model is compute-bound, at about 5x the default's FLOPs per image.
+COMPUTE_BOUND_MODEL = {"model_widths": (32, 64), "kernel_sizes": (3, 3), "pool_sizes": (1, 2),
+                       "conv_padding": "same", "space_to_depth": 2, "batch_norm": False,
+                       "dropout": 0.0, "dense_units": 256}
 
 
 def keras_io_model():
@@ -34,13 +41,13 @@ def keras_io_model():
   ])
 
 
-def same_model_flags() -> list:
-  """SAME_MODEL as trainer flags; explicit, so changed trainer defaults cannot leak in."""
+def model_flags(model: dict) -> list:
+  """A model dict as trainer flags; explicit, so changed trainer defaults cannot leak in."""
   def value(v):
     if isinstance(v, tuple):
       return ",".join(str(x) for x in v)
     return str(v).lower() if isinstance(v, bool) else str(v)
-  return [f"--{k}={value(v)}" for k, v in SAME_MODEL.items()]
+  return [f"--{k}={value(v)}" for k, v in model.items()]
 
 
 def trainer_fingerprint() -> dict:
@@ -77,6 +84,7 @@ class Bench:
     self.keras_steps = 150 if quick else 300
     self.input_batches = 1000 if quick else 3000
     self.scaling_steps = 120 if quick else 300
+    self.compute_bound_steps = 60 if quick else 150
     self.repeats = 1 if quick else 2  # Throughput runs per side, interleaved.
 
   # ---- subprocesses ----

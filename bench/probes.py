@@ -195,8 +195,11 @@ def hardware(splits) -> dict:
   shape, classes = splits.image_shape, splits.num_classes
   default = model_lib.build_model(config_lib.Config(epochs=1), shape, classes)
   same = model_lib.build_model(config_lib.Config(epochs=1, **harness.SAME_MODEL), shape, classes)
+  heavy = model_lib.build_model(config_lib.Config(epochs=1, **harness.COMPUTE_BOUND_MODEL),
+                                shape, classes)
   return {"default_model": flops.model_flops(default),
           "same_model": flops.model_flops(same),
+          "compute_bound_model": flops.model_flops(heavy),
           "keras_io_model": flops.model_flops(harness.keras_io_model()),
           "matmul_fp32_gflops": _matmul_gflops(tf.float32),
           "matmul_bf16_gflops": _matmul_gflops(tf.bfloat16)}

@@ -85,7 +85,7 @@ def _all_rates(records: dict) -> dict:
 
 
 def same_model_throughput_ratio(b: Bench) -> dict:
-  ours_flags = [*harness.same_model_flags(), f"--global_batch_size={harness.BATCH}",
+  ours_flags = [*harness.model_flags(harness.SAME_MODEL), f"--global_batch_size={harness.BATCH}",
                 "--lr_schedule=constant", "--learning_rate=0.001", "--lr_scaling=none",
                 "--adam_beta1=0.9", "--adam_beta2=0.999",  # Keras' Adam defaults, as in fit
                 f"--train_steps={2 * b.keras_steps + 20}", "--checkpoint_every_steps=100000"]
@@ -146,6 +146,26 @@ def fraction_of_peak(b: Bench) -> dict:
                       "hardware_probe": hw, "train_source": source}}
 
 
+def compute_bound_fraction_of_peak(b: Bench) -> dict:
+  """fraction_of_peak for harness.COMPUTE_BOUND_MODEL: the same trainer on deep convolutions."""
+  hw = b.hardware_info()
+  records = [b.trainer(f"compute_bound_model{tag}", [
+      *harness.model_flags(harness.COMPUTE_BOUND_MODEL), *_scaling_flags(b.compute_bound_steps)])
+      for tag in (["_r1", "_r2"] if b.repeats > 1 else [""])]
+  rate = max((r["summary"].get("images_per_sec") or 0.0 for r in records if r["ok"]),
+             default=float("nan"))
+  train_flops = (hw.get("compute_bound_model") or {}).get("train")
+  peak = effective_peak(hw)
+  achieved = rate * train_flops / 1e9 if train_flops else float("nan")
+  return {"value": stats.ratio(achieved, peak.gflops),
+          "basis": f"{report.fmt(achieved, 1)} GFLOP/s ({report.fmt(rate, 0)} images/s x "
+                   f"{report.fmt(train_flops / 1e6 if train_flops else None, 2)} MFLOP) / peak "
+                   f"{report.fmt(peak.gflops, 1)}; model: 2x2 space-to-depth, conv 32 and "
+                   f"conv 64 (3x3, same) at 14x14, pool, dense 256; best of {len(records)}",
+          "details": {"achieved_gflops": achieved, "train_flops_per_image": train_flops,
+                      "images_per_sec": [r["summary"].get("images_per_sec") for r in records]}}
+
+
 def _scaling_flags(steps: int) -> list:
   return [f"--train_steps={steps}", "--checkpoint_every_steps=100000"]
 
@@ -201,6 +221,7 @@ def two_device_ratio(b: Bench) -> dict:
 METRICS = {"time_to_99_ratio": time_to_99_ratio,
            "same_model_throughput_ratio": same_model_throughput_ratio,
            "input_headroom": input_headroom, "fraction_of_peak": fraction_of_peak,
+           "compute_bound_fraction_of_peak": compute_bound_fraction_of_peak,
            "two_worker_ratio": two_worker_ratio,
            "two_worker_same_global_batch_ratio": two_worker_same_global_batch_ratio,
            "two_device_ratio": two_device_ratio}

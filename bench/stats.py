@@ -50,6 +50,8 @@ TARGETS = (
            "our images/s / Keras fit images/s, same model and batch"),
     Target("input_headroom", 20.0, "input pipeline images/s / our training images/s"),
     Target("fraction_of_peak", 0.5, "achieved training FLOP/s / CPU FP32 peak"),
+    Target("compute_bound_fraction_of_peak", None,
+           "as fraction_of_peak, for a FLOP-heavy model of deep convolutions (no target)"),
     Target("two_worker_ratio", 0.8, "2 workers (launcher, loopback) / 1 worker, same cores, "
            "same per-worker batch"),
     Target("two_worker_same_global_batch_ratio", None,

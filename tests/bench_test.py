@@ -77,13 +77,28 @@ def test_same_model_is_the_keras_io_convnet():
   pytest.importorskip("keras")
   from trainer import config as config_lib
   from trainer import model as model_lib
-  assert harness.same_model_flags() == [
-      "--model_widths=32,64", "--kernel_sizes=3,3", "--conv_padding=valid",
-      "--batch_norm=false", "--dropout=0.5", "--dense_units=0"]
+  assert harness.model_flags(harness.SAME_MODEL) == [
+      "--model_widths=32,64", "--kernel_sizes=3,3", "--pool_sizes=2,2", "--conv_padding=valid",
+      "--space_to_depth=1", "--batch_norm=false", "--dropout=0.5", "--dense_units=0"]
   ours = model_lib.build_model(config_lib.Config(epochs=1, **harness.SAME_MODEL), (28, 28, 1), 10)
   reference = harness.keras_io_model()
   assert ours.count_params() == reference.count_params() == 34_826
   assert flops.model_flops(ours)["forward"] == flops.model_flops(reference)["forward"]
+
+
+def test_compute_bound_model_flops_count_the_folded_channels():
+  pytest.importorskip("keras")
+  from trainer import config as config_lib
+  from trainer import model as model_lib
+  model = model_lib.build_model(config_lib.Config(epochs=1, **harness.COMPUTE_BOUND_MODEL),
+                                (28, 28, 1), 10)
+  # 2x2 space-to-depth: 14x14x4; conv 32 and conv 64 keep 14x14 (same); pool to 7x7x64.
+  conv0 = 2 * 14 * 14 * 9 * 4 * 32
+  conv1 = 2 * 14 * 14 * 9 * 32 * 64
+  expected = conv0 + conv1 + 2 * 7 * 7 * 64 * 256 + 2 * 256 * 10
+  assert flops.model_flops(model)["forward"] == expected
+  default = model_lib.build_model(config_lib.Config(epochs=1), (28, 28, 1), 10)
+  assert expected > 4 * flops.model_flops(default)["forward"]
 
 
 def test_zen4_peak_assumes_double_pumped_avx512():

@@ -29,6 +29,9 @@ def test_config_is_frozen():
     (dict(model_widths=(8, 16), kernel_sizes=(3,)), "--kernel_sizes"),
     (dict(kernel_sizes=(5, 0)), "--kernel_sizes"),
     (dict(conv_padding="full"), "--conv_padding"),
+    (dict(pool_sizes=(2,)), "--pool_sizes"),
+    (dict(pool_sizes=(2, 0)), "--pool_sizes"),
+    (dict(space_to_depth=0), "--space_to_depth"),
     (dict(adam_beta1=1.0), "--adam_beta1"),
     (dict(adam_beta2=-0.1), "--adam_beta2"),
     (dict(num_cpu_devices=2, strategy="one_device"), "--num_cpu_devices"),
@@ -73,10 +76,18 @@ def test_config_from_flags_and_env():
   assert c2.epochs == 2
 
 
-def test_kernel_sizes_follow_model_widths_unless_given():
+def test_kernel_and_pool_sizes_follow_model_widths_unless_given():
   deeper = config_lib.config_from_flags(_parse(["--model_widths=8,16,32"]), environ={})
   assert deeper.kernel_sizes == (5, 3, 3), "extra blocks reuse the last default kernel size"
-  assert config_lib.config_from_flags(_parse(["--model_widths=8"]), environ={}).kernel_sizes == (5,)
+  assert deeper.pool_sizes == (2, 2, 2)
+  one = config_lib.config_from_flags(_parse(["--model_widths=8"]), environ={})
+  assert (one.kernel_sizes, one.pool_sizes) == ((5,), (2,))
+  given = config_lib.config_from_flags(_parse(["--model_widths=8,16", "--pool_sizes=1,2"]),
+                                       environ={})
+  assert given.pool_sizes == (1, 2)
+  with pytest.raises(errors.ConfigError, match="--pool_sizes"):
+    config_lib.config_from_flags(_parse(["--model_widths=8,16,32", "--pool_sizes=1,2"]),
+                                 environ={})
   with pytest.raises(errors.ConfigError, match="--kernel_sizes"):
     config_lib.config_from_flags(_parse(["--model_widths=8,16,32", "--kernel_sizes=3,3"]),
                                  environ={})

@@ -25,6 +25,36 @@ def test_kernel_sizes_and_padding_set_the_shapes():
   assert valid.get_layer("flatten").output.shape[-1] == 5 * 5 * 16  # 26 -> 13 -> 11 -> 5
 
 
+def test_space_to_depth_pool_sizes_and_global_pool_set_the_shapes():
+  c = config_lib.Config(epochs=1, space_to_depth=2, model_widths=(8, 16), kernel_sizes=(3, 3),
+                        pool_sizes=(1, 2), conv_padding="same", dense_units=0)
+  m = model_lib.build_model(c, (28, 28, 1), 10)
+  assert m.get_layer("conv0").kernel.shape == (3, 3, 4, 8), "2x2 pixels folded into 4 channels"
+  assert "pool0" not in [layer.name for layer in m.layers], "pool size 1 means no pooling"
+  assert m.get_layer("flatten").output.shape[-1] == 7 * 7 * 16  # 14 -> 14 -> pool 7
+  pooled = model_lib.build_model(c.replace(global_pool=True), (28, 28, 1), 10)
+  assert pooled.get_layer("global_pool").output.shape[-1] == 16
+  assert pooled.count_params() == m.count_params() - (7 * 7 - 1) * 16 * 10
+  assert pooled(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
+
+
+def test_space_to_depth_moves_pixel_blocks_into_channels():
+  x = np.arange(2 * 4 * 4 * 1, dtype=np.float32).reshape(2, 4, 4, 1)
+  folded = model_lib.SpaceToDepth(2)(x).numpy()
+  assert folded.shape == (2, 2, 2, 4)
+  np.testing.assert_array_equal(folded[0, 0, 0], [x[0, 0, 0, 0], x[0, 0, 1, 0], x[0, 1, 0, 0],
+                                                  x[0, 1, 1, 0]])
+  np.testing.assert_array_equal(folded[1, 1, 1], x[1, 2:, 2:, 0].reshape(-1))
+
+
+def test_space_to_depth_must_divide_the_image():
+  import pytest
+  from trainer import errors
+  c = config_lib.Config(epochs=1, space_to_depth=3)
+  with pytest.raises(errors.ConfigError, match="--space_to_depth=3"):
+    model_lib.build_model(c, (28, 28, 1), 10)
+
+
 def test_pooling_before_relu_equals_relu_before_pooling():
   import tensorflow as tf
   x = tf.random.normal((4, 8, 8, 3), seed=1)
@@ -33,8 +63,8 @@ def test_pooling_before_relu_equals_relu_before_pooling():
 
 
 def test_options_change_the_architecture():
-  c = config_lib.Config(epochs=1, model_widths=(8,), kernel_sizes=(3,), batch_norm=True,
-                        dense_units=0, dropout=0.0)
+  c = config_lib.Config(epochs=1, model_widths=(8,), kernel_sizes=(3,), pool_sizes=(2,),
+                        batch_norm=True, dense_units=0, dropout=0.0)
   m = model_lib.build_model(c, (32, 32, 3), 5)
   names = [layer.name for layer in m.layers]
   assert "hidden" not in names and "dropout" not in names and "bn0" in names
@@ -44,7 +74,8 @@ def test_options_change_the_architecture():
 def test_too_many_valid_blocks_is_a_config_error():
   import pytest
   from trainer import errors
-  c = config_lib.Config(epochs=1, model_widths=(8, 8, 8, 8), kernel_sizes=(5, 3, 3, 3))
+  c = config_lib.Config(epochs=1, model_widths=(8, 8, 8, 8), kernel_sizes=(5, 3, 3, 3),
+                        pool_sizes=(2, 2, 2, 2))
   with pytest.raises(errors.ConfigError, match="--conv_padding=same"):
     model_lib.build_model(c, (28, 28, 1), 10)
   model_lib.build_model(c.replace(conv_padding="same"), (28, 28, 1), 10)  # 28 -> 1 is fine

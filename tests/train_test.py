@@ -56,6 +56,20 @@ print("ACC", float((out["classes"].numpy() == y).mean()))
   assert accuracy == pytest.approx(written["test_accuracy"], abs=1e-6)
 
 
+def test_space_to_depth_model_trains_and_exports(tiny):
+  config = tiny(space_to_depth=2, pool_sizes=(1, 2), conv_padding="same",
+                eval_examples=200)
+  metrics = train.train_and_evaluate(config)
+  assert metrics["test_accuracy"] > 0.3
+  served = tf.saved_model.load(os.path.join(config.model_dir, "export"))
+  from trainer import data
+  splits = data.load(config)
+  images = splits.test_images[:200]
+  classes = served.signatures["serving_default"](images=tf.constant(images))["classes"].numpy()
+  accuracy = float((classes == splits.test_labels[:200]).mean())
+  assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
 def test_resume_continues_from_checkpoint(tiny):
   first = train.train_and_evaluate(tiny(train_steps=10, checkpoint_every_steps=5))
   assert first["start_step"] == 0 and first["global_step"] == 10

@@ -53,7 +53,10 @@ class Config:
   # padding, no dropout, Adam with short memories and one-cycle: >= 99% test accuracy in 2 epochs.
   model_widths: tuple = (16, 32)
   kernel_sizes: tuple = (5, 3)  # one per convolution block
+  pool_sizes: tuple = (2, 2)  # one per convolution block; 1 = no pooling
   conv_padding: str = "valid"
+  space_to_depth: int = 1
+  global_pool: bool = False
   dense_units: int = 256
   dropout: float = 0.0
   batch_norm: bool = False
@@ -121,6 +124,11 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(
         f"--kernel_sizes={','.join(map(str, c.kernel_sizes))} must give one positive size per "
         f"--model_widths entry ({len(c.model_widths)}).")
+  if len(c.pool_sizes) != len(c.model_widths) or any(p <= 0 for p in c.pool_sizes):
+    raise errors.ConfigError(
+        f"--pool_sizes={','.join(map(str, c.pool_sizes))} must give one positive size per "
+        f"--model_widths entry ({len(c.model_widths)}); 1 means no pooling.")
+  _positive("space_to_depth", c.space_to_depth)
   if c.conv_padding not in PADDINGS:
     raise errors.ConfigError(
         f"--conv_padding={c.conv_padding!r}: use one of {', '.join(PADDINGS)}.")
@@ -183,6 +191,11 @@ _HELP = {
     "preemption_grace_s": "Seconds between SIGTERM and the forced exit.",
     "model_widths": "Channels of the convolution blocks.",
     "kernel_sizes": "Kernel size of each convolution block (one per --model_widths entry).",
+    "pool_sizes": "Max-pool size after each convolution block (1: no pooling).",
+    "space_to_depth": "Fold each NxN pixel block into channels before the first convolution "
+                      "(1: off): the convolutions then run on fewer, deeper pixels.",
+    "global_pool": "Average each channel over the image before the dense layers, instead of "
+                   "flattening.",
     "conv_padding": "Convolution padding: same keeps the size, valid shrinks it (less compute).",
     "dense_units": "Width of the hidden dense layer (0: none).",
     "dropout": "Dropout rate before the classifier.",
@@ -196,6 +209,7 @@ _HELP = {
 }
 
 
+_PER_BLOCK = ("model_widths", "kernel_sizes", "pool_sizes")
 _CHOICES = {"strategy": STRATEGIES, "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
             "conv_padding": PADDINGS}
 
@@ -210,7 +224,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     help_text = _HELP[field.name]
     if field.name in ("train_steps", "epochs"):
       flags.DEFINE_integer(field.name, None, help_text, **fv)
-    elif field.name in ("model_widths", "kernel_sizes"):
+    elif field.name in _PER_BLOCK:
       flags.DEFINE_list(field.name, [str(w) for w in default], help_text, **fv)
     elif field.name in _CHOICES:
       choices = _CHOICES[field.name]
@@ -228,17 +242,18 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 def config_from_flags(flag_values=flags.FLAGS, environ=os.environ) -> Config:
   """Builds the Config from parsed flags; platform environment variables fill unset paths."""
   values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
-  for name in ("model_widths", "kernel_sizes"):
+  for name in _PER_BLOCK:
     try:
       values[name] = tuple(int(w) for w in values[name])
     except ValueError:
       raise errors.ConfigError(
           f"--{name} must be comma-separated integers, got {','.join(values[name])}.")
-  if not flag_values["kernel_sizes"].present:
-    # Only --model_widths was given: its extra blocks reuse the last default kernel size.
-    defaults = values["kernel_sizes"]
-    values["kernel_sizes"] = tuple(defaults[min(i, len(defaults) - 1)]
-                                   for i in range(len(values["model_widths"])))
+  for name in _PER_BLOCK[1:]:
+    if not flag_values[name].present:
+      # --model_widths alone sets the depth: extra blocks reuse the last default size.
+      defaults = values[name]
+      values[name] = tuple(defaults[min(i, len(defaults) - 1)]
+                           for i in range(len(values["model_widths"])))
   # Vertex AI tells the job where outputs go; an explicit flag still wins.
   for field, variable in (("model_dir", "AIP_MODEL_DIR"), ("checkpoint_dir", "AIP_CHECKPOINT_DIR"),
                           ("tensorboard_dir", "AIP_TENSORBOARD_LOG_DIR")):
