@@ -1,5 +1,6 @@
 """The CNN's shapes, parameter count and options."""
 
+import keras
 import numpy as np
 
 from trainer import config as config_lib
@@ -23,6 +24,20 @@ def test_kernel_sizes_and_padding_set_the_shapes():
   assert m.get_layer("flatten").output.shape[-1] == 7 * 7 * 16  # same padding: 28 -> 14 -> 7
   valid = model_lib.build_model(c.replace(conv_padding="valid"), (28, 28, 1), 10)
   assert valid.get_layer("flatten").output.shape[-1] == 5 * 5 * 16  # 26 -> 13 -> 11 -> 5
+
+
+def test_bias_after_pooling_equals_a_convolution_bias_before_it():
+  import tensorflow as tf
+  c = config_lib.Config(epochs=1, model_widths=(8,), kernel_sizes=(3,), pool_sizes=(2,),
+                        dense_units=0)
+  m = model_lib.build_model(c, (10, 10, 1), 3)
+  bias = tf.random.normal((8,), seed=2)
+  m.get_layer("bias0").bias.assign(bias)
+  x = tf.random.normal((4, 10, 10, 1), seed=3)
+  kernel = m.get_layer("conv0").kernel
+  textbook = tf.nn.relu(tf.nn.max_pool2d(tf.nn.conv2d(x, kernel, 1, "VALID") + bias, 2, 2, "VALID"))
+  block = keras.Model(m.input, m.get_layer("relu0").output)
+  np.testing.assert_allclose(block(x), textbook, rtol=1e-6, atol=1e-6)
 
 
 def test_space_to_depth_pool_sizes_and_global_pool_set_the_shapes():
