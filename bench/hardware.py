@@ -57,9 +57,10 @@ def fp32_flops_per_cycle(cpu: CpuInfo) -> tuple:
   if cpu.vendor == "AuthenticAMD" and cpu.family == 25:
     # Zen 3/Zen 4 have two 256-bit FMA pipes; Zen 4 runs AVX-512 as two 256-bit halves, so
     # AVX-512 does not raise the FMA rate: 2 pipes x 8 lanes x 2 FLOP.
-    zen = "Zen 4" if "avx512f" in cpu.flags else "Zen 3"
-    return 32, (f"AMD family 25 ({zen}): 2 FMA pipes x 256 bit (8 FP32 lanes) x 2 FLOP/FMA; "
-                "AVX-512 is double-pumped on Zen 4, so 32 (not 64) FLOP/cycle")
+    why = "AMD family 25 ({}): 2 FMA pipes x 256 bit (8 FP32 lanes) x 2 FLOP/FMA"
+    if "avx512f" in cpu.flags:
+      return 32, why.format("Zen 4") + "; AVX-512 is double-pumped, so 32 (not 64) FLOP/cycle"
+    return 32, why.format("Zen 3")
   if cpu.vendor == "AuthenticAMD" and cpu.family >= 26:
     return 64, "AMD Zen 5: 2 FMA pipes x 512 bit (16 FP32 lanes) x 2 FLOP/FMA"
   if "avx512f" in cpu.flags:

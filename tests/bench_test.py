@@ -108,6 +108,9 @@ def test_zen4_peak_assumes_double_pumped_avx512():
   assert peak.flops_per_cycle == 32
   assert peak.gflops == pytest.approx(2 * 2.596134 * 32)
   assert "double-pumped" in peak.assumption
+  zen3 = hardware.parse_cpuinfo(_CPUINFO.replace(" avx512f avx512_bf16", ""))
+  per_cycle, why = hardware.fp32_flops_per_cycle(zen3)
+  assert per_cycle == 32 and "Zen 3" in why and "AVX-512" not in why
 
 
 def test_peak_overrides_and_other_cpus():

@@ -35,7 +35,8 @@ def test_bias_after_pooling_equals_a_convolution_bias_before_it():
   m.get_layer("bias0").bias.assign(bias)
   x = tf.random.normal((4, 10, 10, 1), seed=3)
   kernel = m.get_layer("conv0").kernel
-  textbook = tf.nn.relu(tf.nn.max_pool2d(tf.nn.conv2d(x, kernel, 1, "VALID") + bias, 2, 2, "VALID"))
+  conv = tf.nn.conv2d(x, kernel, 1, "VALID") + bias
+  textbook = tf.nn.relu(tf.nn.max_pool2d(conv, 2, 2, "VALID"))
   block = keras.Model(m.input, m.get_layer("relu0").output)
   np.testing.assert_allclose(block(x), textbook, rtol=1e-6, atol=1e-6)
 
