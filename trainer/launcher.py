@@ -62,6 +62,7 @@ class Cluster:
     self.addresses = [f"localhost:{p}" for p in free_ports(num_workers)]
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
     self._lock = threading.Lock()
+    self._kill_at = None  # monotonic time after which wait() SIGKILLs remaining workers
     self.procs, self._pumps = [], []
     for i in range(num_workers):
       proc = subprocess.Popen(
@@ -75,10 +76,20 @@ class Cluster:
       self._pumps.append(pump)
 
   def wait(self) -> list:
-    codes = [p.wait() for p in self.procs]
+    """Exit codes of all workers; after stop(), SIGKILLs whatever outlives the grace period.
+
+    Polls rather than blocking in Popen.wait(): a signal handler that runs while the main
+    thread is inside wait() cannot see children exit (wait() holds Popen's lock, so poll()
+    in the handler says 'running'), which made every Ctrl-C last the whole grace period.
+    """
+    while any(p.poll() is None for p in self.procs):
+      if self._kill_at is not None and time.monotonic() >= self._kill_at:
+        self.signal_all(signal.SIGKILL)
+        self._kill_at = None
+      time.sleep(0.1)
     for pump in self._pumps:
       pump.join(timeout=5)
-    return codes
+    return [p.returncode for p in self.procs]
 
   def signal_all(self, signum) -> None:
     for p in self.procs:
@@ -88,13 +99,11 @@ class Cluster:
         except ProcessLookupError:
           pass
 
-  def shutdown(self, grace_s: float) -> None:
-    """SIGTERM (workers checkpoint and exit 143), then SIGKILL whatever is left."""
+  def stop(self, grace_s: float) -> None:
+    """SIGTERM now (workers checkpoint and exit 143); wait() SIGKILLs the rest after grace_s."""
     self.signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
-      time.sleep(0.2)
-    self.signal_all(signal.SIGKILL)
+    if self._kill_at is None:
+      self._kill_at = time.monotonic() + grace_s
 
 
 def exit_code(codes) -> int:
@@ -117,7 +126,7 @@ def main(argv):
   def on_signal(signum, frame):
     print(f"[launcher] signal {signum}: stopping workers (grace {FLAGS.shutdown_grace_s:.0f}s)",
           flush=True)
-    cluster.shutdown(FLAGS.shutdown_grace_s)
+    cluster.stop(FLAGS.shutdown_grace_s)
 
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
