@@ -128,18 +128,24 @@ def effective_peak(hw: dict) -> hardware.Peak:
                        flops_per_cycle=peak.flops_per_cycle, assumption=peak.assumption + note)
 
 
+def _achieved(hw: dict, model_key: str, images_per_sec: float) -> tuple:
+  """(achieved GFLOP/s, training FLOPs per image, peak, basis text) for a model of the probe."""
+  train_flops = (hw.get(model_key) or {}).get("train")
+  peak = effective_peak(hw)
+  achieved = images_per_sec * train_flops / 1e9 if train_flops else float("nan")
+  basis = (f"{report.fmt(achieved, 1)} GFLOP/s ({report.fmt(images_per_sec, 0)} images/s x "
+           f"{report.fmt(train_flops / 1e6 if train_flops else None, 2)} MFLOP) / peak "
+           f"{report.fmt(peak.gflops, 1)}")
+  return achieved, train_flops, peak, basis
+
+
 def fraction_of_peak(b: Bench) -> dict:
   hw = b.hardware_info()
   train_rate, source = b.default_images_per_sec()
-  train_flops = (hw.get("default_model") or {}).get("train")
-  peak = effective_peak(hw)
-  achieved = train_rate * train_flops / 1e9 if train_flops else float("nan")
+  achieved, train_flops, peak, basis = _achieved(hw, "default_model", train_rate)
   matmul = hw.get("matmul_fp32_gflops")
   return {"value": stats.ratio(achieved, peak.gflops),
-          "basis": f"{report.fmt(achieved, 1)} GFLOP/s ({report.fmt(train_rate, 0)} images/s x "
-                   f"{report.fmt(train_flops / 1e6 if train_flops else None, 2)} MFLOP) / peak "
-                   f"{report.fmt(peak.gflops, 1)}; a large fp32 matmul reaches "
-                   f"{report.fmt(matmul, 0)} GFLOP/s",
+          "basis": f"{basis}; a large fp32 matmul reaches {report.fmt(matmul, 0)} GFLOP/s",
           "details": {"achieved_gflops": achieved, "train_flops_per_image": train_flops,
                       "peak_gflops": peak.gflops, "peak_assumption": peak.assumption,
                       "fraction_of_matmul": stats.ratio(achieved, matmul or float("nan")),
@@ -149,21 +155,16 @@ def fraction_of_peak(b: Bench) -> dict:
 def compute_bound_fraction_of_peak(b: Bench) -> dict:
   """fraction_of_peak for harness.COMPUTE_BOUND_MODEL: the same trainer on deep convolutions."""
   hw = b.hardware_info()
-  records = [b.trainer(f"compute_bound_model{tag}", [
-      *harness.model_flags(harness.COMPUTE_BOUND_MODEL), *_scaling_flags(b.compute_bound_steps)])
-      for tag in (["_r1", "_r2"] if b.repeats > 1 else [""])]
-  rate = max((r["summary"].get("images_per_sec") or 0.0 for r in records if r["ok"]),
-             default=float("nan"))
-  train_flops = (hw.get("compute_bound_model") or {}).get("train")
-  peak = effective_peak(hw)
-  achieved = rate * train_flops / 1e9 if train_flops else float("nan")
+  flag_args = [*harness.model_flags(harness.COMPUTE_BOUND_MODEL),
+               *_scaling_flags(b.compute_bound_steps)]
+  best, records = _best_rates(b, {
+      "heavy": lambda tag: b.trainer(f"compute_bound_model{tag}", flag_args)})
+  achieved, train_flops, peak, basis = _achieved(hw, "compute_bound_model", best["heavy"])
   return {"value": stats.ratio(achieved, peak.gflops),
-          "basis": f"{report.fmt(achieved, 1)} GFLOP/s ({report.fmt(rate, 0)} images/s x "
-                   f"{report.fmt(train_flops / 1e6 if train_flops else None, 2)} MFLOP) / peak "
-                   f"{report.fmt(peak.gflops, 1)}; model: 2x2 space-to-depth, conv 32 and "
-                   f"conv 64 (3x3, same) at 14x14, pool, dense 256; best of {len(records)}",
+          "basis": f"{basis}; model: 2x2 space-to-depth, conv 32 and conv 64 (3x3, same) at "
+                   f"14x14, pool, dense 256; best of {b.repeats}",
           "details": {"achieved_gflops": achieved, "train_flops_per_image": train_flops,
-                      "images_per_sec": [r["summary"].get("images_per_sec") for r in records]}}
+                      "images_per_sec": _all_rates(records)["heavy"]}}
 
 
 def _scaling_flags(steps: int) -> list:
