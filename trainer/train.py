@@ -1,5 +1,7 @@
 """train_and_evaluate: the one training path for one device, many devices and many workers."""
 
+from collections.abc import Mapping
+import dataclasses
 import hashlib
 import logging
 import math
@@ -201,6 +203,24 @@ def _due(step: int, period: int) -> bool:
   return period > 0 and step % period == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """Everything one call of train_and_evaluate set up, handed to the loop and the finish."""
+  config: config_lib.Config
+  environ: Mapping[str, str]
+  runtime: distribute.Runtime
+  splits: data.Splits
+  paths: outputs.RunPaths
+  trainer: _Trainer
+  store: checkpoint_lib.CheckpointStore
+  watchdog: preemption.Watchdog
+  handler: preemption.PreemptionHandler
+  total_steps: int
+  steps_per_epoch: int
+  start_step: int
+  evaluator: _Evaluator | None  # None on workers other than the chief
+
+
 def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   """Trains (resuming from model_dir when it holds a checkpoint), evaluates and exports.
 
@@ -236,14 +256,13 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
                                            runtime.is_chief, config.keep_checkpoints,
                                            remote_dir=paths.checkpoint_dir)
     store.restore_latest(paths.model_dir)
-    start_step = int(trainer.step.numpy())
-    # Chief-only: evaluation during and after training and the export use this one copy.
-    evaluator = _Evaluator(config, splits) if runtime.is_chief else None
-    loop = _TrainLoop(config, runtime, trainer, store, watchdog, handler, splits, paths,
-                      total_steps, steps_per_epoch, start_step, evaluator)
-    train_stats = loop.run()
-    return _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
-                   environ, evaluator)
+    run = _Run(config=config, environ=environ, runtime=runtime, splits=splits, paths=paths,
+               trainer=trainer, store=store, watchdog=watchdog, handler=handler,
+               total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+               start_step=int(trainer.step.numpy()),
+               # Chief-only: evaluation during and after training and the export use this copy.
+               evaluator=_Evaluator(config, splits) if runtime.is_chief else None)
+    return _finish(run, _TrainLoop(run).run())
   except _PEER_ERRORS as e:
     if not cluster.is_multi_worker:
       raise
@@ -261,46 +280,43 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
 class _TrainLoop:
   """Runs chunks, logs, checkpoints, and turns NaN, SIGTERM and peer loss into clean exits."""
 
-  def __init__(self, config, runtime, trainer, store, watchdog, handler, splits, paths,
-               total_steps, steps_per_epoch, start_step, evaluator):
-    self.c, self.runtime, self.t, self.store = config, runtime, trainer, store
-    self.watchdog, self.handler, self.splits = watchdog, handler, splits
-    self.paths, self.total_steps, self.start_step = paths, total_steps, start_step
-    self.steps_per_epoch = steps_per_epoch
-    self.last_saved = start_step
-    self.evaluator = evaluator
-    if runtime.is_chief:
-      self.writer = tf.summary.create_file_writer(os.path.join(paths.local_log_dir, "train"))
+  def __init__(self, run: _Run):
+    self.ctx = run
+    self.c, self.runtime, self.t = run.config, run.runtime, run.trainer
+    self.last_saved = run.start_step
+    if self.runtime.is_chief:
+      self.writer = tf.summary.create_file_writer(os.path.join(run.paths.local_log_dir, "train"))
     else:
       self.writer = tf.summary.create_noop_writer()
 
   def run(self) -> dict:
     c, t = self.c, self.t
-    step = self.start_step
-    if step >= self.total_steps:
+    step = self.ctx.start_step
+    if step >= self.ctx.total_steps:
       logging.info("Checkpoint is at step %d >= %d steps: nothing to train.", step,
-                   self.total_steps)
+                   self.ctx.total_steps)
       return {"train_images_per_sec": 0.0, "train_seconds": 0.0}
     logging.info("Training steps %d -> %d (%d per epoch, global batch %d, %d replica(s)).",
-                 step, self.total_steps, self.steps_per_epoch, c.global_batch_size,
+                 step, self.ctx.total_steps, self.ctx.steps_per_epoch, c.global_batch_size,
                  self.runtime.num_replicas)
     dataset = self.runtime.strategy.distribute_datasets_from_function(data.train_dataset_fn(
-        self.splits.train_images, self.splits.train_labels, c.global_batch_size, c.seed,
-        start_step=step, total_steps=self.total_steps))
+        self.ctx.splits.train_images, self.ctx.splits.train_labels, c.global_batch_size, c.seed,
+        start_step=step, total_steps=self.ctx.total_steps))
     iterator = iter(dataset)
-    chunker = _Chunker(c, self.total_steps)
+    chunker = _Chunker(c, self.ctx.total_steps)
     window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     steady_images, steady_seconds, first = 0, 0.0, True
     started = time.time()
-    while step < self.total_steps:
+    while step < self.ctx.total_steps:
       n = chunker.next_size(step)
-      self.watchdog.arm("train")
+      self.ctx.watchdog.arm("train")
       tic = time.perf_counter()
-      loss, correct, count, votes = self.t.train_chunk(
-          iterator, tf.constant(n), tf.constant(1.0 if self.handler.requested.is_set() else 0.0))
+      stop_vote = 1.0 if self.ctx.handler.requested.is_set() else 0.0
+      loss, correct, count, votes = self.t.train_chunk(iterator, tf.constant(n),
+                                                       tf.constant(stop_vote))
       loss, correct, count, votes = float(loss), float(correct), float(count), float(votes)
       elapsed = time.perf_counter() - tic
-      self.watchdog.disarm()
+      self.ctx.watchdog.disarm()
       step += n
       if not math.isfinite(loss):
         raise errors.DivergenceError(
@@ -318,10 +334,10 @@ class _TrainLoop:
         self._save(step)
         raise errors.RetryableError(
             f"Preempted: checkpoint saved at step {step}; rerun the same command to resume.")
-      if _due(step, c.log_every_steps) or step == self.total_steps:
+      if _due(step, c.log_every_steps) or step == self.ctx.total_steps:
         self._log(step, window, steady_images, steady_seconds)
         window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-      if _due(step, c.checkpoint_every_steps) or step == self.total_steps:
+      if _due(step, c.checkpoint_every_steps) or step == self.ctx.total_steps:
         self._save(step)
       if _due(step, c.eval_every_steps) and self.runtime.is_chief:
         self._eval_summary(step, started)
@@ -329,26 +345,26 @@ class _TrainLoop:
     return {"train_images_per_sec": rate, "train_seconds": time.time() - started}
 
   def _save(self, step: int) -> None:
-    if step == self.last_saved and step != self.start_step:
+    if step == self.last_saved and step != self.ctx.start_step:
       return
-    self.watchdog.arm("checkpoint")
-    path = self.store.save(step)
-    self.watchdog.disarm()
+    self.ctx.watchdog.arm("checkpoint")
+    path = self.ctx.store.save(step)
+    self.ctx.watchdog.disarm()
     self.last_saved = step
     if self.runtime.is_chief:
       logging.info("Saved checkpoint %s", path)
       self.writer.flush()
-      outputs.publish_logs(self.paths)
+      outputs.publish_logs(self.ctx.paths)
 
   def _log(self, step, window, steady_images, steady_seconds) -> None:
     count = max(window["count"], 1.0)
     loss, accuracy = window["loss"] / count, window["correct"] / count
     rate = steady_images / steady_seconds if steady_seconds else float("nan")
-    remaining = (self.total_steps - step) * self.c.global_batch_size
+    remaining = (self.ctx.total_steps - step) * self.c.global_batch_size
     eta = remaining / rate if rate and math.isfinite(rate) else float("nan")
     lr = float(self.t.optimizer.learning_rate)
     logging.info("step %d/%d loss %.4f accuracy %.4f lr %.5f images/s %.0f ETA %.0fs", step,
-                 self.total_steps, loss, accuracy, lr, rate, eta)
+                 self.ctx.total_steps, loss, accuracy, lr, rate, eta)
     with self.writer.as_default(step=step):
       tf.summary.scalar("loss", loss)
       tf.summary.scalar("accuracy", accuracy)
@@ -358,7 +374,7 @@ class _TrainLoop:
     self.writer.flush()
 
   def _eval_summary(self, step: int, started: float) -> None:
-    metrics = self.evaluator.evaluate(self.t.model)
+    metrics = self.ctx.evaluator.evaluate(self.t.model)
     logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (%.1fs into training)",
                  step, metrics["test_accuracy"], metrics["test_loss"], time.time() - started)
     with self.writer.as_default(step=step):
@@ -374,31 +390,31 @@ def weights_fingerprint(model) -> str:
   return digest.hexdigest()
 
 
-def _finish(config, runtime, trainer, splits, paths, start_step, train_stats, watchdog,
-            environ, evaluator):
+def _finish(run: _Run, train_stats: dict) -> dict:
   """Chief-only side effects in one place: evaluation, metrics.json, export, hypertune."""
-  metrics = {"global_step": int(trainer.step.numpy()), "start_step": start_step,
+  runtime, trainer, paths = run.runtime, run.trainer, run.paths
+  metrics = {"global_step": int(trainer.step.numpy()), "start_step": run.start_step,
              "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
              "strategy": runtime.kind, **train_stats}
   metrics["weights_sha256"] = weights_fingerprint(trainer.model)
   logging.info("Final step %d weights_sha256 %s", metrics["global_step"],
                metrics["weights_sha256"])
   if runtime.is_chief:
-    metrics.update(evaluator.evaluate(trainer.model))
-    clean = evaluator.model
+    metrics.update(run.evaluator.evaluate(trainer.model))
     outputs.write_metrics(paths, metrics)
-    if config.export:
+    if run.config.export:
       local_export = export.export_saved_model(
-          clean, splits.image_shape, os.path.join(paths.local_model_dir, "export"))
+          run.evaluator.model, run.splits.image_shape,
+          os.path.join(paths.local_model_dir, "export"))
       outputs.publish_export(paths, local_export)
     outputs.publish_logs(paths)
-    outputs.report_hypertune(metrics, environ)
+    outputs.report_hypertune(metrics, run.environ)
     logging.info("test_accuracy %.4f test_loss %.4f; outputs in %s", metrics["test_accuracy"],
                  metrics["test_loss"], paths.model_dir)
   if runtime.kind == "multi_worker_mirrored":
     # Workers leave together, so nobody's coordination service sees a peer vanish early.
-    watchdog.arm("final barrier")
+    run.watchdog.arm("final barrier")
     strategy = runtime.strategy
     strategy.reduce(SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
-    watchdog.disarm()
+    run.watchdog.disarm()
   return metrics
