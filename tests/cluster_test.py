@@ -95,3 +95,25 @@ def test_peers_excludes_self():
 def test_rejected_layouts(environ, message):
   with pytest.raises(errors.ConfigError, match=message):
     cluster.parse_cluster(environ)
+
+
+@pytest.mark.parametrize("requested, environ, message", [
+    ("multi_worker_mirrored", {}, "needs TF_CONFIG"),
+    ("one_device", env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 0}}),
+     "describes 2 workers"),
+    ("mirrored", env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 1}}),
+     "describes 2 workers"),
+])
+def test_strategy_that_does_not_fit_the_cluster(requested, environ, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    cluster.check_strategy(requested, cluster.parse_cluster(environ))
+
+
+@pytest.mark.parametrize("requested, environ", [
+    ("auto", {}), ("one_device", {}), ("mirrored", {}),
+    ("auto", env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 0}})),
+    ("multi_worker_mirrored",
+     env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 0}})),
+])
+def test_strategy_that_fits_the_cluster(requested, environ):
+  cluster.check_strategy(requested, cluster.parse_cluster(environ))

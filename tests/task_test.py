@@ -5,36 +5,54 @@ import shutil
 
 import pytest
 
-from conftest import child_env, run_module, tiny_flags
+from conftest import ROOT, child_env, run_module, tiny_flags
 from trainer import errors
+
+# Errors in flags and TF_CONFIG must come before TensorFlow's seconds of start-up: these runs
+# cannot import it.
+WITHOUT_TF = os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "without_tensorflow")])
 
 
 def _task(*args, **kw):
   return run_module("trainer.task", *args, **kw)
 
 
+def _task_without_tf(*args, **env):
+  return run_module("trainer.task", *args, env=child_env(PYTHONPATH=WITHOUT_TF, **env))
+
+
 def test_unknown_flag_is_an_error(tmp_path):
-  result = _task("--model_dir", str(tmp_path), "--train_step=5")
+  result = _task_without_tf("--model_dir", str(tmp_path), "--train_step=5")
   assert result.returncode == errors.EXIT_CONFIG
   assert "train_step" in result.stdout and "train_steps" in result.stdout  # with a suggestion
 
 
 def test_positional_argument_is_an_error(tmp_path):
-  result = _task(f"--model_dir={tmp_path}", "--train_steps=1", "stray")
+  result = _task_without_tf(f"--model_dir={tmp_path}", "--train_steps=1", "stray")
   assert result.returncode == errors.EXIT_CONFIG and "stray" in result.stdout
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["--global_batch_size=0"], errors.EXIT_CONFIG, "--global_batch_size must be > 0"),
-    (["--train_steps=0"], errors.EXIT_CONFIG, "--train_steps must be > 0"),
-    (["--epochs=0"], errors.EXIT_CONFIG, "--epochs must be > 0"),
-    (["--train_steps=5", "--epochs=1"], errors.EXIT_CONFIG, "contradicts --epochs=1"),
-    (["--dataset=not_a_dataset"], errors.EXIT_CONFIG, "--dataset='not_a_dataset'"),
-    (["--strategy=multi_worker_mirrored"], errors.EXIT_CONFIG, "needs TF_CONFIG"),
+@pytest.mark.parametrize("args, message", [
+    (["--global_batch_size=0"], "--global_batch_size must be > 0"),
+    (["--train_steps=0"], "--train_steps must be > 0"),
+    (["--epochs=0"], "--epochs must be > 0"),
+    (["--strategy=multi_worker_mirrored"], "needs TF_CONFIG"),
 ])
-def test_bad_flags(tmp_path, tfds_dir, args, code, message):
+def test_bad_flags_fail_before_tensorflow_loads(tmp_path, tfds_dir, args, message):
+  result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), tfds_dir), *args)
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
+  assert message in result.stdout
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("args, message", [
+    # Both need the dataset: its size, or whether TFDS knows the name.
+    (["--train_steps=5", "--epochs=1"], "contradicts --epochs=1"),
+    (["--dataset=not_a_dataset"], "--dataset='not_a_dataset'"),
+])
+def test_bad_flags(tmp_path, tfds_dir, args, message):
   result = _task(*tiny_flags(str(tmp_path / "run"), tfds_dir), *args)
-  assert result.returncode == code, result.stdout[-2000:]
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
   assert message in result.stdout
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
@@ -60,10 +78,15 @@ def test_corrupt_mnist_source(tmp_path):
   assert "train-labels-idx1-ubyte.gz is corrupt" in result.stdout
 
 
-def test_malformed_tf_config(tmp_path, tfds_dir):
-  result = _task(*tiny_flags(str(tmp_path / "run"), tfds_dir),
-                 env=child_env(TF_CONFIG="{oops"))
-  assert result.returncode == errors.EXIT_CONFIG and "TF_CONFIG is not valid JSON" in result.stdout
+@pytest.mark.parametrize("tf_config, message", [
+    ("{oops", "TF_CONFIG is not valid JSON"),
+    ('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", '
+     '"index": 0}}', "--strategy=one_device but TF_CONFIG describes 2 workers"),
+])
+def test_bad_tf_config_fails_before_tensorflow_loads(tmp_path, tfds_dir, tf_config, message):
+  result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), tfds_dir), "--strategy=one_device",
+                            TF_CONFIG=tf_config)
+  assert result.returncode == errors.EXIT_CONFIG and message in result.stdout, result.stdout
 
 
 def test_flagfile_and_incompatible_model_dir(tmp_path, tfds_dir):

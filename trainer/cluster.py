@@ -107,6 +107,18 @@ def parse_cluster(environ: Mapping[str, str]) -> ClusterInfo:
                      tf_config=normalized)
 
 
+def check_strategy(requested: str, cluster: ClusterInfo) -> None:
+  """--strategy must fit the cluster; checked before TensorFlow loads, so it fails at once."""
+  if requested == "multi_worker_mirrored" and not cluster.is_multi_worker:
+    raise errors.ConfigError(
+        "--strategy=multi_worker_mirrored needs TF_CONFIG (or CLUSTER_SPEC) listing the "
+        "workers; see README 'Local cluster' or use `make cluster`.")
+  if requested in ("one_device", "mirrored") and cluster.is_multi_worker:
+    raise errors.ConfigError(
+        f"--strategy={requested} but TF_CONFIG describes {cluster.num_workers} workers: use "
+        "--strategy=multi_worker_mirrored (or auto), or unset TF_CONFIG.")
+
+
 def _validate_cluster(cluster: dict, name: str) -> dict:
   out = {}
   for task_type, addresses in cluster.items():

@@ -7,7 +7,6 @@ import os
 import tensorflow as tf
 
 from trainer import cluster as cluster_lib
-from trainer import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +39,7 @@ def choose_kind(requested: str, cluster: cluster_lib.ClusterInfo, num_gpus: int,
     if num_gpus > 1 or (num_gpus == 0 and num_cpu_devices > 1):
       return "mirrored"
     return "one_device"
-  if requested in ("one_device", "mirrored") and cluster.is_multi_worker:
-    raise errors.ConfigError(
-        f"--strategy={requested} but TF_CONFIG describes {cluster.num_workers} workers: use "
-        "--strategy=multi_worker_mirrored (or auto), or unset TF_CONFIG.")
+  cluster_lib.check_strategy(requested, cluster)
   return requested
 
 
@@ -81,10 +77,6 @@ def _mirrored(config, gpus) -> tf.distribute.Strategy:
 
 
 def _multi_worker(config, cluster) -> tf.distribute.Strategy:
-  if not cluster.is_multi_worker:
-    raise errors.ConfigError(
-        "--strategy=multi_worker_mirrored needs TF_CONFIG (or CLUSTER_SPEC) listing the "
-        "workers; see README 'Local cluster' or use `make cluster`.")
   if cluster.tf_config is not None:
     os.environ["TF_CONFIG"] = cluster.tf_config  # TF's resolver reads the normalized form.
   options = tf.distribute.experimental.CommunicationOptions(

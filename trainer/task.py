@@ -7,6 +7,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import cluster as cluster_lib
 from trainer import config as config_lib
 from trainer import errors
 
@@ -37,7 +38,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}", errors.EXIT_CONFIG)
   try:
     config = config_lib.config_from_flags()
-    from trainer import train  # TensorFlow loads only after the flags are known to be good.
+    cluster_lib.check_strategy(config.strategy, cluster_lib.parse_cluster(os.environ))
+    from trainer import train  # TensorFlow loads only after flags and TF_CONFIG are good.
     train.train_and_evaluate(config)
   except errors.TrainerError as e:
     logging.error("%s: %s", type(e).__name__, e)
