@@ -2,14 +2,15 @@
 
 import os
 
-from conftest import run_module, tiny_flags
+from conftest import run_module
 from trainer import errors
 
 
-def test_predict_cli(tmp_path, tfds_dir):
-  model_dir = str(tmp_path / "run")
-  trained = run_module("trainer.task", *tiny_flags(model_dir, tfds_dir, train_steps=40))
-  assert trained.returncode == 0, trained.stdout[-3000:]
+def test_predict_cli(tiny):
+  from trainer import train
+  config = tiny(train_steps=40)
+  model_dir = config.model_dir
+  train.train_and_evaluate(config)  # In-process: the training CLI has its own tests.
   result = run_module("trainer.predict", f"--model_dir={model_dir}", "--samples=8")
   assert result.returncode == 0, result.stdout[-3000:]
   lines = [l for l in result.stdout.splitlines() if "\tclass " in l]
@@ -32,7 +33,7 @@ def test_predict_without_export(tmp_path):
   assert result.returncode == errors.EXIT_DATA and "has no SavedModel" in result.stdout
 
 
-def test_predict_bad_png(tmp_path, tfds_dir):
+def test_predict_bad_png(tmp_path):
   bad = tmp_path / "bad.png"
   bad.write_bytes(b"not a png")
   result = run_module("trainer.predict", f"--model_dir={tmp_path}", str(bad))
