@@ -66,6 +66,17 @@ def trainer_fingerprint() -> dict:
   return {"commit": commit or "unknown", "trainer_sha256": digest.hexdigest()[:16]}
 
 
+def code_notes(before: dict, after: dict) -> list:
+  """A warning when trainer/ changed while we measured; a commit of other files is harmless."""
+  if after["trainer_sha256"] != before["trainer_sha256"]:
+    return [f"WARNING: trainer/ changed during this run ({before} -> {after}): the results mix "
+            "code versions; rerun."]
+  if after["commit"] != before["commit"]:
+    return [f"HEAD moved from {before['commit']} to {after['commit']} during this run; trainer/ "
+            f"did not change (sha256 {before['trainer_sha256']})."]
+  return []
+
+
 class Bench:
   """Runs subprocesses, keeps their summaries, and caches results several metrics share."""
 

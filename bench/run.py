@@ -291,12 +291,10 @@ def run(names, quick: bool, seeds, cache_dir: str, only=(), quiet_wait_s: float 
   b.hardware_info()
   meta = _machine_meta(b, started, time.monotonic() - tic, only)
   code_after = harness.trainer_fingerprint()
-  meta.update(code=code_before, code_changed_during_run=code_after != code_before)
-  notes = list(NOTES)
-  if code_after != code_before:
-    notes.insert(0, f"WARNING: trainer/ changed during this run ({code_before} -> {code_after}):"
-                 " the results mix code versions; rerun.")
-  return {"meta": meta, "metrics": metrics, "runs": b.runs, "notes": notes}
+  changed = code_after["trainer_sha256"] != code_before["trainer_sha256"]
+  meta.update(code=code_before, code_changed_during_run=changed)
+  return {"meta": meta, "metrics": metrics, "runs": b.runs,
+          "notes": harness.code_notes(code_before, code_after) + list(NOTES)}
 
 
 def write(results: dict, out_dir: str) -> str:

@@ -215,3 +215,12 @@ def test_fmt():
   assert report.fmt(float("inf")) == "inf"
   assert report.fmt(1234.567, 1) == "1,234.6"
   assert report.fmt(7) == "7"
+
+
+def test_code_notes_warn_only_when_the_trainer_changed():
+  base = {"commit": "aaa1111", "trainer_sha256": "0123"}
+  assert harness.code_notes(base, dict(base)) == []
+  moved = harness.code_notes(base, {"commit": "bbb2222", "trainer_sha256": "0123"})
+  assert len(moved) == 1 and "did not change" in moved[0] and "WARNING" not in moved[0]
+  changed = harness.code_notes(base, {"commit": "aaa1111", "trainer_sha256": "4567"})
+  assert len(changed) == 1 and changed[0].startswith("WARNING: trainer/ changed")
