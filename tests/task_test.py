@@ -38,11 +38,11 @@ def test_positional_argument_is_an_error(tmp_path):
     (["--epochs=0"], "--epochs must be > 0"),
     (["--strategy=multi_worker_mirrored"], "needs TF_CONFIG"),
 ])
-def test_bad_flags_fail_before_tensorflow_loads(tmp_path, tfds_dir, args, message):
-  result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), tfds_dir), *args)
+def test_bad_flags_fail_before_tensorflow_loads(tmp_path, args, message):
+  result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), str(tmp_path / "tfds")), *args)
   assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
   assert message in result.stdout
-  assert not os.path.exists(tmp_path / "run")
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "tfds")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -83,10 +83,11 @@ def test_corrupt_mnist_source(tmp_path):
     ('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", '
      '"index": 0}}', "--strategy=one_device but TF_CONFIG describes 2 workers"),
 ])
-def test_bad_tf_config_fails_before_tensorflow_loads(tmp_path, tfds_dir, tf_config, message):
-  result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), tfds_dir), "--strategy=one_device",
-                            TF_CONFIG=tf_config)
+def test_bad_tf_config_fails_before_tensorflow_loads(tmp_path, tf_config, message):
+  result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), str(tmp_path / "tfds")),
+                            "--strategy=one_device", TF_CONFIG=tf_config)
   assert result.returncode == errors.EXIT_CONFIG and message in result.stdout, result.stdout
+  assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "tfds")
 
 
 def test_flagfile_and_incompatible_model_dir(tmp_path, tfds_dir):
