@@ -2,8 +2,18 @@
 
 import os
 
-from conftest import run_module
+import pytest
+
+from conftest import ROOT, child_env, run_module
 from trainer import errors
+from trainer import predict
+
+# Input errors must come before TensorFlow's seconds of start-up: these runs cannot import it.
+WITHOUT_TF = os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "without_tensorflow")])
+
+
+def _predict_without_tf(*args):
+  return run_module("trainer.predict", *args, env=child_env(PYTHONPATH=WITHOUT_TF))
 
 
 def test_predict_cli(tiny):
@@ -26,15 +36,28 @@ def test_predict_cli(tiny):
       os.path.join(model_dir, "samples")))[:2]
   again = run_module("trainer.predict", f"--model_dir={model_dir}", *pngs)
   assert again.returncode == 0 and again.stdout.count("\tclass ") == 2
+  # A corrupt PNG is a data error naming the file (in-process: TensorFlow is loaded already).
+  bad = os.path.join(model_dir, "bad.png")
+  with open(bad, "wb") as f:
+    f.write(b"not a png")
+  with pytest.raises(errors.DataError, match="Cannot read PNG .*bad.png"):
+    predict.predict(model_dir, [pngs[0], bad])
 
 
 def test_predict_without_export(tmp_path):
-  result = run_module("trainer.predict", f"--model_dir={tmp_path}", "--samples=1")
-  assert result.returncode == errors.EXIT_DATA and "has no SavedModel" in result.stdout
+  result = _predict_without_tf(f"--model_dir={tmp_path}", "--samples=1")
+  assert result.returncode == errors.EXIT_DATA, result.stdout[-3000:]
+  assert "has no SavedModel" in result.stdout and "make train" in result.stdout
+  assert not (tmp_path / "samples").exists()  # nothing written for a run that cannot work
 
 
-def test_predict_bad_png(tmp_path):
-  bad = tmp_path / "bad.png"
-  bad.write_bytes(b"not a png")
-  result = run_module("trainer.predict", f"--model_dir={tmp_path}", str(bad))
-  assert result.returncode != 0
+def test_predict_missing_png(tmp_path):
+  result = _predict_without_tf(f"--model_dir={tmp_path}", str(tmp_path / "nope.png"))
+  assert result.returncode == errors.EXIT_DATA, result.stdout[-3000:]
+  assert f"No such PNG file: {tmp_path / 'nope.png'}" in result.stdout
+
+
+def test_predict_needs_inputs(tmp_path):
+  result = _predict_without_tf(f"--model_dir={tmp_path}")
+  assert result.returncode == errors.EXIT_CONFIG
+  assert "Give PNG files to classify, or --samples=N." in result.stdout

@@ -16,21 +16,39 @@ flags.DEFINE_integer("samples", 0, "Also write this many MNIST test digits as PN
                      "model_dir/samples and classify them (make predict uses 5).")
 
 
-def _export_dir(model_dir: str) -> str:
-  """A local export directory; a gs:// export is downloaded only when marked complete."""
+def find_export(model_dir: str) -> str:
+  """The local export directory holding saved_model.pb; a gs:// export is downloaded only when
+  marked complete. Needs no TensorFlow, so a missing export fails in a fraction of a second."""
   from trainer import outputs
   from trainer import storage
-  if not storage.is_gcs(model_dir):
+  if storage.is_gcs(model_dir):
+    export_dir = _download_export(model_dir, outputs.EXPORT_MARKER)
+  else:
     candidate = os.path.join(model_dir, "export")
-    return candidate if os.path.isdir(candidate) else model_dir
+    export_dir = candidate if os.path.isdir(candidate) else model_dir
+  if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
+    raise errors.DataError(f"--model_dir={model_dir} has no SavedModel (expected "
+                           f"{export_dir}/saved_model.pb): train first with make train.")
+  return export_dir
+
+
+def _download_export(model_dir: str, marker: str) -> str:
   import tempfile
+  from trainer import storage
   for remote in (storage.join(model_dir, "export"), model_dir):
-    if storage.is_complete(remote, outputs.EXPORT_MARKER, verify_files=True):
+    if storage.is_complete(remote, marker, verify_files=True):
       local = tempfile.mkdtemp(prefix="trainer-predict-")
-      storage.download_dir(remote, local, marker=outputs.EXPORT_MARKER)
+      storage.download_dir(remote, local, marker=marker)
       return local
-  raise errors.DataError(f"--model_dir={model_dir} has no complete export (no "
-                         f"{outputs.EXPORT_MARKER} marker): wait for training to finish.")
+  raise errors.DataError(f"--model_dir={model_dir} has no complete export (no {marker} "
+                         "marker): wait for training to finish.")
+
+
+def check_paths(paths) -> None:
+  """Missing local files are named before TensorFlow's seconds of start-up."""
+  missing = [p for p in paths if "://" not in p and not os.path.isfile(p)]
+  if missing:
+    raise errors.DataError(f"No such PNG file: {', '.join(missing)}")
 
 
 def load_images(paths, image_shape):
@@ -67,11 +85,12 @@ def write_samples(out_dir: str, count: int) -> list:
 
 def predict(model_dir: str, paths) -> list:
   """Returns (path, class, probability) per image."""
+  return classify(find_export(model_dir), paths)
+
+
+def classify(export_dir: str, paths) -> list:
+  """predict() for an export directory find_export() returned."""
   import tensorflow as tf
-  export_dir = _export_dir(model_dir)
-  if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")):
-    raise errors.DataError(f"--model_dir={model_dir} has no SavedModel (expected "
-                           f"{export_dir}/saved_model.pb): train first with make train.")
   serve = tf.saved_model.load(export_dir).signatures["serving_default"]
   image_shape = serve.structured_input_signature[1]["images"].shape[1:]
   out = serve(images=load_images(paths, image_shape))
@@ -85,14 +104,16 @@ def main(argv):
   try:
     if not FLAGS.model_dir:
       raise errors.ConfigError("--model_dir is required (the training output directory).")
+    if not paths and not FLAGS.samples:
+      raise errors.ConfigError("Give PNG files to classify, or --samples=N.")
+    check_paths(paths)
+    export_dir = find_export(FLAGS.model_dir)
     if FLAGS.samples:
       from trainer import storage
       sample_root = (os.path.join(os.getcwd(), "samples") if storage.is_gcs(FLAGS.model_dir)
                      else os.path.join(FLAGS.model_dir, "samples"))
       paths += write_samples(sample_root, FLAGS.samples)
-    if not paths:
-      raise errors.ConfigError("Give PNG files to classify, or --samples=N.")
-    for path, cls, probability in predict(FLAGS.model_dir, paths):
+    for path, cls, probability in classify(export_dir, paths):
       print(f"{path}\tclass {cls}\tp={probability:.4f}")
   except errors.TrainerError as e:
     sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
