@@ -66,9 +66,14 @@ def trainer_fingerprint() -> dict:
   return {"commit": commit or "unknown", "trainer_sha256": digest.hexdigest()[:16]}
 
 
+def trainer_changed(before: dict, after: dict) -> bool:
+  """Whether trainer/*.py differ between two trainer_fingerprint()s (other commits don't count)."""
+  return after["trainer_sha256"] != before["trainer_sha256"]
+
+
 def code_notes(before: dict, after: dict) -> list:
   """A warning when trainer/ changed while we measured; a commit of other files is harmless."""
-  if after["trainer_sha256"] != before["trainer_sha256"]:
+  if trainer_changed(before, after):
     return [f"WARNING: trainer/ changed during this run ({before} -> {after}): the results mix "
             "code versions; rerun."]
   if after["commit"] != before["commit"]:

@@ -291,8 +291,8 @@ def run(names, quick: bool, seeds, cache_dir: str, only=(), quiet_wait_s: float 
   b.hardware_info()
   meta = _machine_meta(b, started, time.monotonic() - tic, only)
   code_after = harness.trainer_fingerprint()
-  changed = code_after["trainer_sha256"] != code_before["trainer_sha256"]
-  meta.update(code=code_before, code_changed_during_run=changed)
+  meta.update(code=code_before,
+              code_changed_during_run=harness.trainer_changed(code_before, code_after))
   return {"meta": meta, "metrics": metrics, "runs": b.runs,
           "notes": harness.code_notes(code_before, code_after) + list(NOTES)}
 

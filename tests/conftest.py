@@ -52,6 +52,16 @@ def run_module(module, *args, env=None, timeout=300, cwd=None):
                         text=True, timeout=timeout)
 
 
+# Input errors must be reported before TensorFlow's seconds of start-up: on this PYTHONPATH
+# `import tensorflow` fails, so a run that loads it cannot pass such a test.
+WITHOUT_TF = os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "without_tensorflow")])
+
+
+def run_without_tf(module, *args, **env):
+  """run_module() in a child that cannot import TensorFlow; env adds environment variables."""
+  return run_module(module, *args, env=child_env(PYTHONPATH=WITHOUT_TF, **env))
+
+
 def tiny_flags(model_dir, data_dir, **overrides):
   """Command-line flags equivalent to the `tiny` fixture."""
   values = dict(model_dir=model_dir, data_dir=data_dir, train_steps=20, global_batch_size=32,

@@ -4,16 +4,13 @@ import os
 
 import pytest
 
-from conftest import ROOT, child_env, run_module
+from conftest import run_module, run_without_tf
 from trainer import errors
 from trainer import predict
 
-# Input errors must come before TensorFlow's seconds of start-up: these runs cannot import it.
-WITHOUT_TF = os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "without_tensorflow")])
-
 
 def _predict_without_tf(*args):
-  return run_module("trainer.predict", *args, env=child_env(PYTHONPATH=WITHOUT_TF))
+  return run_without_tf("trainer.predict", *args)
 
 
 def test_predict_cli(tiny):

@@ -5,12 +5,8 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, child_env, run_module, tiny_flags
+from conftest import run_module, run_without_tf, tiny_flags
 from trainer import errors
-
-# Errors in flags and TF_CONFIG must come before TensorFlow's seconds of start-up: these runs
-# cannot import it.
-WITHOUT_TF = os.pathsep.join([ROOT, os.path.join(ROOT, "tests", "without_tensorflow")])
 
 
 def _task(*args, **kw):
@@ -18,7 +14,7 @@ def _task(*args, **kw):
 
 
 def _task_without_tf(*args, **env):
-  return run_module("trainer.task", *args, env=child_env(PYTHONPATH=WITHOUT_TF, **env))
+  return run_without_tf("trainer.task", *args, **env)
 
 
 def test_unknown_flag_is_an_error(tmp_path):

@@ -19,10 +19,9 @@ flags.DEFINE_integer("samples", 0, "Also write this many MNIST test digits as PN
 def find_export(model_dir: str) -> str:
   """The local export directory holding saved_model.pb; a gs:// export is downloaded only when
   marked complete. Needs no TensorFlow, so a missing export fails in a fraction of a second."""
-  from trainer import outputs
   from trainer import storage
   if storage.is_gcs(model_dir):
-    export_dir = _download_export(model_dir, outputs.EXPORT_MARKER)
+    export_dir = _download_export(model_dir)
   else:
     candidate = os.path.join(model_dir, "export")
     export_dir = candidate if os.path.isdir(candidate) else model_dir
@@ -32,9 +31,11 @@ def find_export(model_dir: str) -> str:
   return export_dir
 
 
-def _download_export(model_dir: str, marker: str) -> str:
+def _download_export(model_dir: str) -> str:
   import tempfile
+  from trainer import outputs
   from trainer import storage
+  marker = outputs.EXPORT_MARKER
   for remote in (storage.join(model_dir, "export"), model_dir):
     if storage.is_complete(remote, marker, verify_files=True):
       local = tempfile.mkdtemp(prefix="trainer-predict-")
