@@ -209,7 +209,7 @@ def two_worker_same_global_batch_ratio(b: Bench) -> dict:
 def two_device_ratio(b: Bench) -> dict:
   flag_args = _scaling_flags(b.scaling_steps)
   best, records = _best_rates(b, {
-      "one": lambda tag: b.trainer(f"one_device{tag}", flag_args),
+      "one": lambda tag: b.trainer(f"one_device{tag}", flag_args + ["--num_cpu_devices=1"]),
       "two": lambda tag: b.trainer(f"mirrored_2_cpu_devices{tag}",
                                    flag_args + ["--num_cpu_devices=2"])})
   return {"value": stats.ratio(best["two"], best["one"]),

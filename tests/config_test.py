@@ -78,10 +78,10 @@ def test_config_from_flags_and_env():
 
 def test_kernel_and_pool_sizes_follow_model_widths_unless_given():
   deeper = config_lib.config_from_flags(_parse(["--model_widths=8,16,32"]), environ={})
-  assert deeper.kernel_sizes == (5, 3, 3), "extra blocks reuse the last default kernel size"
-  assert deeper.pool_sizes == (2, 2, 2)
+  assert deeper.kernel_sizes == (3, 3, 3), "extra blocks reuse the last default kernel size"
+  assert deeper.pool_sizes == (1, 2, 2)
   one = config_lib.config_from_flags(_parse(["--model_widths=8"]), environ={})
-  assert (one.kernel_sizes, one.pool_sizes) == ((5,), (2,))
+  assert (one.kernel_sizes, one.pool_sizes) == ((3,), (1,))
   given = config_lib.config_from_flags(_parse(["--model_widths=8,16", "--pool_sizes=1,2"]),
                                        environ={})
   assert given.pool_sizes == (1, 2)

@@ -11,14 +11,14 @@ def test_default_model_shapes():
   m = model_lib.build_model(config_lib.Config(epochs=1), (28, 28, 1), 10)
   out = m(np.zeros((3, 28, 28, 1), np.float32), training=False)
   assert out.shape == (3, 10) and out.dtype == "float32"
-  # conv0 5x5 valid (28 -> 24, pool 12), conv1 3x3 valid (12 -> 10, pool 5): 5*5*32 = 800 flat.
-  assert m.count_params() == (5 * 5 * 16 + 16) + (3 * 3 * 16 * 32 + 32) + (800 * 256 + 256) + (
-      256 * 10 + 10)
+  # 2x2 fold (28x28x1 -> 14x14x4), conv0 3x3 same to 32, conv1 3x3 same to 48, pool 7x7x48.
+  assert m.count_params() == (3 * 3 * 4 * 32 + 32) + (3 * 3 * 32 * 48 + 48) + (
+      7 * 7 * 48 * 128 + 128) + (128 * 10 + 10)
 
 
 def test_kernel_sizes_and_padding_set_the_shapes():
   c = config_lib.Config(epochs=1, model_widths=(8, 16), kernel_sizes=(3, 3), conv_padding="same",
-                        dense_units=0)
+                        pool_sizes=(2, 2), space_to_depth=1, dense_units=0)
   m = model_lib.build_model(c, (28, 28, 1), 10)
   assert m.get_layer("conv0").kernel.shape == (3, 3, 1, 8)
   assert m.get_layer("flatten").output.shape[-1] == 7 * 7 * 16  # same padding: 28 -> 14 -> 7
@@ -29,7 +29,7 @@ def test_kernel_sizes_and_padding_set_the_shapes():
 def test_bias_after_pooling_equals_a_convolution_bias_before_it():
   import tensorflow as tf
   c = config_lib.Config(epochs=1, model_widths=(8,), kernel_sizes=(3,), pool_sizes=(2,),
-                        dense_units=0)
+                        conv_padding="valid", space_to_depth=1, dense_units=0)
   m = model_lib.build_model(c, (10, 10, 1), 3)
   bias = tf.random.normal((8,), seed=2)
   m.get_layer("bias0").bias.assign(bias)
@@ -91,7 +91,7 @@ def test_too_many_valid_blocks_is_a_config_error():
   import pytest
   from trainer import errors
   c = config_lib.Config(epochs=1, model_widths=(8, 8, 8, 8), kernel_sizes=(5, 3, 3, 3),
-                        pool_sizes=(2, 2, 2, 2))
+                        pool_sizes=(2, 2, 2, 2), conv_padding="valid", space_to_depth=1)
   with pytest.raises(errors.ConfigError, match="--conv_padding=same"):
     model_lib.build_model(c, (28, 28, 1), 10)
   model_lib.build_model(c.replace(conv_padding="same"), (28, 28, 1), 10)  # 28 -> 1 is fine

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, child_env, run_module, tiny_flags
+from trainer import distribute
 from trainer import errors
 from trainer import launcher
 
@@ -110,11 +111,14 @@ def test_peer_killed_mid_run(tmp_path, tfds_dir):
   assert elapsed < 60, f"survivor took {elapsed:.0f}s"
 
 
-def test_mirrored_two_logical_cpus(tmp_path, tfds_dir):
+@pytest.mark.skipif(distribute.available_cores({}) < 2, reason="needs 2 cores")
+def test_auto_one_replica_per_core(tmp_path, tfds_dir):
   model_dir = tmp_path / "run"
-  result = run_module("trainer.task", *tiny_flags(str(model_dir), tfds_dir),
-                      "--num_cpu_devices=2")
+  result = run_module("trainer.task", *tiny_flags(str(model_dir), tfds_dir,
+                                                  global_batch_size=128),
+                      env=child_env(TF_NUM_INTRAOP_THREADS="2"))
   assert result.returncode == 0, result.stdout[-3000:]
+  assert "CPU split into 2 logical devices, 1 intra-op thread(s) each" in result.stdout
   assert "Strategy mirrored with 2 replica(s)" in result.stdout
   metrics = json.loads((model_dir / "metrics.json").read_text())
   assert metrics["num_replicas"] == 2 and metrics["global_step"] == 20

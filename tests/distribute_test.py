@@ -1,0 +1,57 @@
+"""Table tests for trainer.distribute: how many CPU replicas auto picks and how cores are read."""
+
+import json
+
+import pytest
+
+from trainer import cluster
+from trainer import config as config_lib
+from trainer import distribute
+
+SINGLE = cluster.ClusterInfo()
+TWO_WORKERS = cluster.parse_cluster({"TF_CONFIG": json.dumps({
+    "cluster": {"worker": ["localhost:1001", "localhost:1002"]},
+    "task": {"type": "worker", "index": 0}})})
+
+
+def _config(**kw):
+  return config_lib.Config(epochs=1, **kw)
+
+
+@pytest.mark.parametrize("kw, the_cluster, gpus, cores, expected", [
+    ({}, SINGLE, 0, 2, 2),  # the default batch 256 on 2 cores: one replica per core
+    ({}, SINGLE, 0, 1, 1),
+    ({}, SINGLE, 0, 8, 4),  # 256 / 64 caps it at 4 replicas
+    (dict(global_batch_size=128), SINGLE, 0, 2, 2),
+    (dict(global_batch_size=96), SINGLE, 0, 2, 1),  # 48 per replica is too few
+    (dict(global_batch_size=192), SINGLE, 0, 4, 3),  # 192 / 64 = 3, which divides 192
+    (dict(global_batch_size=320), SINGLE, 0, 4, 4),  # 5 would exceed the cores
+    (dict(global_batch_size=448), SINGLE, 0, 6, 4),  # 6 and 5 do not divide 448
+    ({}, SINGLE, 1, 2, 1),  # GPUs: the CPU is not split
+    ({}, TWO_WORKERS, 0, 2, 1),  # each worker is one replica
+    (dict(strategy="one_device"), SINGLE, 0, 2, 1),
+    (dict(strategy="mirrored"), SINGLE, 0, 2, 2),
+    (dict(num_cpu_devices=1), SINGLE, 0, 2, 1),  # explicit wins
+    (dict(num_cpu_devices=3), SINGLE, 0, 2, 3),
+])
+def test_cpu_device_count(kw, the_cluster, gpus, cores, expected):
+  assert distribute.cpu_device_count(_config(**kw), the_cluster, gpus, cores) == expected
+
+
+@pytest.mark.parametrize("devices, gpus, expected", [
+    (2, 0, "mirrored"), (1, 0, "one_device"), (1, 2, "mirrored"), (1, 1, "one_device")])
+def test_choose_kind_single_task(devices, gpus, expected):
+  assert distribute.choose_kind("auto", SINGLE, gpus, devices) == expected
+
+
+def test_choose_kind_multi_worker():
+  assert distribute.choose_kind("auto", TWO_WORKERS, 0, 1) == "multi_worker_mirrored"
+
+
+def test_available_cores_honours_the_launchers_share():
+  machine = distribute.available_cores({})
+  assert 1 <= machine
+  assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "1"}) == 1
+  # A share larger than the machine, or junk, does not add cores.
+  assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "512"}) == machine
+  assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "x"}) == machine
