@@ -1,9 +1,12 @@
 """Table tests for trainer.distribute: how many CPU replicas auto picks and how cores are read."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from conftest import child_env
 from trainer import cluster
 from trainer import config as config_lib
 from trainer import distribute
@@ -55,3 +58,21 @@ def test_available_cores_honours_the_launchers_share():
   # A share larger than the machine, or junk, does not add cores.
   assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "512"}) == machine
   assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "x"}) == machine
+
+
+def test_tensorflow_started_before_the_run_keeps_its_devices():
+  """A second run in one process (a notebook) cannot split the CPU again: it must still train."""
+  script = (
+      "import tensorflow as tf\n"
+      "from trainer import cluster, config, distribute\n"
+      "tf.constant(1.0) + 1  # TensorFlow starts with one CPU device\n"
+      "rt = distribute.create_runtime(config.Config(epochs=1, num_cpu_devices=2),"
+      " cluster.ClusterInfo())\n"
+      "print('replicas', rt.kind, rt.num_replicas)\n"
+      "print('sum', float(rt.strategy.reduce('SUM', rt.strategy.run(lambda: tf.constant(2.0)),"
+      " axis=None)))\n")
+  result = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "replicas mirrored 1" in result.stdout and "sum 2.0" in result.stdout
+  assert "using its 1 CPU device(s) instead of 2" in result.stderr

@@ -95,17 +95,28 @@ def cpu_device_count(config, cluster: cluster_lib.ClusterInfo, num_gpus: int,
   return max(1, count)
 
 
-def _split_cpu(num_cpu_devices: int, cores: int) -> None:
+def _split_cpu(num_cpu_devices: int, cores: int) -> int:
+  """Splits the CPU; returns the logical CPU devices to use (fewer if TF already started)."""
   cpus = tf.config.list_physical_devices("CPU")
-  tf.config.set_logical_device_configuration(
-      cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
   # Each replica's ops run on their own core: with one thread pool shared by all replicas,
   # inter-op threads >= replicas lets them run side by side.
   intra = max(1, cores // num_cpu_devices)
-  tf.config.threading.set_intra_op_parallelism_threads(intra)
-  tf.config.threading.set_inter_op_parallelism_threads(max(2, num_cpu_devices))
+  try:
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, num_cpu_devices))
+  except RuntimeError:
+    # TensorFlow already runs in this process (a second run in a notebook, say): its devices
+    # and thread pools are fixed now, so train on the CPU devices it has.
+    have = len(tf.config.list_logical_devices("CPU"))
+    logging.warning("TensorFlow was initialized before this run: using its %d CPU device(s) "
+                    "instead of %d (start a new process for one replica per core).", have,
+                    num_cpu_devices)
+    return min(have, num_cpu_devices)
   logging.info("CPU split into %d logical devices, %d intra-op thread(s) each.",
                num_cpu_devices, intra)
+  return num_cpu_devices
 
 
 def create_runtime(config, cluster: cluster_lib.ClusterInfo) -> Runtime:
@@ -130,7 +141,7 @@ def _mirrored(gpus, num_cpu_devices: int, cores: int) -> tf.distribute.Strategy:
   if gpus:
     return tf.distribute.MirroredStrategy()
   if num_cpu_devices > 1:
-    _split_cpu(num_cpu_devices, cores)
+    num_cpu_devices = _split_cpu(num_cpu_devices, cores)
   devices = [f"/cpu:{i}" for i in range(num_cpu_devices)]
   # NCCL (the default) needs GPUs; reduce through one device on CPU.
   return tf.distribute.MirroredStrategy(
