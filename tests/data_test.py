@@ -132,6 +132,17 @@ def test_batches_are_normalized_and_padded():
   assert [float(tf.reduce_sum(b[2])) for b in batches] == [4.0, 4.0, 2.0]
 
 
+def test_pipelines_run_without_the_autotune_thread():
+  """Deleting an iterator waits for tf.data's autotune thread to wake (up to 60 s): keep it off."""
+  images = np.zeros((10, 2, 2, 1), np.uint8)
+  labels = np.arange(10, dtype=np.int32)
+  train = data.train_dataset_fn(images, labels, 4, 0, 0, 3)(tf.distribute.InputContext())
+  assert train.options().autotune.enabled is False
+  assert data.eval_batches(images, labels, 4).options().autotune.enabled is False
+  default = tf.data.Dataset.range(3).prefetch(tf.data.AUTOTUNE)
+  assert default.options().autotune.enabled is not False  # what the helper exists to change
+
+
 def test_divisibility_error_prints_the_numbers():
   data.check_divisible(128, 2)
   with pytest.raises(errors.ConfigError, match=r"--global_batch_size=130 .* 4 replicas"):

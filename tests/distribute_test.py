@@ -76,3 +76,43 @@ def test_tensorflow_started_before_the_run_keeps_its_devices():
   assert result.returncode == 0, result.stderr[-3000:]
   assert "replicas mirrored 1" in result.stdout and "sum 2.0" in result.stdout
   assert "using its 1 CPU device(s) instead of 2" in result.stderr
+
+
+_INPUT_SCRIPT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+from trainer import cluster, config, data, distribute
+kind = sys.argv[1]
+if kind == "multi_worker_mirrored":  # one local worker: no TF_CONFIG needed
+  rt = distribute.Runtime(tf.distribute.MultiWorkerMirroredStrategy(), cluster.ClusterInfo(), kind)
+else:
+  rt = distribute.create_runtime(config.Config(
+      epochs=1, strategy=kind, num_cpu_devices=2 if kind == "mirrored" else 1),
+      cluster.ClusterInfo())
+labels = np.arange(100, dtype=np.int32)
+fn = data.train_dataset_fn(np.zeros((100, 2, 2, 1), np.uint8), labels, 8, 3, 0, 26)
+def take(iterator):
+  return [[r.numpy().tolist() for r in rt.strategy.experimental_local_results(next(iterator)[1])]
+          for _ in range(26)]
+ours = take(distribute.input_iterator(rt, fn))
+default = take(iter(rt.strategy.distribute_datasets_from_function(fn)))
+print(json.dumps({"replicas": rt.num_replicas, "ours": ours, "default": default}))
+"""
+
+
+@pytest.mark.parametrize("kind, replicas", [
+    ("one_device", 1), ("mirrored", 2), ("multi_worker_mirrored", 1)])
+def test_input_iterator_feeds_replicas_like_tf_distribute(kind, replicas):
+  """Our CPU input path (no MultiDeviceIterator) gives every replica the batches tf.distribute's
+  default path would, for each strategy kind."""
+  result = subprocess.run([sys.executable, "-c", _INPUT_SCRIPT, kind], env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["replicas"] == replicas
+  assert out["ours"] == out["default"]
+  steps = out["ours"]
+  assert all(len(step) == replicas and len(step[0]) == 8 // replicas for step in steps)
+  for epoch in (steps[:13], steps[13:]):  # 100 examples / batch 8 = 13 steps, last one padded
+    assert {label for step in epoch for row in step for label in row} == set(range(100))

@@ -299,10 +299,9 @@ class _TrainLoop:
     logging.info("Training steps %d -> %d (%d per epoch, global batch %d, %d replica(s)).",
                  step, self.ctx.total_steps, self.ctx.steps_per_epoch, c.global_batch_size,
                  self.runtime.num_replicas)
-    dataset = self.runtime.strategy.distribute_datasets_from_function(data.train_dataset_fn(
+    iterator = distribute.input_iterator(self.runtime, data.train_dataset_fn(
         self.ctx.splits.train_images, self.ctx.splits.train_labels, c.global_batch_size, c.seed,
         start_step=step, total_steps=self.ctx.total_steps))
-    iterator = iter(dataset)
     chunker = _Chunker(c, self.ctx.total_steps)
     window = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     steady_images, steady_seconds, first = 0, 0.0, True
