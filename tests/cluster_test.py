@@ -109,6 +109,16 @@ def test_strategy_that_does_not_fit_the_cluster(requested, environ, message):
     cluster.check_strategy(requested, cluster.parse_cluster(environ))
 
 
+def test_cpu_devices_do_not_fit_a_multi_worker_job():
+  two = cluster.parse_cluster(env({"cluster": {"worker": W2}, "task": {"type": "worker",
+                                                                      "index": 0}}))
+  for requested in ("auto", "multi_worker_mirrored"):
+    with pytest.raises(errors.ConfigError, match="--num_cpu_devices=2 but TF_CONFIG describes 2"):
+      cluster.check_strategy(requested, two, num_cpu_devices=2)
+  cluster.check_strategy("auto", two, num_cpu_devices=1)  # one device per worker is what it is
+  cluster.check_strategy("auto", cluster.parse_cluster({}), num_cpu_devices=2)
+
+
 @pytest.mark.parametrize("requested, environ", [
     ("auto", {}), ("one_device", {}), ("mirrored", {}),
     ("auto", env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 0}})),

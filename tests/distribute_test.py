@@ -1,4 +1,4 @@
-"""Table tests for trainer.distribute: how many CPU replicas auto picks and how cores are read."""
+"""Table tests for trainer.distribute: how many CPU replicas auto picks, and the input path."""
 
 import json
 import subprocess
@@ -49,15 +49,6 @@ def test_choose_kind_single_task(devices, gpus, expected):
 
 def test_choose_kind_multi_worker():
   assert distribute.choose_kind("auto", TWO_WORKERS, 0, 1) == "multi_worker_mirrored"
-
-
-def test_available_cores_honours_the_launchers_share():
-  machine = distribute.available_cores({})
-  assert 1 <= machine
-  assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "1"}) == 1
-  # A share larger than the machine, or junk, does not add cores.
-  assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "512"}) == machine
-  assert distribute.available_cores({"TF_NUM_INTRAOP_THREADS": "x"}) == machine
 
 
 def test_tensorflow_started_before_the_run_keeps_its_devices():

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, child_env, run_module, tiny_flags
-from trainer import distribute
+from trainer import cores
 from trainer import errors
 from trainer import launcher
 
@@ -111,7 +111,7 @@ def test_peer_killed_mid_run(tmp_path, tfds_dir):
   assert elapsed < 60, f"survivor took {elapsed:.0f}s"
 
 
-@pytest.mark.skipif(distribute.available_cores({}) < 2, reason="needs 2 cores")
+@pytest.mark.skipif(cores.available({}) < 2, reason="needs 2 cores")
 def test_auto_one_replica_per_core(tmp_path, tfds_dir):
   model_dir = tmp_path / "run"
   result = run_module("trainer.task", *tiny_flags(str(model_dir), tfds_dir,

@@ -86,6 +86,15 @@ def test_bad_tf_config_fails_before_tensorflow_loads(tmp_path, tf_config, messag
   assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "tfds")
 
 
+def test_cpu_split_in_a_multi_worker_job_fails_before_tensorflow_loads(tmp_path):
+  tf_config = ('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": '
+               '"worker", "index": 0}}')
+  result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), str(tmp_path / "tfds")),
+                            "--num_cpu_devices=2", TF_CONFIG=tf_config)
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout
+  assert "--num_cpu_devices=2 but TF_CONFIG describes 2 workers" in result.stdout
+
+
 def test_flagfile_and_incompatible_model_dir(tmp_path, tfds_dir):
   flagfile = tmp_path / "run.flags"
   flagfile.write_text("\n".join(tiny_flags(str(tmp_path / "run"), tfds_dir, train_steps=5,

@@ -107,8 +107,13 @@ def parse_cluster(environ: Mapping[str, str]) -> ClusterInfo:
                      tf_config=normalized)
 
 
-def check_strategy(requested: str, cluster: ClusterInfo) -> None:
-  """--strategy must fit the cluster; checked before TensorFlow loads, so it fails at once."""
+def check_strategy(requested: str, cluster: ClusterInfo, num_cpu_devices: int = 0) -> None:
+  """--strategy and --num_cpu_devices must fit the cluster; checked before TensorFlow loads."""
+  if num_cpu_devices > 1 and cluster.is_multi_worker:
+    raise errors.ConfigError(
+        f"--num_cpu_devices={num_cpu_devices} but TF_CONFIG describes {cluster.num_workers} "
+        "workers, and a multi-worker job runs one replica per worker: drop --num_cpu_devices, "
+        "or start more workers.")
   if requested == "multi_worker_mirrored" and not cluster.is_multi_worker:
     raise errors.ConfigError(
         "--strategy=multi_worker_mirrored needs TF_CONFIG (or CLUSTER_SPEC) listing the "

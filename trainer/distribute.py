@@ -7,6 +7,7 @@ import os
 import tensorflow as tf
 
 from trainer import cluster as cluster_lib
+from trainer import cores as cores_lib
 
 # Auto CPU replicas stop at this many examples each: smaller per-replica batches leave the
 # kernels too little work to beat one multi-threaded device (not measured beyond 2 cores).
@@ -37,44 +38,14 @@ class Runtime:
 def choose_kind(requested: str, cluster: cluster_lib.ClusterInfo, num_gpus: int,
                 num_cpu_devices: int) -> str:
   """auto: multi-worker when TF_CONFIG lists several tasks, mirrored with several devices."""
+  cluster_lib.check_strategy(requested, cluster, num_cpu_devices)
   if requested == "auto":
     if cluster.is_multi_worker:
       return "multi_worker_mirrored"
     if num_gpus > 1 or (num_gpus == 0 and num_cpu_devices > 1):
       return "mirrored"
     return "one_device"
-  cluster_lib.check_strategy(requested, cluster)
   return requested
-
-
-def available_cores(environ=None) -> int:
-  """The cores this process may use: affinity, the container's CPU quota, and the launcher's
-  per-worker share (TF_NUM_INTRAOP_THREADS), whichever is smallest."""
-  environ = os.environ if environ is None else environ
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  cores = min(cores or 1, _cgroup_quota_cores() or cores or 1)
-  share = environ.get("TF_NUM_INTRAOP_THREADS", "")
-  if share.isdigit() and int(share) > 0:
-    cores = min(cores, int(share))
-  return max(1, cores)
-
-
-def _cgroup_quota_cores():
-  """ceil(quota / period) from cgroup v2 cpu.max or v1 cfs files; None when unlimited."""
-  try:
-    with open("/sys/fs/cgroup/cpu.max") as f:
-      quota, period = f.read().split()[:2]
-  except (OSError, ValueError):
-    try:
-      with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
-        quota = f.read().strip()
-      with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-        period = f.read().strip()
-    except OSError:
-      return None
-  if quota in ("max", "-1") or not period.isdigit() or int(period) <= 0:
-    return None
-  return max(1, -(-int(quota) // int(period)))
 
 
 def cpu_device_count(config, cluster: cluster_lib.ClusterInfo, num_gpus: int,
@@ -122,7 +93,7 @@ def _split_cpu(num_cpu_devices: int, cores: int) -> int:
 def create_runtime(config, cluster: cluster_lib.ClusterInfo) -> Runtime:
   """Creates the strategy; must run before any other TensorFlow op (TF's rule)."""
   gpus = tf.config.list_physical_devices("GPU")
-  cores = available_cores()
+  cores = cores_lib.available()
   num_cpu_devices = cpu_device_count(config, cluster, len(gpus), cores)
   kind = choose_kind(config.strategy, cluster, len(gpus), num_cpu_devices)
   if kind == "multi_worker_mirrored":

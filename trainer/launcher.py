@@ -12,10 +12,13 @@ import time
 from absl import app
 from absl import flags
 
+from trainer import cores
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("workers", 2, "Number of worker processes.")
 flags.DEFINE_integer("threads_per_worker", 0,
-                     "Intra-op threads per worker (0: the machine's cores divided by --workers).")
+                     "Intra-op threads per worker (0: the cores this process may use, after "
+                     "affinity and the container's CPU quota, divided by --workers).")
 flags.DEFINE_float("shutdown_grace_s", 30.0,
                    "After Ctrl-C or SIGTERM, seconds the workers get to checkpoint before SIGKILL.")
 
@@ -32,6 +35,11 @@ def free_ports(count: int) -> list:
   finally:
     for s in sockets:
       s.close()
+
+
+def default_threads(num_workers: int, environ) -> int:
+  """Each worker's share of the cores this process may use (not of every core on the host)."""
+  return max(1, cores.available(environ) // num_workers)
 
 
 def worker_env(base_env, addresses, index: int, threads: int) -> dict:
@@ -60,7 +68,7 @@ class Cluster:
   def __init__(self, num_workers: int, trainer_args, threads_per_worker: int = 0,
                env=None, module: str = "trainer.task"):
     self.addresses = [f"localhost:{p}" for p in free_ports(num_workers)]
-    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // num_workers)
+    threads = threads_per_worker or default_threads(num_workers, env or os.environ)
     self._lock = threading.Lock()
     self._kill_at = None  # monotonic time after which wait() SIGKILLs remaining workers
     self.procs, self._pumps = [], []

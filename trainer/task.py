@@ -38,7 +38,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}", errors.EXIT_CONFIG)
   try:
     config = config_lib.config_from_flags()
-    cluster_lib.check_strategy(config.strategy, cluster_lib.parse_cluster(os.environ))
+    cluster_lib.check_strategy(config.strategy, cluster_lib.parse_cluster(os.environ),
+                               config.num_cpu_devices)
     from trainer import train  # TensorFlow loads only after flags and TF_CONFIG are good.
     train.train_and_evaluate(config)
   except errors.TrainerError as e:
