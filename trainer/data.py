@@ -202,7 +202,7 @@ def shard_indices(num_examples: int, global_batch_size: int, seed: int, epoch,
   return tf.reshape(indices[:, pipeline_id], [steps * local_replicas, per_replica_batch])
 
 
-def without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+def _without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Turns off tf.data's autotuning thread; AUTOTUNE sizes then stay at tf.data's defaults.
 
   Deleting an iterator waits out that thread's current sleep, which doubles up to 60 s (see
@@ -247,7 +247,7 @@ def train_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
     ds = tf.data.Dataset.range(start_epoch, end_epoch + 1).flat_map(epoch_rows)
     ds = ds.skip(offset * local_replicas)
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
+    return _without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
 
   return dataset_fn
 
@@ -257,7 +257,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 1000)
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
   ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y),
               num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-  return without_autotune_thread(ds)
+  return _without_autotune_thread(ds)
 
 
 def read_idx(path: str) -> np.ndarray:

@@ -151,5 +151,10 @@ def input_iterator(runtime: Runtime, dataset_fn):
   # One local replica (one device, or one per worker): its own pipeline, sharded with the
   # input context the strategy itself builds; the strategy's wrapper is never iterated.
   made = []
-  strategy.distribute_datasets_from_function(lambda ctx: made.append(dataset_fn(ctx)) or made[-1])
+
+  def keep(ctx):
+    made.append(dataset_fn(ctx))
+    return made[-1]
+
+  strategy.distribute_datasets_from_function(keep)
   return iter(made[0])
