@@ -49,6 +49,13 @@ class Config:
   num_cpu_devices: int = 0  # 0 = auto: one single-threaded replica per core (CPU-only, 1 task)
   collective_timeout_s: float = 300.0
   preemption_grace_s: float = 25.0
+  # Starting over on purpose: without it a model_dir whose checkpoints cannot be read is an
+  # error (exit 3), never silently overwritten.
+  restart_from_scratch: bool = False
+  # The trainer's own cap on platform restarts (counted in the checkpoint dir); 0 = no cap.
+  max_job_restarts: int = 0
+  # Refuse to train on the CPU when TensorFlow sees no GPU (also implied on NVIDIA machines).
+  require_gpu: bool = False
   # The default recipe (after tuomaso/train_mnist_fast: no dropout, Adam with short memories,
   # one-cycle; >= 99% test accuracy in 2 epochs). 2x2 pixel blocks are folded into channels so
   # both convolutions see deep 14x14 inputs: CPU kernels run those near half of peak, where a
@@ -191,6 +198,12 @@ _HELP = {
                        "0 = one per core for a single CPU-only task, 1 = one device.",
     "collective_timeout_s": "Give up (exit 143) when a peer is silent this long.",
     "preemption_grace_s": "Seconds between SIGTERM and the forced exit.",
+    "restart_from_scratch": "Move aside a model_dir's unreadable checkpoints and start at step 0 "
+                            "(without it such a model_dir is an error, exit 3).",
+    "max_job_restarts": "Exit with the permanent code 7 once the job has been started more than "
+                        "this many times in one checkpoint dir (0: no cap).",
+    "require_gpu": "Exit 2 when TensorFlow sees no GPU instead of training on the CPU (implied "
+                   "when the machine has NVIDIA GPUs).",
     "model_widths": "Channels of the convolution blocks.",
     "kernel_sizes": "Kernel size of each convolution block (one per --model_widths entry).",
     "pool_sizes": "Max-pool size after each convolution block (1: no pooling).",

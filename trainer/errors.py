@@ -9,11 +9,13 @@ EXIT_CONFIG = 2  # bad or contradictory flags, TF_CONFIG or environment
 EXIT_DATA = 3  # missing, unreadable or corrupt input data
 EXIT_INCOMPATIBLE_CHECKPOINT = 4  # model_dir holds a checkpoint of another model
 EXIT_DIVERGED = 5  # NaN or inf loss
-EXIT_STORAGE = 6  # permanent storage error (403, missing bucket)
+EXIT_STORAGE = 6  # permanent storage error (403, missing bucket, disk full)
+EXIT_RESTARTS_EXHAUSTED = 7  # started more than --max_job_restarts times without finishing
 EXIT_RETRYABLE = 143  # preempted (SIGTERM) or a peer was lost: rerun the same command
 
 PERMANENT_EXIT_CODES = (EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_DATA,
-                        EXIT_INCOMPATIBLE_CHECKPOINT, EXIT_DIVERGED, EXIT_STORAGE)
+                        EXIT_INCOMPATIBLE_CHECKPOINT, EXIT_DIVERGED, EXIT_STORAGE,
+                        EXIT_RESTARTS_EXHAUSTED)
 
 
 class TrainerError(Exception):
@@ -40,6 +42,12 @@ class DivergenceError(TrainerError):
 
 class StorageError(TrainerError):
   exit_code = EXIT_STORAGE
+
+
+class RestartsExhaustedError(TrainerError):
+  """The platform kept restarting a job that never finished: stop the loop for good."""
+
+  exit_code = EXIT_RESTARTS_EXHAUSTED
 
 
 class RetryableError(TrainerError):
