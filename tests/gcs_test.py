@@ -169,3 +169,27 @@ def test_data_staged_from_bucket(emulator, tmp_path):
                       env=_env(emulator, tmp_path))
   assert result.returncode == 0, result.stdout[-4000:]
   assert re.search(r"Staged gs://runs/mnist-raw", result.stdout)
+
+
+def test_deterministic_run_gives_the_same_weights_locally_and_in_a_flaky_bucket(
+    emulator, tmp_path, tfds_dir):
+  """Storage retries and a GCS client's own draws must not change a seeded run's weights."""
+  flags = dict(deterministic=True, checkpoint_every_steps=5, export=False)
+  local = run_module("trainer.task", *tiny_flags(str(tmp_path / "local"), tfds_dir, **flags))
+  assert local.returncode == 0, local.stdout[-3000:]
+  with FaultProxy(emulator.host, fail_rate=0.25, seed=11) as proxy:
+    remote = run_module("trainer.task", *tiny_flags(f"gs://{BUCKET}/same", tfds_dir, **flags),
+                        env=_env(proxy, tmp_path))
+    failed = proxy.failed
+  assert remote.returncode == 0, remote.stdout[-3000:]
+  assert failed > 0, "the proxy really failed requests"
+  local_sha = json.loads((tmp_path / "local" / "metrics.json").read_text())["weights_sha256"]
+  assert json.loads(_read(emulator, "same/metrics.json"))["weights_sha256"] == local_sha
+
+
+def test_missing_bucket_names_the_checkpoint_dir_flag(emulator, tmp_path, tfds_dir):
+  result = run_module("trainer.task", *tiny_flags(str(tmp_path / "run"), tfds_dir,
+                                                  checkpoint_dir="gs://no-such-bucket/ckpt"),
+                      env=_env(emulator, tmp_path))
+  assert result.returncode == errors.EXIT_STORAGE, result.stdout[-3000:]
+  assert "or fix --checkpoint_dir" in result.stdout and "fix --model_dir" not in result.stdout

@@ -380,3 +380,39 @@ def test_logs_never_contain_credentials(proxy, gcs_root, tmp_path, caplog, monke
   assert fault_proxy.failed > 0 and "retry" in caplog.text  # and errors were logged
   for secret in ("Bearer", "access_token", token):
     assert secret not in caplog.text
+
+
+def test_failed_preflight_leaves_no_probe_behind(proxy, gcs_root, monkeypatch, emulator):
+  """The probe's upload lands but its response is lost and no retry time is left."""
+  monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "0")
+  proxy(script=[("POST /upload", "drop_response")])
+  with pytest.raises(errors.RetryableError):
+    storage.preflight(gcs_root)
+  prefix = storage.split_gcs(gcs_root)[1]
+  assert not [n for n in emulator.object_names(BUCKET, prefix) if ".preflight-" in n]
+
+
+def test_missing_bucket_names_the_flag_in_use(gcs_env):
+  with pytest.raises(errors.StorageError, match="or fix --checkpoint_dir"):
+    with storage.for_flag("--checkpoint_dir"):
+      storage.preflight("gs://no-such-bucket-here/ckpt")
+  with pytest.raises(errors.StorageError, match="or fix --model_dir"):
+    storage.preflight("gs://no-such-bucket-here/run")
+
+
+def test_retry_jitter_leaves_the_global_random_state_alone():
+  import random
+  random.seed(7)
+  state = random.getstate()
+  delays = [storage._backoff_s(attempt) for attempt in (1, 2, 3, 4)]
+  assert random.getstate() == state, "a seeded run must not depend on its storage retries"
+  assert all(0 < d <= 10 for d in delays) and len(set(delays)) == 4
+
+
+def test_write_if_generation_creates_once(gcs_root):
+  path = storage.join(gcs_root, "lock")
+  assert storage.write_if_generation(path, b"a", 0)
+  assert not storage.write_if_generation(path, b"b", 0)
+  generation = storage.generation(path)
+  assert storage.write_if_generation(path, b"c", generation)
+  assert storage.read_bytes(path) == b"c" and storage.generation(path) != generation

@@ -1,6 +1,7 @@
 """The one typed, frozen training configuration, its command-line flags and their validation."""
 
 import dataclasses
+import math
 import os
 from typing import Optional
 
@@ -12,6 +13,7 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALINGS = ("linear", "none")
 PADDINGS = ("same", "valid")
+_MAX_WAIT_S = 7 * 24 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +86,21 @@ class Config:
 
 
 def _positive(name, value):
-  if value <= 0:
+  if not value > 0:  # also false for NaN
     raise errors.ConfigError(f"--{name} must be > 0, got {value}.")
+
+
+def _finite(c: Config) -> None:
+  """NaN passes every comparison test and a NaN timeout never fires: no float may be non-finite."""
+  for field in dataclasses.fields(c):
+    value = getattr(c, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise errors.ConfigError(f"--{field.name} must be a finite number, got {value}.")
 
 
 def validate(c: Config) -> None:
   """Rejects bad or contradictory values with a message naming the flag and the fix."""
+  _finite(c)
   if not c.model_dir:
     raise errors.ConfigError("--model_dir is empty: give a local path or a gs:// URI.")
   if not c.dataset:
@@ -109,8 +120,13 @@ def validate(c: Config) -> None:
   _positive("steps_per_loop", c.steps_per_loop)
   _positive("collective_timeout_s", c.collective_timeout_s)
   _positive("preemption_grace_s", c.preemption_grace_s)
+  for name in ("collective_timeout_s", "preemption_grace_s"):
+    # Python's timers overflow far below float's range; a week is longer than any real wait.
+    if getattr(c, name) > _MAX_WAIT_S:
+      raise errors.ConfigError(f"--{name} must be at most {_MAX_WAIT_S:.0f} (a week), got "
+                               f"{getattr(c, name)}.")
   for name in ("num_cpu_devices", "warmup_steps", "eval_every_steps", "train_examples",
-               "eval_examples", "inject_nan_at_step"):
+               "eval_examples", "inject_nan_at_step", "max_job_restarts"):
     if getattr(c, name) < 0:
       raise errors.ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}.")
   if not 0.0 <= c.dropout < 1.0:

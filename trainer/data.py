@@ -157,9 +157,10 @@ def _load_split(builder, split: str, limit: int):
   return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
 
 
-def load(config) -> Splits:
+def load(config, builder=None) -> Splits:
   """Loads both splits into memory (MNIST is 55 MB decoded; decode once, not every epoch)."""
-  builder = prepare(config.dataset, config.data_dir, config.mnist_source_dir)
+  if builder is None:
+    builder = prepare(config.dataset, config.data_dir, config.mnist_source_dir)
   train_images, train_labels = _load_split(builder, "train", config.train_examples)
   test_images, test_labels = _load_split(builder, "test", config.eval_examples)
   return Splits(train_images, train_labels, test_images, test_labels,
@@ -268,3 +269,17 @@ def read_idx(path: str) -> np.ndarray:
   ndim = raw[3]
   dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
   return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def num_train_examples(builder, limit: int = 0) -> int:
+  """Size of the train split from the TFDS metadata, without decoding anything."""
+  total = builder.info.splits["train"].num_examples
+  return min(total, limit) if limit else total
+
+
+def check_batch_fits(global_batch_size: int, num_examples: int) -> None:
+  """A global batch larger than the train split is a config error, found before any allocation."""
+  if global_batch_size > num_examples:
+    raise errors.ConfigError(
+        f"--global_batch_size={global_batch_size} is larger than the {num_examples} training "
+        f"examples: use at most {num_examples} (or more --train_examples).")

@@ -1,5 +1,7 @@
 """Error types and the process exit-code contract shared by the trainer, launcher and job specs."""
 
+import errno
+
 # Exit-code contract (README "Exit codes"; deploy/ restart policies depend on these numbers).
 # 1-127 are permanent: Kubernetes TFJob `restartPolicy: ExitCode` does not retry them.
 # 143 (128 + SIGTERM) is retryable: Kubeflow and Vertex AI restart the job.
@@ -54,3 +56,10 @@ class RetryableError(TrainerError):
   """Preemption or a lost peer: the platform should rerun the same command."""
 
   exit_code = EXIT_RETRYABLE
+
+
+def is_disk_full(error: Exception) -> bool:
+  """True for ENOSPC/EDQUOT, as an OSError or in the text of a TensorFlow error."""
+  if isinstance(error, OSError) and error.errno is not None:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+  return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)

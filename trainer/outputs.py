@@ -59,12 +59,29 @@ def resolve(config, task_name: str, environ) -> RunPaths:
 
 
 def preflight(paths: RunPaths, is_chief: bool) -> None:
-  """A permanent storage problem (403, missing bucket) fails before any training."""
+  """A permanent storage problem (403, missing bucket) fails before any training.
+
+  Each error names the flag that set the failing path.
+  """
   if is_chief:
-    for path in {paths.model_dir, paths.checkpoint_dir, paths.tensorboard_dir}:
-      storage.preflight(path)
+    for path, flag in _flags_of(paths).items():
+      with storage.for_flag(flag):
+        storage.preflight(path)
   else:
-    storage.exists(paths.checkpoint_dir)  # read access is all a non-chief worker needs
+    with storage.for_flag(_flags_of(paths)[paths.checkpoint_dir]):
+      storage.exists(paths.checkpoint_dir)  # read access is all a non-chief worker needs
+
+
+def _flags_of(paths: RunPaths) -> dict:
+  """{path: the flag it came from}; a directory derived from --model_dir is --model_dir's."""
+  flags = {paths.model_dir: "--model_dir"}
+  for path, flag in ((paths.checkpoint_dir, "--checkpoint_dir"),
+                     (paths.tensorboard_dir, "--tensorboard_dir")):
+    if not path.startswith(paths.model_dir.rstrip("/") + "/"):
+      flags.setdefault(path, flag)
+    else:
+      flags.setdefault(path, "--model_dir")
+  return flags
 
 
 def publish_logs(paths: RunPaths) -> None:
@@ -95,3 +112,13 @@ def report_hypertune(metrics: dict, environ) -> None:
       hyperparameter_metric_tag="test_accuracy", metric_value=metrics["test_accuracy"],
       global_step=metrics["global_step"])
   logging.info("Reported test_accuracy=%.4f to hypertune", metrics["test_accuracy"])
+
+
+def previous_train_stats(paths: RunPaths) -> dict:
+  """The throughput figures of the run that wrote metrics.json, for a rerun that trains nothing."""
+  try:
+    previous = json.loads(storage.read_text(storage.join(paths.model_dir, "metrics.json")))
+  except (FileNotFoundError, ValueError, UnicodeDecodeError):
+    return {}
+  return {k: previous[k] for k in ("train_images_per_sec", "train_seconds")
+          if isinstance(previous, dict) and isinstance(previous.get(k), (int, float))}

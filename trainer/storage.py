@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import contextvars
 import functools
 import http.client
 import io
@@ -60,6 +61,7 @@ _TRANSIENT_TYPES = (
     # A transfer whose checksum did not match was corrupted in flight: sending it again is the fix.
     gcs_exceptions.DataCorruption,
 )
+_JITTER = random.Random()
 _URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
 
 
@@ -149,9 +151,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _backoff_s(attempt: int) -> float:
-  # Jitter spreads the retries of many workers hitting the same outage.
+  # Jitter spreads the retries of many workers hitting the same outage. It has its own random
+  # source: drawing from Python's global one would change a seeded run's weights.
   cap = min(_MAX_BACKOFF_S, _INITIAL_BACKOFF_S * 2 ** (attempt - 1))
-  return random.uniform(cap / 2, cap)
+  return _JITTER.uniform(cap / 2, cap)
 
 
 def _retry(fn, what: str):
@@ -182,16 +185,30 @@ def _retry(fn, what: str):
       time.sleep(delay)
 
 
+# The flag whose path a storage call serves: error messages name it (see `for_flag`).
+_FLAG = contextvars.ContextVar("storage_flag", default="--model_dir")
+
+
+@contextlib.contextmanager
+def for_flag(flag: str):
+  """Storage errors raised inside name `flag` (e.g. --data_dir) as the one to fix."""
+  token = _FLAG.set(flag)
+  try:
+    yield
+  finally:
+    _FLAG.reset(token)
+
+
 def _missing_bucket_message(bucket: str) -> str:
   return (f"gs://{bucket} does not exist: create it with `gcloud storage buckets create "
-          f"gs://{bucket}` or fix --model_dir")
+          f"gs://{bucket}` or fix {_FLAG.get()}")
 
 
 def _forbidden_message(bucket: str) -> str:
   return (f"permission denied on gs://{bucket}: grant the job's service account "
           f"roles/storage.objectAdmin on the bucket (`gcloud storage buckets "
           f"add-iam-policy-binding gs://{bucket} --member=serviceAccount:SA_EMAIL "
-          f"--role=roles/storage.objectAdmin`) or fix --model_dir")
+          f"--role=roles/storage.objectAdmin`) or fix {_FLAG.get()}")
 
 
 @contextlib.contextmanager
@@ -608,8 +625,14 @@ def _preflight_gcs(path: str) -> None:
   probe = _uri(bucket, _dir_prefix(name) + f".preflight-{uuid.uuid4().hex}")
   data = b"preflight\n"
   with _gcs_errors(path):
-    # A fresh name needs no generation lookup: 0 means "must not exist yet".
-    _upload(probe, lambda: io.BytesIO(data), len(data), _crc32c_bytes(data), generation=0)
+    try:
+      # A fresh name needs no generation lookup: 0 means "must not exist yet".
+      _upload(probe, lambda: io.BytesIO(data), len(data), _crc32c_bytes(data), generation=0)
+    except BaseException:
+      # An upload that failed late may still have landed: never leave the probe behind.
+      with contextlib.suppress(Exception):
+        _delete_blob(*split_gcs(probe), missing_ok=True)
+      raise
     _delete_blob(*split_gcs(probe), missing_ok=True)
   _LOG.info("preflight: %s is writable", path)
 
@@ -623,5 +646,29 @@ def _preflight_local(path: str) -> None:
     os.remove(probe)
   except OSError as exc:
     raise errors.StorageError(
-        f"{path} is not a writable directory ({exc.strerror or exc}): fix --model_dir or its "
+        f"{path} is not a writable directory ({exc.strerror or exc}): fix {_FLAG.get()} or its "
         f"permissions") from exc
+
+
+# --------------------------------------------------------------------------- generations
+
+
+def generation(path: str):
+  """The gs:// object's generation (changes on every write), or None when it does not exist."""
+  bucket, name = split_gcs(path)
+  with _gcs_errors(path):
+    blob = _get_blob(bucket, name)
+  return None if blob is None else blob.generation
+
+
+def write_if_generation(path: str, data: bytes, expected) -> bool:
+  """Writes the gs:// object only if its generation is `expected` (0: absent); False if not."""
+  data = bytes(data)
+  try:
+    with _gcs_errors(path):
+      _upload(path, lambda: io.BytesIO(data), len(data), _crc32c_bytes(data), generation=expected)
+  except errors.StorageError:
+    if generation(path) == expected:
+      raise
+    return False
+  return True

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import time
 
 import keras
@@ -22,6 +23,8 @@ from trainer import export
 from trainer import model as model_lib
 from trainer import outputs
 from trainer import preemption
+from trainer import restarts
+from trainer import run_lock
 from trainer import schedule
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -82,6 +85,10 @@ class _Trainer:
   def __init__(self, config, runtime, splits, total_steps):
     self.config = config
     self.strategy = runtime.strategy
+    # Seeded again right before the weights are drawn: whatever ran since start-up (TFDS, a
+    # GCS client's retries and multipart boundaries) may have drawn from the global sources,
+    # and a seeded run must not depend on how many storage retries it had.
+    keras.utils.set_random_seed(config.seed)
     with self.strategy.scope():
       self.model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
       self.optimizer = schedule.make_optimizer(config, total_steps)
@@ -232,6 +239,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   watchdog = preemption.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name)
   handler = preemption.PreemptionHandler(config.preemption_grace_s)
   store = None
+  lock = None
   try:
     if cluster.is_multi_worker:
       preemption.rendezvous(cluster.address_of(cluster.task_type, cluster.task_index),
@@ -239,13 +247,19 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     runtime = distribute.create_runtime(config, cluster)  # Before any other TF op.
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
-    splits = data.load(config)
+    builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir)
+    # The step budget is checked from the dataset's metadata, before decoding anything.
+    num_train = data.num_train_examples(builder, config.train_examples)
+    data.check_batch_fits(config.global_batch_size, num_train)
     data.check_divisible(config.global_batch_size, runtime.num_replicas)
-    steps_per_epoch = data.steps_per_epoch(len(splits.train_images), config.global_batch_size)
+    steps_per_epoch = data.steps_per_epoch(num_train, config.global_batch_size)
     total_steps = config_lib.resolve_steps(config, steps_per_epoch)
+    splits = data.load(config, builder)
     # Inputs are valid; now make sure the outputs can be written, still before any training.
     paths = outputs.resolve(config, cluster.task_name, environ)
     outputs.preflight(paths, runtime.is_chief)
+    if runtime.is_chief:  # only the chief writes model_dir, so only it takes the lock
+      lock = run_lock.acquire(paths.model_dir, paths.local_model_dir)
     watchdog.arm("model initialization (variables are broadcast from the chief)")
     trainer = _Trainer(config, runtime, splits, total_steps)
     watchdog.disarm()
@@ -255,26 +269,53 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     store = checkpoint_lib.CheckpointStore(trainer.checkpoint, paths.local_checkpoint_dir,
                                            runtime.is_chief, config.keep_checkpoints,
                                            remote_dir=paths.checkpoint_dir)
-    store.restore_latest(paths.model_dir)
+    store.restore_latest(paths.model_dir, config.restart_from_scratch)
+    start_step = int(trainer.step.numpy())
+    if runtime.is_chief:
+      checkpoint_lib.remove_crash_leftovers(paths.local_checkpoint_dir, paths.local_model_dir)
+      restarts.record_start(paths.checkpoint_dir, config.max_job_restarts, start_step)
     run = _Run(config=config, environ=environ, runtime=runtime, splits=splits, paths=paths,
                trainer=trainer, store=store, watchdog=watchdog, handler=handler,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-               start_step=int(trainer.step.numpy()),
+               start_step=start_step,
                # Chief-only: evaluation during and after training and the export use this copy.
                evaluator=_Evaluator(config, splits) if runtime.is_chief else None)
     return _finish(run, _TrainLoop(run).run())
   except _PEER_ERRORS as e:
     if not cluster.is_multi_worker:
       raise
-    lost = preemption.unreachable_peers(cluster.peers())
     raise errors.RetryableError(
-        f"{cluster.task_name} lost contact with its peers (lost: {', '.join(lost) or 'unknown'})"
+        f"{cluster.task_name} lost contact with its peers (lost: {_lost_peers(cluster, e)})"
         f": {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+  except (OSError, tf.errors.OpError) as e:
+    if not errors.is_disk_full(e):
+      raise
+    where = getattr(e, "filename", None) or config.model_dir
+    raise errors.StorageError(
+        f"No space left on the device of {where}: free space and rerun the same command; the "
+        "checkpoints saved so far are intact.") from None
   finally:
     handler.uninstall()
     watchdog.close()
     if store is not None:
       store.close()
+    if lock is not None:
+      lock.release()
+
+
+def _lost_peers(cluster, error) -> str:
+  """Peers whose port is closed, else the tasks TensorFlow's error names, else 'unknown'."""
+  lost = preemption.unreachable_peers(cluster.peers())
+  if lost:
+    return ", ".join(lost)
+  # A stopped (SIGSTOP) or overloaded peer still accepts connections; the collective's error
+  # names the task it gave up on, e.g. /job:worker/replica:0/task:1.
+  named = sorted({f"{t}:{i}" for t, i in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
+                                                      str(error))} - {cluster.task_name})
+  if named:
+    return ", ".join(f"{n} (its port answers but it does not: stopped or overloaded?)"
+                     for n in named)
+  return "unknown: every peer's port still answers; one may be stopped or overloaded"
 
 
 class _TrainLoop:
@@ -293,9 +334,12 @@ class _TrainLoop:
     c, t = self.c, self.t
     step = self.ctx.start_step
     if step >= self.ctx.total_steps:
-      logging.info("Checkpoint is at step %d >= %d steps: nothing to train.", step,
-                   self.ctx.total_steps)
-      return {"train_images_per_sec": 0.0, "train_seconds": 0.0}
+      logging.warning(
+          "The checkpoint in %s is at step %d, and this run has %d steps: nothing to train. To "
+          "train longer, raise --train_steps or --epochs; to start a fresh run, use a new "
+          "--model_dir (or --restart_from_scratch).", self.ctx.paths.checkpoint_dir, step,
+          self.ctx.total_steps)
+      return {}
     logging.info("Training steps %d -> %d (%d per epoch, global batch %d, %d replica(s)).",
                  step, self.ctx.total_steps, self.ctx.steps_per_epoch, c.global_batch_size,
                  self.runtime.num_replicas)
@@ -318,10 +362,11 @@ class _TrainLoop:
       self.ctx.watchdog.disarm()
       step += n
       if not math.isfinite(loss):
+        kept = (f"The last good checkpoint (step {self.last_saved}) is kept" if self.last_saved
+                else "No checkpoint was saved before it")
         raise errors.DivergenceError(
             f"Loss became {loss} by step {step} (steps {step - n + 1}-{step}); stopping every "
-            f"worker here. The last good checkpoint ({self.last_saved}) is kept. Lower "
-            "--learning_rate or raise --warmup_steps, then rerun.")
+            f"worker here. {kept}. Lower --learning_rate or raise --warmup_steps, then rerun.")
       if not first:
         steady_images += n * c.global_batch_size
         steady_seconds += elapsed
@@ -392,9 +437,12 @@ def weights_fingerprint(model) -> str:
 def _finish(run: _Run, train_stats: dict) -> dict:
   """Chief-only side effects in one place: evaluation, metrics.json, export, hypertune."""
   runtime, trainer, paths = run.runtime, run.trainer, run.paths
+  if not train_stats and runtime.is_chief:  # nothing trained: keep the last run's figures
+    train_stats = outputs.previous_train_stats(run.paths)
   metrics = {"global_step": int(trainer.step.numpy()), "start_step": run.start_step,
              "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
-             "strategy": runtime.kind, **train_stats}
+             "strategy": runtime.kind, "train_images_per_sec": 0.0, "train_seconds": 0.0,
+             **train_stats}
   metrics["weights_sha256"] = weights_fingerprint(trainer.model)
   logging.info("Final step %d weights_sha256 %s", metrics["global_step"],
                metrics["weights_sha256"])
@@ -408,6 +456,7 @@ def _finish(run: _Run, train_stats: dict) -> dict:
       outputs.publish_export(paths, local_export)
     outputs.publish_logs(paths)
     outputs.report_hypertune(metrics, run.environ)
+    restarts.record_finish(paths.checkpoint_dir)
     logging.info("test_accuracy %.4f test_loss %.4f; outputs in %s", metrics["test_accuracy"],
                  metrics["test_loss"], paths.model_dir)
   if runtime.kind == "multi_worker_mirrored":
