@@ -186,3 +186,21 @@ def test_deterministic_interrupted_equals_uninterrupted(tmp_path, tfds_dir):
   assert resumed.returncode == 0, resumed.stdout[-3000:]
   assert json.loads(open(os.path.join(resumed_dir, "metrics.json")).read())["start_step"] == stopped
   assert _final(resumed.stdout) == _final(straight.stdout), "bitwise-identical final weights"
+
+
+def test_stopped_peer_is_named(tmp_path, tfds_dir):
+  """A SIGSTOPped worker still accepts connections; the survivor must name it anyway."""
+  args = _long_args(str(tmp_path / "run"), tfds_dir, train_steps=2000, collective_timeout_s=10)
+  proc, log = _launch(args, tmp_path, "stopped")
+  text = _wait_for(tmp_path / "stopped.log", r"\[worker:1\].*step 15/2000", timeout=240)
+  pids = _worker_pids(text)
+  os.kill(pids[1], signal.SIGSTOP)
+  try:
+    out = _wait_for(tmp_path / "stopped.log", r"\[worker:0\].*(lost contact|made no progress)",
+                    timeout=120)
+  finally:
+    os.kill(pids[1], signal.SIGKILL)
+  _finish(proc, log, timeout=120)
+  line = [l for l in out.splitlines() if re.search(r"\[worker:0\].*(lost contact|made no "
+                                                    r"progress)", l)][0]
+  assert "worker:1" in line and "unknown" not in line, line

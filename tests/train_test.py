@@ -28,7 +28,7 @@ def test_train_evaluate_export(tiny):
     assert key in written
   assert written["global_step"] == 20 and written["test_examples"] == 500
   assert written["test_accuracy"] > 0.3, "20 steps on MNIST beat chance (0.1) by far"
-  assert checkpoint_lib.candidates(os.path.join(config.model_dir, "checkpoints"))[0].endswith(
+  assert checkpoint_lib.complete_checkpoints(os.path.join(config.model_dir, "checkpoints"))[0].endswith(
       "ckpt-20")
   assert os.path.isfile(os.path.join(config.model_dir, "export", "saved_model.pb"))
   assert tf.io.gfile.glob(os.path.join(config.model_dir, "logs", "train", "events.*"))
@@ -91,7 +91,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tiny):
   config = tiny(train_steps=30, inject_nan_at_step=17)
   with pytest.raises(errors.DivergenceError, match="Loss became nan by step 20"):
     train.train_and_evaluate(config)
-  paths = checkpoint_lib.candidates(os.path.join(config.model_dir, "checkpoints"))
+  paths = checkpoint_lib.complete_checkpoints(os.path.join(config.model_dir, "checkpoints"))
   assert paths[0].endswith("ckpt-10")
   reader = tf.train.load_checkpoint(paths[0])
   for name in reader.get_variable_to_shape_map():

@@ -73,14 +73,18 @@ class _FileLock:
 
   def acquire(self) -> None:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    f = open(self.path, "a+b")  # pylint: disable=consider-using-with
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      f.seek(0)
-      owner = _parse(f.read())
-      f.close()
-      raise _in_use(self._model_dir, owner, self.path) from None
+    while True:
+      f = open(self.path, "a+b")  # pylint: disable=consider-using-with
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        f.seek(0)
+        owner = _parse(f.read())
+        f.close()
+        raise _in_use(self._model_dir, owner, self.path) from None
+      if _same_file(f, self.path):
+        break
+      f.close()  # the owner released and deleted it between our open and flock: start over
     f.seek(0)
     previous = _parse(f.read())
     if previous:
@@ -95,13 +99,19 @@ class _FileLock:
   def release(self) -> None:
     if self._file is None:
       return
-    # Emptied, not deleted: deleting a flocked file lets a newcomer lock a different inode.
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.flush()
+    # Deleted while still locked: a newcomer that opened the old file finds, after its flock,
+    # that the path no longer names that file, and tries again (see acquire).
+    os.remove(self.path)
     fcntl.flock(self._file, fcntl.LOCK_UN)
     self._file.close()
     self._file = None
+
+
+def _same_file(f, path: str) -> bool:
+  try:
+    return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+  except FileNotFoundError:
+    return False
 
 
 class _BucketLock:
