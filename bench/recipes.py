@@ -17,13 +17,6 @@ from bench import report
 from bench import stats
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("recipe", [], "name=trainer flags, e.g. 'e1=--epochs=1'.")
-flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds per recipe.")
-flags.DEFINE_enum("mode", "to99", ["to99", "throughput"], "Accuracy runs or fixed-step runs.")
-flags.DEFINE_integer("steps", 300, "Steps per run in throughput mode.")
-flags.DEFINE_string("cache_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              ".cache"), "Data and run directories.")
-flags.DEFINE_float("quiet_wait_s", 60.0, "Wait this long at most for an idle CPU before a run.")
 
 
 
@@ -72,6 +65,18 @@ def rows_table(rows: list) -> str:
        for r in rows])
 
 
+
+def _define_flags() -> None:
+  """Flags exist only when this module is the entry point (importing it defines none)."""
+  flags.DEFINE_multi_string("recipe", [], "name=trainer flags, e.g. 'e1=--epochs=1'.")
+  flags.DEFINE_list("seeds", ["1", "2", "3"], "Seeds per recipe.")
+  flags.DEFINE_enum("mode", "to99", ["to99", "throughput"], "Accuracy runs or fixed-step runs.")
+  flags.DEFINE_integer("steps", 300, "Steps per run in throughput mode.")
+  flags.DEFINE_string("cache_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                ".cache"), "Data and run directories.")
+  flags.DEFINE_float("quiet_wait_s", 60.0, "Wait this long at most for an idle CPU before a run.")
+
+
 def main(argv):
   del argv
   b = harness.Bench(False, FLAGS.cache_dir, [], FLAGS.quiet_wait_s)
@@ -87,4 +92,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -21,19 +21,6 @@ from bench import report
 from bench import stats
 
 FLAGS = flags.FLAGS
-flags.DEFINE_boolean("quick", False, "One seed and short runs: a smoke test, not a measurement.")
-flags.DEFINE_list("only", [], "Run only these metrics (names as in the targets table).")
-flags.DEFINE_list("seeds", [], "Seeds for time_to_99_ratio (default 1,2,3; --quick: 1).")
-flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
-                    "Where results.json and results.md go.")
-flags.DEFINE_string("cache_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              ".cache"),
-                    "Prepared TFDS data (tfds/) and per-run model dirs and logs (runs/).")
-flags.DEFINE_float("clock_ghz", 0.0, "CPU clock for the peak (0: /proc/cpuinfo, raised to what "
-                   "a measured matmul proves).")
-flags.DEFINE_integer("flops_per_cycle", 0, "FP32 FLOP/cycle/core for the peak (0: detect).")
-flags.DEFINE_float("quiet_wait_s", 90.0, "Before each measurement, wait up to this long for "
-                   "other processes to leave the CPU idle (0: never wait).")
 
 Bench = harness.Bench
 
@@ -317,6 +304,24 @@ def _selected(only) -> list:
   return [n for n in METRICS if n in only] if only else list(METRICS)
 
 
+
+def _define_flags() -> None:
+  """Flags exist only when this module is the entry point (importing it defines none)."""
+  flags.DEFINE_boolean("quick", False, "One seed and short runs: a smoke test, not a measurement.")
+  flags.DEFINE_list("only", [], "Run only these metrics (names as in the targets table).")
+  flags.DEFINE_list("seeds", [], "Seeds for time_to_99_ratio (default 1,2,3; --quick: 1).")
+  flags.DEFINE_string("out_dir", os.path.dirname(os.path.abspath(__file__)),
+                      "Where results.json and results.md go.")
+  flags.DEFINE_string("cache_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                ".cache"),
+                      "Prepared TFDS data (tfds/) and per-run model dirs and logs (runs/).")
+  flags.DEFINE_float("clock_ghz", 0.0, "CPU clock for the peak (0: /proc/cpuinfo, raised to what "
+                     "a measured matmul proves).")
+  flags.DEFINE_integer("flops_per_cycle", 0, "FP32 FLOP/cycle/core for the peak (0: detect).")
+  flags.DEFINE_float("quiet_wait_s", 90.0, "Before each measurement, wait up to this long for "
+                     "other processes to leave the CPU idle (0: never wait).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -327,4 +332,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -2,9 +2,20 @@
 
 Usage:
   python -m deploy.k8s --workers=N --gpus_per_worker=G --image=IMAGE --model_dir=gs://B/run
-      [--chief] [--name=NAME] [--network_policy] [-- TRAINER_ARGS] | kubectl apply -f -
+      [--chief] [--name=NAME] [--network_policy] [--gang_scheduling] [--gke_accelerator=TYPE]
+      [--service_account=KSA [--gcp_service_account=GSA]] [-- TRAINER_ARGS] | kubectl apply -f -
 
 JSON because kubectl reads it as well as YAML and it needs no YAML library.
+
+What bounds a failing job (kubeflow/training-operator, deploy/README.md "Exit codes and
+restarts"): with restartPolicy ExitCode the operator deletes a pod that exited 130, 137, 138 or
+143 and creates a new one (pkg/controller.v1/common/pod.go ReconcilePods, with
+pkg/util/train/train_util.go IsRetryableExitCode); the pod's own restartPolicy is Never
+(pkg/core/pod.go SetRestartPolicy), and runPolicy.backoffLimit only sums container restart
+counts of running pods (pkg/core/job.go PastBackoffLimit), so it never counts those
+recreations (kubeflow/trainer#2045). What does stop the loop: the trainer's
+--max_job_restarts (exit 7, permanent) and runPolicy.activeDeadlineSeconds
+(pkg/core/job.go PastActiveDeadline).
 """
 
 import dataclasses
@@ -32,8 +43,29 @@ DEFAULT_NAME = "mnist-dist"
 # Seconds Kubernetes waits past the trainer's own SIGTERM deadline before SIGKILL.
 GRACE_MARGIN_S = 30
 MAX_BACKOFF_LIMIT = 10
+# Exit codes restartPolicy ExitCode recreates the pod for; every other one fails the job
+# (kubeflow/training-operator pkg/util/train/train_util.go, IsRetryableExitCode).
+OPERATOR_RETRYABLE_EXIT_CODES = (130, 137, 138, 143)
+# runPolicy.ttlSecondsAfterFinished is an int32 (pkg/apis/kubeflow.org/v1/common_types.go).
+MAX_INT32 = 2**31 - 1
+# The trainer's --max_job_restarts: starts of the chief without a finished run, then exit 7.
+DEFAULT_MAX_JOB_RESTARTS = 5
+# A day of wall clock caps a job that keeps being recreated; a week keeps a finished job's
+# pods (cleanPodPolicy Running keeps the finished ones) and logs around for inspection.
+DEFAULT_ACTIVE_DEADLINE_S = 24 * 3600
+DEFAULT_TTL_AFTER_FINISHED_S = 7 * 24 * 3600
+# GKE schedules GPU pods with this node label (cloud.google.com/kubernetes-engine/docs/how-to/gpus).
+GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
+# Workload Identity: the KSA annotation naming the Google service account it acts as
+# (cloud.google.com/kubernetes-engine/docs/how-to/workload-identity).
+WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 # TFJob pods are named <name>-worker-<i>; keep that within a 63-character DNS label.
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
+# Kubernetes object names for the ServiceAccount (a DNS subdomain kept to a label here).
+_KSA_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_GSA_RE = re.compile(
+    r"^[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9.:]*\.iam\.gserviceaccount\.com$")
+_GKE_ACCELERATOR_RE = re.compile(r"^nvidia-[a-z0-9][-a-z0-9]*$")
 
 
 class ManifestError(ValueError):
@@ -53,7 +85,13 @@ class Options:
   namespace: str = ""
   backoff_limit: int = 3
   termination_grace_s: int = 0  # 0: the trainer's --preemption_grace_s plus a margin
+  max_job_restarts: int = DEFAULT_MAX_JOB_RESTARTS
+  active_deadline_s: int = DEFAULT_ACTIVE_DEADLINE_S
+  ttl_after_finished_s: int = DEFAULT_TTL_AFTER_FINISHED_S
+  gang_scheduling: bool = False
+  gke_accelerator: str = ""
   service_account: str = ""
+  gcp_service_account: str = ""
   cpu: str = "4"
   memory: str = "16Gi"
   trainer_args: tuple = ()
@@ -87,9 +125,13 @@ def validate(o: Options) -> None:
   if not 0 <= o.backoff_limit <= MAX_BACKOFF_LIMIT:
     raise ManifestError(f"--backoff_limit={o.backoff_limit} must be in [0, {MAX_BACKOFF_LIMIT}]: "
                         "retries are for preemptions, not crash loops.")
+  _validate_bounds(o)
+  _validate_placement(o)
   try:
     trainer_args.reject(o.trainer_args, ("model_dir",), "use this tool's --model_dir.")
     trainer_args.reject(o.trainer_args, ("strategy",), "TFJob runs multi_worker_mirrored.")
+    trainer_args.reject(o.trainer_args, ("max_job_restarts",),
+                        "use this tool's --max_job_restarts.")
     grace = preemption_grace_s(o)
   except trainer_args.ArgsError as e:
     raise ManifestError(str(e)) from None
@@ -99,6 +141,43 @@ def validate(o: Options) -> None:
     raise ManifestError(f"--termination_grace_s={o.termination_grace_s} must exceed the "
                         f"trainer's --preemption_grace_s={grace:g}, or Kubernetes kills it "
                         "before its checkpoint.")
+  if o.active_deadline_s <= termination_grace_s(o):
+    raise ManifestError(f"--active_deadline_s={o.active_deadline_s} must exceed the pods' grace "
+                        f"period ({termination_grace_s(o)} s): the job could never run.")
+
+
+def _validate_bounds(o: Options) -> None:
+  """The caps that actually end a restart loop under restartPolicy ExitCode."""
+  if o.max_job_restarts < 0:
+    raise ManifestError(f"--max_job_restarts={o.max_job_restarts} must be >= 0 (0: no cap; "
+                        "then only --active_deadline_s ends a crash loop).")
+  if o.active_deadline_s <= 0:
+    raise ManifestError(f"--active_deadline_s={o.active_deadline_s} must be > 0: without it "
+                        "a pod that keeps exiting 137 or 143 is recreated forever.")
+  if not 0 <= o.ttl_after_finished_s <= MAX_INT32:
+    raise ManifestError(f"--ttl_after_finished_s={o.ttl_after_finished_s} must be in "
+                        f"[0, {MAX_INT32}] (0 deletes the finished job at once).")
+
+
+def _validate_placement(o: Options) -> None:
+  """GKE node selection and Workload Identity; both are checked here, not at apply time."""
+  if o.gke_accelerator:
+    if not _GKE_ACCELERATOR_RE.match(o.gke_accelerator):
+      raise ManifestError(f"--gke_accelerator={o.gke_accelerator!r}: use GKE's accelerator "
+                          "name, e.g. nvidia-tesla-t4, nvidia-l4, nvidia-tesla-a100.")
+    if not o.gpus_per_worker:
+      raise ManifestError("--gke_accelerator needs --gpus_per_worker > 0: CPU-only pods "
+                          "must not wait for GPU nodes.")
+  if o.service_account and not _KSA_RE.match(o.service_account):
+    raise ManifestError(f"--service_account={o.service_account!r}: a Kubernetes service "
+                        "account name (lowercase letters, digits, '-').")
+  if o.gcp_service_account:
+    if not o.service_account:
+      raise ManifestError("--gcp_service_account needs --service_account: the Kubernetes "
+                          "service account that Workload Identity maps to it.")
+    if not _GSA_RE.match(o.gcp_service_account):
+      raise ManifestError(f"--gcp_service_account={o.gcp_service_account!r}: use the Google "
+                          "service account's email, NAME@PROJECT.iam.gserviceaccount.com.")
 
 
 def _labels(o: Options) -> dict:
@@ -110,7 +189,8 @@ def _container(o: Options) -> dict:
   if o.gpus_per_worker:
     resources["limits"]["nvidia.com/gpu"] = o.gpus_per_worker
   # The image's ENTRYPOINT is `python -m trainer.task`; the operator sets TF_CONFIG.
-  args = [f"--model_dir={o.model_dir}", "--strategy=multi_worker_mirrored", *o.trainer_args]
+  args = [f"--model_dir={o.model_dir}", "--strategy=multi_worker_mirrored",
+          f"--max_job_restarts={o.max_job_restarts}", *o.trainer_args]
   return {"name": CONTAINER_NAME, "image": o.image, "args": args,
           "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
           "resources": resources,
@@ -126,13 +206,31 @@ def _pod_template(o: Options) -> dict:
           "containers": [_container(o)]}
   if o.service_account:
     spec["serviceAccountName"] = o.service_account
+  if o.gke_accelerator:
+    spec["nodeSelector"] = {GKE_ACCELERATOR_LABEL: o.gke_accelerator}
   return {"metadata": {"labels": _labels(o)}, "spec": spec}
 
 
 def _replica_spec(o: Options, replicas: int) -> dict:
-  # ExitCode: 1-127 (our permanent errors) fail the job, 128-255 (143: preempted or a lost
-  # peer) recreate the pod, which resumes from the last checkpoint.
+  # ExitCode: 130, 137, 138 and 143 (ours: preempted or a lost peer) recreate the pod, which
+  # resumes from the last checkpoint; every other code, our 1-7 included, fails the job
+  # (pkg/util/train/train_util.go IsRetryableExitCode).
   return {"replicas": replicas, "restartPolicy": "ExitCode", "template": _pod_template(o)}
+
+
+def _run_policy(o: Options) -> dict:
+  # backoffLimit stays for the other restart policies; under ExitCode it counts nothing (see
+  # the module docstring). activeDeadlineSeconds is measured from the job's start and fails
+  # it, whatever its pods are doing.
+  policy = {"backoffLimit": o.backoff_limit, "cleanPodPolicy": "Running",
+            "activeDeadlineSeconds": o.active_deadline_s,
+            "ttlSecondsAfterFinished": o.ttl_after_finished_s}
+  if o.gang_scheduling:
+    # MultiWorkerMirroredStrategy needs every worker: start none until all fit. Only takes
+    # effect when the operator runs with --gang-scheduler-name (Volcano or scheduler-plugins);
+    # pkg/controller.v1/common/job.go turns minAvailable into the PodGroup's minMember.
+    policy["schedulingPolicy"] = {"minAvailable": o.workers}
+  return policy
 
 
 def tfjob(o: Options) -> dict:
@@ -145,8 +243,25 @@ def tfjob(o: Options) -> dict:
   if o.namespace:
     metadata["namespace"] = o.namespace
   return {"apiVersion": "kubeflow.org/v1", "kind": "TFJob", "metadata": metadata,
-          "spec": {"runPolicy": {"backoffLimit": o.backoff_limit, "cleanPodPolicy": "Running"},
-                   "tfReplicaSpecs": replica_specs}}
+          "spec": {"runPolicy": _run_policy(o), "tfReplicaSpecs": replica_specs}}
+
+
+def service_account(o: Options) -> dict:
+  """The KSA the pods run as, annotated for Workload Identity with the Google SA to act as."""
+  metadata = {"name": o.service_account, "labels": {APP_LABEL: APP_NAME, JOB_LABEL: o.name},
+              "annotations": {WORKLOAD_IDENTITY_ANNOTATION: o.gcp_service_account}}
+  if o.namespace:
+    metadata["namespace"] = o.namespace
+  return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
+
+
+def workload_identity_binding_command(o: Options) -> str:
+  """The IAM binding that lets KSA namespace/name act as the GSA (Workload Identity guide)."""
+  project = o.gcp_service_account.split("@", 1)[1].split(".iam.", 1)[0]
+  namespace = o.namespace or "NAMESPACE"
+  return (f"gcloud iam service-accounts add-iam-policy-binding {o.gcp_service_account} "
+          f"--role=roles/iam.workloadIdentityUser "
+          f"--member=serviceAccount:{project}.svc.id.goog[{namespace}/{o.service_account}]")
 
 
 def network_policy(name: str = DEFAULT_NAME, namespace: str = "") -> dict:
@@ -162,10 +277,15 @@ def network_policy(name: str = DEFAULT_NAME, namespace: str = "") -> dict:
 
 
 def manifest(o: Options, with_network_policy: bool = False) -> dict:
-  if not with_network_policy:
+  """The TFJob alone, or a List that creates its ServiceAccount and NetworkPolicy first."""
+  items = []
+  if o.gcp_service_account:
+    items.append(service_account(o))
+  if with_network_policy:
+    items.append(network_policy(o.name, o.namespace))
+  if not items:
     return tfjob(o)
-  return {"apiVersion": "v1", "kind": "List",
-          "items": [network_policy(o.name, o.namespace), tfjob(o)]}
+  return {"apiVersion": "v1", "kind": "List", "items": [*items, tfjob(o)]}
 
 
 # ---- Command line ----
@@ -182,10 +302,28 @@ def _define_flags() -> None:
   flags.DEFINE_boolean("chief", False, "Make one of the --workers a Chief replica.")
   flags.DEFINE_string("name", DEFAULT_NAME, "TFJob name (also the pods' instance label).")
   flags.DEFINE_string("namespace", "", "Namespace (default: kubectl's current one).")
-  flags.DEFINE_integer("backoff_limit", 3, "Pod restarts (exit 128-255) before the job fails.")
+  flags.DEFINE_integer("backoff_limit", 3,
+                       "runPolicy.backoffLimit; counts nothing under restartPolicy ExitCode "
+                       "(see --max_job_restarts and --active_deadline_s).")
   flags.DEFINE_integer("termination_grace_s", 0,
                        "Pod grace period; 0: the trainer's --preemption_grace_s + 30.")
+  flags.DEFINE_integer("max_job_restarts", DEFAULT_MAX_JOB_RESTARTS,
+                       "Passed to the trainer: after this many restarts without a finished run "
+                       "the chief exits 7 and the job fails (0: no cap).")
+  flags.DEFINE_integer("active_deadline_s", DEFAULT_ACTIVE_DEADLINE_S,
+                       "runPolicy.activeDeadlineSeconds: the job fails this long after it "
+                       "started, restarts included.")
+  flags.DEFINE_integer("ttl_after_finished_s", DEFAULT_TTL_AFTER_FINISHED_S,
+                       "runPolicy.ttlSecondsAfterFinished: delete the finished job after this.")
+  flags.DEFINE_boolean("gang_scheduling", False,
+                       "runPolicy.schedulingPolicy.minAvailable = --workers (needs the operator's "
+                       "--gang-scheduler-name).")
+  flags.DEFINE_string("gke_accelerator", "",
+                      "GKE GPU type for the pods' nodeSelector, e.g. nvidia-tesla-t4.")
   flags.DEFINE_string("service_account", "", "Kubernetes service account (Workload Identity).")
+  flags.DEFINE_string("gcp_service_account", "",
+                      "Google service account email: also emit the --service_account "
+                      "ServiceAccount annotated for Workload Identity.")
   flags.DEFINE_string("cpu", "4", "CPU request per pod.")
   flags.DEFINE_string("memory", "16Gi", "Memory request and limit per pod.")
   flags.DEFINE_boolean("network_policy", False,
@@ -207,6 +345,9 @@ def main(argv: Sequence[str]) -> Optional[int]:
     sys.stderr.write(f"deploy.k8s: error: {e}\n")
     return 2
   print(json.dumps(manifest(o, FLAGS.network_policy), indent=2))
+  if o.gcp_service_account:
+    sys.stderr.write(f"deploy.k8s: let the KSA act as the Google service account:\n"
+                     f"  {workload_identity_binding_command(o)}\n")
   return 0
 
 

@@ -1,45 +1,181 @@
 """Builds TF_CONFIG from the Slurm step environment, then execs the trainer command in its place.
 
-Usage, one task per node (see deploy/slurm/train.sbatch):
+Usage (see deploy/slurm/train.sbatch):
   srun python -m deploy.slurm_env [--port_base=P] -- python -m trainer.task --flags...
+
+The worker list follows Slurm's own node order, not TensorFlow's SlurmClusterResolver: that
+resolver sorts host names as strings (`sorted(self._task_configuration.items())` in
+tensorflow/python/distribute/cluster_resolver/slurm_cluster_resolver.py), so on node[9-10] it
+lists node10 first while SLURM_PROCID 0 runs on node9, and two workers swap addresses.
 """
 
 import json
 import os
+import re
 import sys
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
 
+# Slurm hostlists: one bracket holds comma-separated numbers or lo-hi ranges, zero-padded to
+# the width of lo (src/common/hostlist.c, _parse_single_range / _push_range_list).
+_RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
+# "2(x3)" = 2 tasks on each of 3 consecutive nodes (sbatch(1), SLURM_TASKS_PER_NODE).
+_TASKS_RE = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+# Inside a step srun sets the STEP_ variables; the job's own describe the whole allocation.
+_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE", "SLURM_STEP_NUM_TASKS")
+_JOB_VARS = ("SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS")
+
 
 class SlurmEnvError(RuntimeError):
-  """Not inside a Slurm step, or an environment the resolver cannot turn into a cluster."""
+  """Not inside a Slurm step, or a step environment that cannot be turned into a cluster."""
 
 
-def tf_config(port_base: int = 8888) -> dict:
-  """TF_CONFIG for this task: every task of the step is a 'worker', index = SLURM_PROCID.
+def _split_top_level(expr: str) -> list:
+  """Splits a hostlist at the commas that are outside brackets."""
+  items, depth, current = [], 0, ""
+  for char in expr:
+    if char == "[":
+      depth += 1
+      if depth > 1:
+        raise SlurmEnvError(f"Hostlist {expr!r} has nested brackets.")
+    elif char == "]":
+      depth -= 1
+      if depth < 0:
+        raise SlurmEnvError(f"Hostlist {expr!r} has a ']' without '['.")
+    if char == "," and depth == 0:
+      items.append(current)
+      current = ""
+    else:
+      current += char
+  if depth:
+    raise SlurmEnvError(f"Hostlist {expr!r} has an unclosed '['.")
+  items.append(current)
+  return [item.strip() for item in items if item.strip()]
 
-  TensorFlow's resolver reads SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_STEP_NODELIST and
-  SLURM_STEP_TASKS_PER_NODE from os.environ and expands the hostlist itself (no scontrol).
-  """
-  import tensorflow as tf  # Loaded here so a bad command line fails before TensorFlow starts.
+
+def _expand_bracket(body: str, expr: str) -> list:
+  """'01-03,7' -> ['01', '02', '03', '7']: each range keeps the width of its lower bound."""
+  numbers = []
+  for part in body.split(","):
+    match = _RANGE_RE.match(part.strip())
+    if not match:
+      raise SlurmEnvError(f"Hostlist {expr!r}: bad range {part!r} in [{body}].")
+    lo_text, hi_text = match.group(1), match.group(2)
+    lo, hi = int(lo_text), int(hi_text if hi_text is not None else lo_text)
+    if hi < lo:
+      raise SlurmEnvError(f"Hostlist {expr!r}: range {part!r} runs backwards.")
+    numbers.extend(str(n).zfill(len(lo_text)) for n in range(lo, hi + 1))
+  return numbers
+
+
+def _expand_item(item: str, expr: str) -> list:
+  """One hostlist item; with several brackets the first varies slowest, as in Slurm."""
+  match = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", item)
+  if not match:
+    return [item]
+  prefix, body, rest = match.groups()
+  tails = _expand_item(rest, expr) if rest else [""]
+  return [f"{prefix}{number}{tail}" for number in _expand_bracket(body, expr) for tail in tails]
+
+
+def expand_hostlist(expr: str) -> list:
+  """'node[9-10]' -> ['node9', 'node10']; 'a[1-2],b3' -> ['a1', 'a2', 'b3']; order kept."""
+  hosts = [host for item in _split_top_level(expr) for host in _expand_item(item, expr)]
+  if not hosts:
+    raise SlurmEnvError(f"Hostlist {expr!r} names no host.")
+  if len(set(hosts)) != len(hosts):
+    raise SlurmEnvError(f"Hostlist {expr!r} names a host twice.")
+  return hosts
+
+
+def expand_tasks_per_node(expr: str) -> list:
+  """'2(x3),1' -> [2, 2, 2, 1], in node-list order."""
+  counts = []
+  for part in expr.split(","):
+    match = _TASKS_RE.match(part.strip())
+    if not match:
+      raise SlurmEnvError(f"Tasks per node {expr!r}: cannot read {part!r}.")
+    counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+  return counts
+
+
+def _step_layout(environ: Mapping[str, str]) -> tuple:
+  """(hosts, tasks per node, number of tasks): the step's, or the job's outside a step."""
+  names = _STEP_VARS if environ.get(_STEP_VARS[0]) else _JOB_VARS
+  missing = [name for name in names if not environ.get(name)]
+  if missing:
+    raise SlurmEnvError(f"{', '.join(missing)} not set: run this under srun inside an "
+                        "allocation (deploy/slurm/train.sbatch does).")
+  hosts = expand_hostlist(environ[names[0]])
+  counts = expand_tasks_per_node(environ[names[1]])
   try:
-    num_tasks = int(os.environ["SLURM_STEP_NUM_TASKS"])
+    num_tasks = int(environ[names[2]])
+  except ValueError:
+    raise SlurmEnvError(f"{names[2]}={environ[names[2]]!r} is not a number.") from None
+  if len(counts) != len(hosts):
+    raise SlurmEnvError(f"{names[1]}={environ[names[1]]!r} gives {len(counts)} nodes but "
+                        f"{names[0]}={environ[names[0]]!r} has {len(hosts)}.")
+  if sum(counts) != num_tasks:
+    raise SlurmEnvError(f"{names[1]}={environ[names[1]]!r} adds up to {sum(counts)} tasks, "
+                        f"not {names[2]}={num_tasks}.")
+  return hosts, counts, num_tasks
+
+
+def worker_addresses(hosts: Sequence[str], counts: Sequence[int], port_base: int) -> list:
+  """Task addresses in rank order under block distribution: a node's tasks take consecutive
+  ranks and ports port_base, port_base + 1, ... so tasks sharing a node never share a port."""
+  return [f"{host}:{port_base + local}" for host, count in zip(hosts, counts)
+          for local in range(count)]
+
+
+def _node_of_rank(counts: Sequence[int], rank: int) -> tuple:
+  """(node index, local index) of a rank under block distribution."""
+  first = 0
+  for node, count in enumerate(counts):
+    if rank < first + count:
+      return node, rank - first
+    first += count
+  raise AssertionError("rank checked against the task count before")
+
+
+def _check_own_node(environ: Mapping[str, str], hosts, counts, rank: int) -> None:
+  """This task must run where the block layout puts it, or the workers would dial the wrong
+  peers. srun(1) --distribution: block, the default, "will distribute tasks to a node such
+  that consecutive tasks share a node"; a cyclic or plane layout, or a node list whose order
+  is not the task order, fails here. SLURMD_NODENAME is the node running this task."""
+  node, local = _node_of_rank(counts, rank)
+  actual = environ.get("SLURMD_NODENAME")
+  if not actual:
+    raise SlurmEnvError("SLURMD_NODENAME is not set: run this under srun, which sets it.")
+  if actual != hosts[node]:
+    raise SlurmEnvError(f"Task SLURM_PROCID={rank} runs on {actual}, but the node list puts it "
+                        f"on {hosts[node]}: task ranks must follow the node list in blocks; drop "
+                        "srun's --distribution (block is Slurm's default) or pass "
+                        "--distribution=block.")
+  local_id = environ.get("SLURM_LOCALID")
+  if local_id is not None and local_id.isdigit() and int(local_id) != local:
+    raise SlurmEnvError(f"Task SLURM_PROCID={rank} has SLURM_LOCALID={local_id}, but the node "
+                        f"list makes it local task {local} of {hosts[node]}.")
+
+
+def tf_config(port_base: int = 8888, environ: Optional[Mapping[str, str]] = None) -> dict:
+  """TF_CONFIG for this task: every task of the step is a 'worker', index = SLURM_PROCID."""
+  environ = os.environ if environ is None else environ
+  hosts, counts, num_tasks = _step_layout(environ)
+  try:
+    rank = int(environ["SLURM_PROCID"])
   except (KeyError, ValueError):
-    raise SlurmEnvError("SLURM_STEP_NUM_TASKS is missing or not a number: run this under "
-                        "srun inside an allocation.") from None
-  try:
-    # GPUs are Slurm's business (--gpus-per-node binds them to the task), so the resolver must
-    # not rewrite CUDA_VISIBLE_DEVICES nor run nvidia-smi. It still pairs ports with "GPU slots"
-    # and drops tasks beyond gpus_per_node/gpus_per_task, so give one slot per possible task.
-    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-        port_base=port_base, gpus_per_node=num_tasks, gpus_per_task=1, auto_set_gpu=False)
-    cluster = resolver.cluster_spec().as_dict()
-    task_type, task_index = resolver.get_task_info()
-  except (RuntimeError, ValueError) as e:
-    raise SlurmEnvError(f"Cannot build the cluster from the Slurm environment: {e}") from None
-  return {"cluster": cluster, "task": {"type": task_type, "index": task_index}}
+    raise SlurmEnvError("SLURM_PROCID is missing or not a number: run this under srun.") from None
+  if not 0 <= rank < num_tasks:
+    raise SlurmEnvError(f"SLURM_PROCID={rank} is outside the step's {num_tasks} tasks.")
+  if not 1 <= port_base <= 65535 - max(counts) + 1:
+    raise SlurmEnvError(f"--port_base={port_base}: ports up to port_base + {max(counts) - 1} "
+                        "must fit in 1-65535.")
+  _check_own_node(environ, hosts, counts, rank)
+  return {"cluster": {"worker": worker_addresses(hosts, counts, port_base)},
+          "task": {"type": "worker", "index": rank}}
 
 
 FLAGS = flags.FLAGS

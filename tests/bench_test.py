@@ -224,3 +224,15 @@ def test_code_notes_warn_only_when_the_trainer_changed():
   assert len(moved) == 1 and "did not change" in moved[0] and "WARNING" not in moved[0]
   changed = harness.code_notes(base, {"commit": "aaa1111", "trainer_sha256": "4567"})
   assert len(changed) == 1 and changed[0].startswith("WARNING: trainer/ changed")
+
+
+def test_entry_points_define_flags_only_when_run():
+  """Importing any entry point next to another must not collide on flag names."""
+  import os
+  import subprocess
+  import sys
+  code = ("import bench.run, bench.recipes, deploy.vertex, deploy.k8s\n"
+          "from trainer import task\nprint('imported')")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]

@@ -96,3 +96,16 @@ def test_kernel_and_pool_sizes_follow_model_widths_unless_given():
 def test_bad_model_widths_flag():
   with pytest.raises(errors.ConfigError, match="--model_widths"):
     config_lib.config_from_flags(_parse(["--model_widths=4,x"]), environ={})
+
+
+def test_test_hooks_are_not_flags_but_environment_variables():
+  from absl import flags as absl_flags
+  values = absl_flags.FlagValues()
+  config_lib.define_flags(values)
+  values(["prog", "--epochs=1"])
+  assert "inject_nan_at_step" not in values
+  assert config_lib.config_from_flags(values, environ={}).inject_nan_at_step == 0
+  hooked = config_lib.config_from_flags(values, environ={"TRAINER_INJECT_NAN_AT_STEP": "7"})
+  assert hooked.inject_nan_at_step == 7
+  with pytest.raises(errors.ConfigError, match="TRAINER_INJECT_NAN_AT_STEP"):
+    config_lib.config_from_flags(values, environ={"TRAINER_INJECT_NAN_AT_STEP": "x"})

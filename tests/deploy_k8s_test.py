@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags as absl_flags
 
 from deploy import k8s
 from trainer import errors
@@ -55,6 +56,7 @@ def test_cli_renders_a_tfjob_with_n_gpu_workers():
   assert c["image"] == IMAGE
   assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
   assert c["args"] == [f"--model_dir={MODEL_DIR}", "--strategy=multi_worker_mirrored",
+                       f"--max_job_restarts={k8s.DEFAULT_MAX_JOB_RESTARTS}",
                        "--epochs=4", "--global_batch_size=256"]
   assert {"name": "tfjob-port", "containerPort": 2222, "protocol": "TCP"} in c["ports"]
   assert "command" not in c, "the image's ENTRYPOINT runs trainer.task"
@@ -70,12 +72,82 @@ def test_chief_is_one_of_the_workers():
 def test_restart_policy_matches_the_exit_code_contract():
   job = render("--chief")
   for replica in replicas(job).values():
-    # ExitCode retries 128-255 and fails the job on 1-127.
+    # ExitCode recreates pods only for the operator's retryable codes; all others fail the job.
     assert replica["restartPolicy"] == "ExitCode"
-  assert 128 <= errors.EXIT_RETRYABLE <= 255
-  assert all(1 <= code <= 127 for code in errors.PERMANENT_EXIT_CODES)
+  assert errors.EXIT_RETRYABLE in k8s.OPERATOR_RETRYABLE_EXIT_CODES
+  assert not set(errors.PERMANENT_EXIT_CODES) & set(k8s.OPERATOR_RETRYABLE_EXIT_CODES)
+  assert errors.EXIT_RESTARTS_EXHAUSTED in errors.PERMANENT_EXIT_CODES
   backoff = job["spec"]["runPolicy"]["backoffLimit"]
   assert 0 < backoff <= k8s.MAX_BACKOFF_LIMIT
+
+
+# RunPolicy's JSON fields (kubeflow/training-operator pkg/apis/kubeflow.org/v1/common_types.go).
+RUN_POLICY_FIELDS = {"cleanPodPolicy", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
+                     "backoffLimit", "schedulingPolicy", "suspend", "managedBy"}
+SCHEDULING_POLICY_FIELDS = {"minAvailable", "queue", "minResources", "priorityClass",
+                            "scheduleTimeoutSeconds"}
+
+
+def test_restarts_are_bounded_by_a_deadline_and_the_trainers_own_count():
+  """backoffLimit counts nothing under ExitCode (kubeflow/trainer#2045): these do."""
+  job = render("--max_job_restarts", "2", "--active_deadline_s", "7200",
+               "--ttl_after_finished_s", "600")
+  policy = job["spec"]["runPolicy"]
+  assert set(policy) <= RUN_POLICY_FIELDS
+  assert policy["activeDeadlineSeconds"] == 7200
+  assert policy["ttlSecondsAfterFinished"] == 600
+  assert "--max_job_restarts=2" in container(replicas(job)["Worker"])["args"]
+  defaults = render()["spec"]["runPolicy"]
+  assert defaults["activeDeadlineSeconds"] == k8s.DEFAULT_ACTIVE_DEADLINE_S > 0
+  assert defaults["ttlSecondsAfterFinished"] == k8s.DEFAULT_TTL_AFTER_FINISHED_S
+
+
+def test_the_trainer_parses_the_rendered_arguments():
+  from trainer import config
+  job = render("--max_job_restarts", "4", "--", "--epochs=1")
+  flag_values = absl_flags.FlagValues()
+  config.define_flags(flag_values)
+  flag_values(["trainer", *container(replicas(job)["Worker"])["args"]])
+  parsed = config.config_from_flags(flag_values, environ={})
+  assert parsed.max_job_restarts == 4
+  assert parsed.model_dir == MODEL_DIR
+  assert parsed.strategy == "multi_worker_mirrored"
+
+
+def test_gang_scheduling_waits_for_every_worker():
+  job = render("--chief", "--gang_scheduling")
+  scheduling = job["spec"]["runPolicy"]["schedulingPolicy"]
+  assert set(scheduling) <= SCHEDULING_POLICY_FIELDS
+  total = sum(r["replicas"] for r in replicas(job).values())
+  assert scheduling == {"minAvailable": total} and total == 3
+  assert "schedulingPolicy" not in render()["spec"]["runPolicy"]
+
+
+def test_gke_accelerator_selects_gpu_nodes():
+  job = render("--gke_accelerator", "nvidia-l4")
+  for replica in replicas(job).values():
+    assert pod_spec(replica)["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+  assert "nodeSelector" not in pod_spec(replicas(render())["Worker"])
+
+
+def test_workload_identity_service_account_comes_first():
+  gsa = "trainer@my-proj.iam.gserviceaccount.com"
+  result = run_k8s("--workers", "2", "--image", IMAGE, "--model_dir", MODEL_DIR,
+                   "--namespace", "ml", "--service_account", "trainer-ksa",
+                   "--gcp_service_account", gsa, "--network_policy")
+  assert result.returncode == 0, result.stderr
+  listing = json.loads(result.stdout)
+  account, policy, job = listing["items"]
+  assert [account["kind"], policy["kind"], job["kind"]] == ["ServiceAccount", "NetworkPolicy",
+                                                            "TFJob"]
+  assert account["metadata"]["name"] == "trainer-ksa"
+  assert account["metadata"]["namespace"] == "ml"
+  assert account["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": gsa}
+  assert pod_spec(replicas(job)["Worker"])["serviceAccountName"] == "trainer-ksa"
+  # The IAM binding that lets the KSA act as the GSA, ready to paste.
+  assert (f"gcloud iam service-accounts add-iam-policy-binding {gsa} "
+          "--role=roles/iam.workloadIdentityUser "
+          "--member=serviceAccount:my-proj.svc.id.goog[ml/trainer-ksa]") in result.stderr
 
 
 def test_grace_period_outlasts_the_trainers_preemption_deadline():
@@ -140,6 +212,28 @@ def test_shipped_network_policy_matches_the_default_job():
     (["--image", IMAGE, "--model_dir", MODEL_DIR, "--", "--strategy=mirrored"], "--strategy"),
     (["--image", IMAGE, "--model_dir", MODEL_DIR, "--", "--model_dir=gs://x"], "--model_dir"),
     (["--image", IMAGE, "--model_dir", MODEL_DIR, "--gpus", "2"], "gpus"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--active_deadline_s", "0"],
+     "--active_deadline_s=0 must be > 0"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--active_deadline_s", "40"],
+     "must exceed the pods' grace period"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--ttl_after_finished_s", "-1"],
+     "--ttl_after_finished_s=-1"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--ttl_after_finished_s", str(2**31)],
+     "--ttl_after_finished_s"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--max_job_restarts", "-1"],
+     "--max_job_restarts=-1"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--", "--max_job_restarts=9"],
+     "use this tool's --max_job_restarts"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--gke_accelerator", "tesla-t4"],
+     "--gke_accelerator='tesla-t4'"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--gke_accelerator", "nvidia-tesla-t4",
+      "--gpus_per_worker", "0"], "--gke_accelerator needs --gpus_per_worker > 0"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--gcp_service_account",
+      "trainer@p-123.iam.gserviceaccount.com"], "--gcp_service_account needs --service_account"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--service_account", "ksa",
+      "--gcp_service_account", "trainer@gmail.com"], "NAME@PROJECT.iam.gserviceaccount.com"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--service_account", "Bad_KSA"],
+     "--service_account='Bad_KSA'"),
 ])
 def test_bad_flags_fail_with_a_clear_message(args, message):
   result = run_k8s(*args)

@@ -3,19 +3,23 @@
 import json
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
 import pytest
+from absl import flags as absl_flags
 from google.cloud import aiplatform_v1
 from google.protobuf import json_format
 
 from deploy import vertex
+import conftest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUTPUT_DIR = "gs://out-bucket/runs/r1"
 STAGING = "gs://staging-bucket"
 IMAGE = "us-docker.pkg.dev/proj/repo/mnist-trainer:1"
+EXECUTOR = f"us-docker.pkg.dev/vertex-ai/training/{vertex.NEWEST_PREBUILT_TF}:latest"
 TRAINER_ARGS = ["--epochs=3", "--checkpoint_every_steps=200"]
 CUSTOM_JOBS = {"custom_job_one_gpu": ("one_device", 1, [1]),
                "custom_job_multi_gpu": ("mirrored", 4, [1]),
@@ -30,6 +34,12 @@ def run_vertex(*args):
                         capture_output=True, text=True, timeout=120)
 
 
+def dry_run(*args, job="one_gpu"):
+  result = run_vertex("submit", "--dry_run", f"--job={job}", f"--output_dir={OUTPUT_DIR}", *args)
+  assert result.returncode == 0, result.stderr
+  return json.loads(result.stdout), result.stderr
+
+
 def api_message(body: dict, file_name: str):
   """The validator: strict parse into the official request type (unknown field -> ParseError)."""
   message_type = (aiplatform_v1.HyperparameterTuningJob if file_name.startswith("hp_tuning")
@@ -38,14 +48,25 @@ def api_message(body: dict, file_name: str):
                                ignore_unknown_fields=False)
 
 
+def options(**overrides):
+  values = dict(output_dir=OUTPUT_DIR, image_uri=IMAGE)
+  values.update(overrides)
+  return vertex.Options(**values)
+
+
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
+def render_result(tmp_path_factory):
   out = tmp_path_factory.mktemp("vertex")
   result = run_vertex("render", f"--out={out}", f"--output_dir={OUTPUT_DIR}",
-                      f"--staging_bucket={STAGING}", f"--image_uri={IMAGE}", "--workers=4",
-                      "--", *TRAINER_ARGS)
+                      f"--staging_bucket={STAGING}", f"--executor_image_uri={EXECUTOR}",
+                      f"--image_uri={IMAGE}", "--workers=4", "--", *TRAINER_ARGS)
   assert result.returncode == 0, result.stderr
-  return {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+  return result, {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+
+
+@pytest.fixture(scope="module")
+def rendered(render_result):
+  return render_result[1]
 
 
 def test_render_writes_one_file_per_job_and_mode(rendered):
@@ -92,8 +113,9 @@ def test_custom_job_shapes(rendered, stem, suffix):
   for pool in pools:
     assert pool["machineSpec"]["acceleratorCount"] == gpus
     args = _code(pool)["args"]
-    assert args[0] == f"--strategy={strategy}"
-    assert args[1:] == TRAINER_ARGS
+    assert args[:2] == [f"--strategy={strategy}",
+                        f"--max_job_restarts={vertex.DEFAULT_MAX_JOB_RESTARTS}"]
+    assert args[2:] == TRAINER_ARGS
     # Vertex AI's AIP_MODEL_DIR (from baseOutputDirectory) is the model dir, not a flag.
     assert not any(a.startswith("--model_dir") for a in args)
   spec = body["jobSpec"]
@@ -110,15 +132,33 @@ def test_multi_worker_is_one_chief_plus_workers(rendered):
   assert chief["containerSpec"] == workers["containerSpec"]
 
 
-def test_package_mode_runs_the_uploaded_sdist_on_the_prebuilt_image(rendered):
+def test_package_mode_runs_the_uploaded_sdist_on_the_chosen_prebuilt_image(rendered):
   for name in ("custom_job_one_gpu.json", "hp_tuning_job.json"):
     code = _pools(rendered[name])[0]["pythonPackageSpec"]
     assert code["pythonModule"] == "trainer.task"
-    assert code["executorImageUri"] == vertex.DEFAULT_EXECUTOR_IMAGE
-    assert code["executorImageUri"].startswith("us-docker.pkg.dev/vertex-ai/training/tf-gpu.")
+    assert code["executorImageUri"] == EXECUTOR
     [uri] = code["packageUris"]
     assert uri == f"{STAGING}/packages/{vertex.sdist_name()}"
     assert uri.endswith(".tar.gz")
+
+
+def test_package_mode_needs_an_explicit_executor_image():
+  result = run_vertex("submit", "--dry_run", f"--output_dir={OUTPUT_DIR}",
+                      f"--staging_bucket={STAGING}")
+  assert result.returncode == 2
+  assert "--executor_image_uri" in result.stderr and "--image_uri" in result.stderr
+  assert vertex.tensorflow_pin() in result.stderr
+  assert result.stdout == ""
+
+
+def test_package_mode_warns_that_the_sdist_replaces_tensorflow(render_result):
+  result, _ = render_result
+  assert "warning" in result.stderr and "TensorFlow 2.17" in result.stderr
+  assert vertex.tensorflow_pin() in result.stderr
+  # A container-only render installs nothing over the image: no warning.
+  container_only = run_vertex("submit", "--dry_run", f"--output_dir={OUTPUT_DIR}",
+                              f"--image_uri={IMAGE}")
+  assert "warning" not in container_only.stderr
 
 
 def test_container_mode_runs_the_image(rendered):
@@ -148,23 +188,217 @@ def test_hp_tuning_maximizes_test_accuracy_over_lr_and_batch(rendered):
 
 
 def test_submit_dry_run_prints_the_request_body():
-  result = run_vertex("submit", "--dry_run", "--job=multi_worker", "--workers=4",
-                      "--gpus_per_worker=2", "--accelerator_type=NVIDIA_L4",
-                      "--machine_type=g2-standard-24", "--spot", f"--output_dir={OUTPUT_DIR}",
-                      f"--image_uri={IMAGE}", "--", "--epochs=1")
-  assert result.returncode == 0, result.stderr
-  body = json.loads(result.stdout)
+  body, _ = dry_run("--workers=4", "--gpus_per_worker=2", "--accelerator_type=NVIDIA_L4",
+                    "--machine_type=g2-standard-24", "--spot", f"--image_uri={IMAGE}",
+                    "--", "--epochs=1", job="multi_worker")
   message = api_message(body, "custom_job_multi_worker.json")
   assert message.job_spec.scheduling.strategy == aiplatform_v1.Scheduling.Strategy.SPOT
   assert [p["replicaCount"] for p in _pools(body)] == [1, 3]
   assert {p["machineSpec"]["acceleratorCount"] for p in _pools(body)} == {2}
-  assert _code(_pools(body)[0])["args"] == ["--strategy=multi_worker_mirrored", "--epochs=1"]
+  assert _code(_pools(body)[0])["args"] == ["--strategy=multi_worker_mirrored",
+                                            "--max_job_restarts=5", "--epochs=1"]
   # The printed body is what the library builds in-process: one source of truth.
-  options = vertex.Options(output_dir=OUTPUT_DIR, image_uri=IMAGE, workers=4, gpus_per_worker=2,
-                           accelerator_type="NVIDIA_L4", machine_type="g2-standard-24", spot=True,
-                           trainer_args=("--epochs=1",))
-  assert body == vertex.build(options, "multi_worker", "container")
+  o = options(workers=4, gpus_per_worker=2, accelerator_type="NVIDIA_L4",
+              machine_type="g2-standard-24", spot=True, trainer_args=("--epochs=1",))
+  assert body == vertex.build(o, "multi_worker", "container")
 
+
+# ---- Machine types and accelerators (Vertex AI "configure compute") ----
+
+@pytest.mark.parametrize("machine, accelerator, gpus", [
+    ("n1-standard-8", "", 4),
+    ("n1-highmem-16", "NVIDIA_TESLA_V100", 8),
+    ("n1-standard-4", "NVIDIA_TESLA_P4", 2),
+    ("g2-standard-48", "", 4),
+    ("g2-standard-48", "NVIDIA_L4", 4),
+    ("a2-ultragpu-2g", "", 2),
+    ("a2-highgpu-8g", "", 8),
+    ("a3-highgpu-8g", "", 8),
+])
+def test_valid_machine_and_gpu_combinations_render(machine, accelerator, gpus):
+  body = vertex.build(options(machine_type=machine, accelerator_type=accelerator,
+                              gpus_per_machine=gpus, trainer_args=("--global_batch_size=256",)),
+                      "multi_gpu", "container")
+  spec = api_message(body, "custom_job").job_spec.worker_pool_specs[0].machine_spec
+  assert spec.machine_type == machine
+  assert spec.accelerator_count == gpus
+  expected = accelerator or (vertex.FIXED_GPU_MACHINES.get(machine, ("NVIDIA_TESLA_T4",))[0])
+  assert spec.accelerator_type == aiplatform_v1.AcceleratorType[expected]
+
+
+@pytest.mark.parametrize("machine", sorted(vertex.FIXED_GPU_MACHINES))
+def test_every_table_entry_is_a_real_accelerator_type(machine):
+  accelerator, count = vertex.FIXED_GPU_MACHINES[machine]
+  assert accelerator in aiplatform_v1.AcceleratorType.__members__
+  body = vertex.build(options(machine_type=machine, gpus_per_machine=count,
+                              trainer_args=(f"--global_batch_size={count * 32}",)),
+                      "multi_gpu", "container")
+  assert api_message(body, "custom_job").job_spec.worker_pool_specs[0].machine_spec \
+      .accelerator_count == count
+
+
+@pytest.mark.parametrize("args, messages", [
+    (["--job=multi_gpu", "--machine_type=g2-standard-8", "--gpus_per_machine=4"],
+     ["g2-standard-8 has exactly 1 NVIDIA_L4", "4 (g2-standard-48)", "2 (g2-standard-24)"]),
+    (["--job=multi_gpu", "--machine_type=a3-highgpu-8g", "--gpus_per_machine=1"],
+     ["a3-highgpu-8g has exactly 8 NVIDIA_H100_80GB", "--gpus_per_machine asks for 1"]),
+    (["--job=one_gpu", "--machine_type=a3-highgpu-8g"], ["the one_gpu job asks for 1"]),
+    (["--job=one_gpu", "--accelerator_type=NVIDIA_L4"],
+     ["NVIDIA_L4 does not attach to --machine_type=n1-standard-8", "g2-standard-4"]),
+    (["--job=multi_gpu", "--gpus_per_machine=3"], ["valid counts: 1, 2, 4"]),
+    (["--job=multi_gpu", "--accelerator_type=NVIDIA_TESLA_V100", "--gpus_per_machine=16"],
+     ["valid counts: 1, 2, 4, 8"]),
+    (["--job=one_gpu", "--machine_type=a2-highgpu-1g", "--accelerator_type=NVIDIA_L4"],
+     ["comes with NVIDIA_TESLA_A100"]),
+    (["--job=one_gpu", "--machine_type=n2-standard-8"], ["n2-standard-8 takes no GPUs"]),
+    (["--job=multi_gpu", "--machine_type=g2-standard-8", "--gpus_per_machine=0"],
+     ["always has GPUs"]),
+    (["--job=multi_worker", "--gpus_per_worker=0", "--accelerator_type=NVIDIA_TESLA_T4"],
+     ["CPU-only job: drop --accelerator_type"]),
+])
+def test_specs_vertex_ai_would_refuse_exit_2_with_the_valid_choices(args, messages):
+  result = run_vertex("submit", "--dry_run", f"--output_dir={OUTPUT_DIR}", f"--image_uri={IMAGE}",
+                      *args)
+  assert result.returncode == 2, result.stdout
+  for message in messages:
+    assert message in result.stderr, result.stderr
+  assert result.stdout == ""
+
+
+def test_cpu_only_jobs_have_no_accelerator():
+  body, _ = dry_run("--gpus_per_machine=0", f"--image_uri={IMAGE}", job="multi_gpu")
+  [pool] = _pools(body)
+  assert pool["machineSpec"] == {"machineType": "n1-standard-8"}
+  # One replica per vCPU, given explicitly so the batch check above matches the trainer.
+  assert _code(pool)["args"][:3] == ["--strategy=mirrored", "--max_job_restarts=5",
+                                     "--num_cpu_devices=8"]
+  api_message(body, "custom_job")
+  body, _ = dry_run("--gpus_per_worker=0", f"--image_uri={IMAGE}", job="multi_worker")
+  assert all(p["machineSpec"] == {"machineType": "n1-standard-8"} for p in _pools(body))
+  api_message(body, "custom_job")
+
+
+def test_cpu_only_batch_check_counts_vcpus():
+  with pytest.raises(vertex.SpecError, match="96 replicas"):
+    vertex.build(options(machine_type="n1-standard-96", gpus_per_machine=0), "multi_gpu",
+                 "container")
+  body = vertex.build(options(machine_type="n1-standard-96", gpus_per_machine=0,
+                              trainer_args=("--num_cpu_devices=16",)), "multi_gpu", "container")
+  assert "--num_cpu_devices=16" in _code(_pools(body)[0])["args"]
+  assert not any(a == "--num_cpu_devices=96" for a in _code(_pools(body)[0])["args"])
+  assert vertex.machine_vcpus("n2-custom-6-24576") == 6
+  assert vertex.machine_vcpus("e2-medium") is None
+
+
+# ---- Scheduling, TensorBoard, web access ----
+
+def test_flex_start_waits_at_most_max_wait():
+  body, _ = dry_run("--flex_start", "--max_wait_s=3600", f"--image_uri={IMAGE}")
+  scheduling = api_message(body, "custom_job").job_spec.scheduling
+  assert scheduling.strategy == aiplatform_v1.Scheduling.Strategy.FLEX_START
+  assert scheduling.max_wait_duration.seconds == 3600
+  assert body["jobSpec"]["scheduling"]["maxWaitDuration"] == "3600s"
+
+
+def test_disable_retries_also_turns_off_whole_job_restarts():
+  body, _ = dry_run("--disable_retries", f"--image_uri={IMAGE}", job="multi_worker")
+  scheduling = api_message(body, "custom_job").job_spec.scheduling
+  assert scheduling.disable_retries is True
+  assert scheduling.restart_job_on_worker_restart is False
+
+
+def test_tensorboard_and_web_access_reach_the_job_spec():
+  tensorboard = "projects/p/locations/europe-west4/tensorboards/123"
+  body, _ = dry_run("--region=europe-west4", f"--tensorboard={tensorboard}",
+                    "--service_account=trainer@p.iam.gserviceaccount.com", "--enable_web_access",
+                    "--image_uri=europe-docker.pkg.dev/p/r/mnist-trainer:1", job="hp_tuning")
+  spec = api_message(body, "hp_tuning_job").trial_job_spec
+  assert spec.tensorboard == tensorboard
+  assert spec.enable_web_access is True
+  assert spec.service_account == "trainer@p.iam.gserviceaccount.com"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_wait_s=600"], "only honours scheduling.maxWaitDuration with the FLEX_START"),
+    (["--spot", "--flex_start"], "pick one"),
+    (["--tensorboard=projects/p/locations/us-east1/tensorboards/1",
+      "--service_account=sa@p.iam.gserviceaccount.com"], "TensorBoard in us-central1"),
+    (["--tensorboard=projects/p/locations/us-central1/tensorboards/1"], "needs --service_account"),
+    (["--tensorboard=tensorboards/1"], "projects/PROJECT/locations/REGION/tensorboards/ID"),
+    (["--max_job_restarts=-1"], "--max_job_restarts must be >= 0"),
+    (["--", "--max_job_restarts=3"], "use this tool's --max_job_restarts"),
+    (["--region=US"], "--region='US'"),
+])
+def test_bad_scheduling_and_tensorboard_flags_exit_2(args, message):
+  result = run_vertex("submit", "--dry_run", f"--output_dir={OUTPUT_DIR}", f"--image_uri={IMAGE}",
+                      *args)
+  assert result.returncode == 2
+  assert message in result.stderr, result.stderr
+
+
+# ---- Image location vs job region ----
+
+@pytest.mark.parametrize("location, region, ok", [
+    ("us", "us-central1", True),
+    ("europe", "us-central1", False),
+    ("us", "europe-west4", False),
+    ("europe", "europe-west4", True),
+    ("europe-west4", "europe-west4", True),
+    ("europe-west1", "europe-west4", False),
+    ("asia", "asia-northeast1", True),
+    ("us", "australia-southeast1", True),  # no multi-region of its own: any one will do
+    ("us-east1", "australia-southeast1", False),
+])
+def test_image_location_must_serve_the_job_region(location, region, ok):
+  assert vertex.region_matches(location, region) is ok
+
+
+def test_cross_region_images_are_refused_unless_allowed():
+  europe_image = "europe-docker.pkg.dev/p/r/mnist-trainer:1"
+  result = run_vertex("submit", "--dry_run", f"--output_dir={OUTPUT_DIR}",
+                      f"--image_uri={europe_image}")
+  assert result.returncode == 2
+  assert "stored in europe" in result.stderr and "us-docker.pkg.dev" in result.stderr
+  body, _ = dry_run(f"--image_uri={europe_image}", "--allow_cross_region_image")
+  assert _pools(body)[0]["containerSpec"]["imageUri"] == europe_image
+  result = run_vertex("submit", "--dry_run", f"--output_dir={OUTPUT_DIR}", "--region=europe-west4",
+                      f"--staging_bucket={STAGING}", f"--executor_image_uri={EXECUTOR}")
+  assert result.returncode == 2
+  assert "--executor_image_uri" in result.stderr and "europe-docker.pkg.dev" in result.stderr
+  # Registries whose name tells no location (Docker Hub, gcr.io) are not second-guessed.
+  dry_run("--image_uri=docker.io/me/mnist-trainer:1", "--region=europe-west4")
+
+
+# ---- The commands that send a body ----
+
+def test_dry_run_prints_the_commands_that_send_the_body(tmp_path):
+  body, stderr = dry_run("--project=my-proj", "--region=europe-west4",
+                         "--image_uri=europe-docker.pkg.dev/p/r/mnist-trainer:1", job="multi_gpu")
+  commands = [line.strip() for line in stderr.splitlines() if line.startswith("  ")]
+  curl, extract, gcloud = commands
+  assert curl.startswith("curl ") and "--data @custom_job_multi_gpu_container.json" in curl
+  assert ("https://europe-west4-aiplatform.googleapis.com/v1/projects/my-proj/locations/"
+          "europe-west4/customJobs") in curl
+  assert gcloud.startswith("gcloud ai custom-jobs create --project=my-proj --region=europe-west4")
+  assert "--display-name=mnist-dist-multi-gpu" in gcloud
+  # Run the extraction step for real: gcloud's --config must be a valid CustomJobSpec.
+  (tmp_path / "custom_job_multi_gpu_container.json").write_text(json.dumps(body))
+  subprocess.run(["bash", "-c", extract], cwd=tmp_path, check=True, timeout=60)
+  config_file = shlex.split(gcloud)[-1].split("=", 1)[1]
+  spec = json.loads((tmp_path / config_file).read_text())
+  json_format.ParseDict(spec, aiplatform_v1.CustomJobSpec.pb(aiplatform_v1.CustomJobSpec()))
+  assert spec == body["jobSpec"]
+
+
+def test_hp_tuning_is_sent_to_its_own_collection():
+  body, stderr = dry_run(f"--image_uri={IMAGE}", job="hp_tuning")
+  commands = [line.strip() for line in stderr.splitlines() if line.startswith("  ")]
+  [curl] = commands
+  assert curl.endswith("/locations/us-central1/hyperparameterTuningJobs")
+  assert "--data @hp_tuning_job_container.json" in curl
+
+
+# ---- Flags and the trainer ----
 
 @pytest.mark.parametrize("args, message", [
     (["submit", "--dry_run", f"--image_uri={IMAGE}"], "--output_dir is required"),
@@ -174,8 +408,9 @@ def test_submit_dry_run_prints_the_request_body():
       "--accelerator_type=TESLA_T4"], "TESLA_T4"),
     (["submit", "--dry_run", f"--output_dir={OUTPUT_DIR}", f"--image_uri={IMAGE}", "--",
       "--model_dir=gs://x/y"], "AIP_MODEL_DIR"),
-    (["submit", "--dry_run", "--job=multi_gpu", "--gpus_per_machine=3",
-      f"--output_dir={OUTPUT_DIR}", f"--image_uri={IMAGE}"], "does not divide"),
+    (["submit", "--dry_run", "--job=multi_gpu", "--gpus_per_machine=2",
+      f"--output_dir={OUTPUT_DIR}", f"--image_uri={IMAGE}", "--", "--global_batch_size=255"],
+     "does not divide"),
     (["submit", "--dry_run", "--job=hp_tuning", f"--output_dir={OUTPUT_DIR}",
       f"--image_uri={IMAGE}", "--", "--learning_rate=0.1"], "sets it per trial"),
     (["submit", f"--output_dir={OUTPUT_DIR}", f"--image_uri={IMAGE}"], "--project"),
@@ -188,6 +423,15 @@ def test_bad_flags_fail_with_a_clear_message(args, message):
   assert result.returncode != 0
   assert message in result.stderr, result.stderr
   assert result.stdout == ""
+
+
+def test_a_bad_option_leaves_no_partial_render(tmp_path):
+  out = tmp_path / "specs"
+  result = run_vertex("render", f"--out={out}", f"--output_dir={OUTPUT_DIR}",
+                      f"--image_uri={IMAGE}", "--machine_type=g2-standard-24")
+  assert result.returncode == 2
+  assert "the one_gpu job asks for 1" in result.stderr
+  assert not out.exists()
 
 
 def test_options_are_validated_in_process():
@@ -204,6 +448,49 @@ def test_strategies_are_ones_the_trainer_accepts():
   assert set(vertex.STRATEGY_OF.values()) <= set(config.STRATEGIES)
 
 
+@pytest.mark.parametrize("kind", vertex.JOB_KINDS)
+def test_the_trainer_parses_every_rendered_argument_list(kind):
+  from trainer import config
+  o = options(gpus_per_machine=0, max_job_restarts=3)  # multi_gpu: the CPU-only arguments
+  body = vertex.build(o, kind, "container")
+  args = _code(_pools(body)[0])["args"]
+  if kind == "hp_tuning":  # Vertex AI appends the tuned values to each trial's arguments.
+    args = [*args, "--learning_rate=0.01", "--global_batch_size=128"]
+  flag_values = absl_flags.FlagValues()
+  config.define_flags(flag_values)
+  flag_values(["trainer", *args])
+  parsed = config.config_from_flags(flag_values, environ={"AIP_MODEL_DIR": f"{OUTPUT_DIR}/m"})
+  assert parsed.max_job_restarts == 3
+  assert parsed.strategy == vertex.STRATEGY_OF[kind]
+
+
 def test_package_version_comes_from_setup_py():
   assert vertex.sdist_name().startswith("mnist_dist_trainer-")
   assert f'version="{vertex.package_version()}"' in (ROOT / "setup.py").read_text()
+
+
+# ---- Where a Vertex AI job's outputs land (slow: trains for a few seconds) ----
+
+@pytest.mark.slow
+def test_outputs_land_in_the_aip_directories_vertex_ai_sets(tfds_dir, tmp_path):
+  """Vertex AI sets AIP_* from baseOutputDirectory (aiplatform_v1 CustomJobSpec); the trainer
+  gets no --model_dir. A local directory stands in for the gs:// OUTPUT prefix."""
+  output = tmp_path / "OUTPUT"
+  env = conftest.child_env(AIP_MODEL_DIR=f"{output}/model/",
+                           AIP_CHECKPOINT_DIR=f"{output}/checkpoints/",
+                           AIP_TENSORBOARD_LOG_DIR=f"{output}/logs/",
+                           TRAINER_CACHE_DIR=str(tmp_path / "cache"))
+  body = vertex.build(options(), "one_gpu", "container")
+  rendered_args = _code(_pools(body)[0])["args"]
+  tiny = [a for a in conftest.tiny_flags("unused", tfds_dir) if not a.startswith("--model_dir")]
+  result = conftest.run_module("trainer.task", *rendered_args, *tiny, env=env, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:]
+  model, checkpoints, logs = output / "model", output / "checkpoints", output / "logs"
+  metrics = json.loads((model / "metrics.json").read_text())
+  assert 0 < metrics["test_accuracy"] <= 1
+  assert (model / "export" / "saved_model.pb").exists()
+  assert list(checkpoints.glob("ckpt-*.index")), sorted(p.name for p in checkpoints.iterdir())
+  assert list(logs.rglob("events.out.tfevents.*"))
+  # Nothing of it under the model dir: resume reads AIP_CHECKPOINT_DIR, TensorBoard AIP_...LOG_DIR.
+  assert not (model / "checkpoints").exists() and not (model / "logs").exists()
+  assert not list(model.rglob("ckpt-*")) and not list(model.rglob("events.out.tfevents.*"))

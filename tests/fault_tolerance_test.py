@@ -128,9 +128,10 @@ def test_sigkill_one_worker_then_relaunch(tmp_path, tfds_dir):
 
 
 def test_nan_stops_both_workers_at_the_same_step(tmp_path, tfds_dir):
-  args = tiny_flags(str(tmp_path / "run"), tfds_dir, train_steps=60, inject_nan_at_step=23,
+  args = tiny_flags(str(tmp_path / "run"), tfds_dir, train_steps=60,
                     collective_timeout_s=30)
-  result = run_module("trainer.launcher", "--workers=2", "--", *args, timeout=300)
+  result = run_module("trainer.launcher", "--workers=2", "--", *args, timeout=300,
+                      env=child_env(TRAINER_INJECT_NAN_AT_STEP=23))
   assert result.returncode == errors.EXIT_DIVERGED, result.stdout[-4000:]
   assert "[launcher] exit codes: [5, 5]" in result.stdout
   steps = re.findall(r"\[(worker:\d)\].*Loss became nan by step (\d+)", result.stdout)

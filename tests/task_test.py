@@ -33,6 +33,13 @@ def test_positional_argument_is_an_error(tmp_path):
     (["--train_steps=0"], "--train_steps must be > 0"),
     (["--epochs=0"], "--epochs must be > 0"),
     (["--strategy=multi_worker_mirrored"], "needs TF_CONFIG"),
+    (["--learning_rate=nan"], "--learning_rate must be a finite number"),
+    (["--learning_rate=inf"], "--learning_rate must be a finite number"),
+    (["--collective_timeout_s=nan"], "--collective_timeout_s must be a finite number"),
+    (["--preemption_grace_s=nan"], "--preemption_grace_s must be a finite number"),
+    (["--preemption_grace_s=1e300"], "--preemption_grace_s must be at most"),
+    (["--weight_decay=-inf"], "--weight_decay must be a finite number"),
+    (["--max_job_restarts=-1"], "--max_job_restarts must be >= 0"),
 ])
 def test_bad_flags_fail_before_tensorflow_loads(tmp_path, args, message):
   result = _task_without_tf(*tiny_flags(str(tmp_path / "run"), str(tmp_path / "tfds")), *args)

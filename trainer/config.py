@@ -76,7 +76,9 @@ class Config:
   train_examples: int = 0  # 0 = the whole train split; tests use small subsets
   eval_examples: int = 0  # 0 = the whole test split
   export: bool = True
-  inject_nan_at_step: int = 0  # fault injection for tests: loss is NaN from this step on
+  # Fault injection for tests, not a flag: the loss is NaN from this step on (0: off). The
+  # command line sets it through $TRAINER_INJECT_NAN_AT_STEP.
+  inject_nan_at_step: int = 0
 
   def __post_init__(self):
     validate(self)
@@ -236,11 +238,13 @@ _HELP = {
     "train_examples": "Use only the first N training examples (0: all).",
     "eval_examples": "Evaluate on only the first N test examples (0: all).",
     "export": "Export a SavedModel to model_dir/export after training.",
-    "inject_nan_at_step": "Testing aid: the loss becomes NaN from this step on (0: off).",
 }
 
 
 _PER_BLOCK = ("model_widths", "kernel_sizes", "pool_sizes")
+# Config fields that tests set but users never do: environment variables, not flags, so that
+# --helpfull lists only what users set.
+TEST_HOOKS = {"inject_nan_at_step": "TRAINER_INJECT_NAN_AT_STEP"}
 _CHOICES = {"strategy": STRATEGIES, "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
             "conv_padding": PADDINGS}
 
@@ -251,6 +255,8 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     return
   fv = {"flag_values": flag_values}
   for field in dataclasses.fields(Config):
+    if field.name in TEST_HOOKS:
+      continue
     default = getattr(_DEFAULTS, field.name)
     help_text = _HELP[field.name]
     if field.name in ("train_steps", "epochs"):
@@ -272,7 +278,13 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 
 def config_from_flags(flag_values=flags.FLAGS, environ=os.environ) -> Config:
   """Builds the Config from parsed flags; platform environment variables fill unset paths."""
-  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)}
+  values = {f.name: flag_values[f.name].value for f in dataclasses.fields(Config)
+            if f.name not in TEST_HOOKS}
+  for name, variable in TEST_HOOKS.items():
+    try:
+      values[name] = int(environ.get(variable) or 0)
+    except ValueError:
+      raise errors.ConfigError(f"${variable} must be an integer, got {environ[variable]!r}.") from None
   for name in _PER_BLOCK:
     try:
       values[name] = tuple(int(w) for w in values[name])
