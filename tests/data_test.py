@@ -1,7 +1,13 @@
-"""Tests for trainer.data on the real vendored MNIST: verification, loading, sharding, resume order."""
+"""trainer.data on real MNIST: verification, download, staging, loading, sharding, resume order."""
 
+import functools
+import hashlib
+import http.server
 import os
 import shutil
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -147,3 +153,185 @@ def test_divisibility_error_prints_the_numbers():
   data.check_divisible(128, 2)
   with pytest.raises(errors.ConfigError, match=r"--global_batch_size=130 .* 4 replicas"):
     data.check_divisible(130, 4)
+
+
+# ---- MNIST without a vendored copy (an installed package): bounded download, exit 3 offline ----
+
+
+def test_offline_install_without_vendored_mnist_fails_fast(tmp_path, monkeypatch):
+  """The real download from the CVDF mirror, on this machine without internet: DataError (exit 3)
+  within a bound, naming the flags that avoid the download. TFDS's own took 200 s to forever."""
+  monkeypatch.setattr(data, "vendored_mnist_dir", lambda: str(tmp_path / "no_vendored_copy"))
+  # No network, whatever the machine has: every request goes to a proxy port nobody serves.
+  for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+    monkeypatch.setenv(name, "http://127.0.0.1:9")
+  start = time.monotonic()
+  with pytest.raises(errors.DataError) as raised:
+    data.prepare("mnist", str(tmp_path / "tfds"))
+  assert time.monotonic() - start < 60
+  message = str(raised.value)
+  assert f"Could not download MNIST from {data.MNIST_URL}" in message
+  assert "--mnist_source_dir=DIR" in message
+  assert "--data_dir=gs://BUCKET/tensorflow_datasets" in message
+  assert raised.value.exit_code == errors.EXIT_DATA
+  assert os.listdir(tmp_path / "tfds" / "downloads") == [], "no partial download left behind"
+
+
+@pytest.mark.parametrize("timeout_s, deadline_s, bound_s", [(1, 60, 15), (30, 2, 10)])
+def test_mnist_download_from_a_stalled_server_is_bounded(tmp_path, timeout_s, deadline_s,
+                                                         bound_s):
+  """A server that accepts connections and never answers (a firewall or dead proxy): each read
+  waits at most timeout_s, each file gets 3 attempts, and the whole download deadline_s."""
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # the kernel completes handshakes; nothing ever reads or answers
+    start = time.monotonic()
+    with pytest.raises(errors.DataError, match="Could not download MNIST .*TimeoutError"):
+      data.download_mnist(str(tmp_path / "mnist-raw"),
+                          f"http://127.0.0.1:{server.getsockname()[1]}/", timeout_s, deadline_s)
+    assert time.monotonic() - start < bound_s
+  assert os.listdir(tmp_path) == [], "no partial download left behind"
+
+
+@pytest.fixture
+def mnist_server(tmp_path):
+  """An HTTP server with a copy of the vendored MNIST files: (base URL, served directory)."""
+  served = tmp_path / "served"
+  shutil.copytree(data.vendored_mnist_dir(), served)
+  handler = functools.partial(QuietHandler, directory=str(served))
+  with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/", served
+    httpd.shutdown()
+    thread.join(timeout=5)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+  def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+    pass
+
+
+def test_mnist_download_verifies_and_is_reused(tmp_path, mnist_server):
+  url, served = mnist_server
+  target = str(tmp_path / "tfds" / "downloads" / "mnist-raw")
+  assert data.download_mnist(target, url) == target
+  data.verify_mnist_files(target)
+  for name in data.MNIST_SHA256:
+    os.remove(served / name)  # a second call that downloaded would now fail
+  assert data.download_mnist(target, url) == target
+
+
+def test_mnist_download_rejects_altered_files(tmp_path, mnist_server):
+  url, served = mnist_server
+  target = served / "t10k-labels-idx1-ubyte.gz"
+  os.chmod(target, 0o644)
+  target.write_bytes(b"<html>captive portal</html>")
+  with pytest.raises(errors.DataError, match="t10k-labels-idx1-ubyte.gz sent a file with SHA-256"):
+    data.download_mnist(str(tmp_path / "mnist-raw"), url)
+  assert not (tmp_path / "mnist-raw").exists()
+
+
+def test_offline_tfds_download_fails_fast(tmp_path):
+  """Datasets TFDS downloads itself: an unreachable host is a DataError in seconds, not after
+  TFDS's 10 retries per file (200 s offline here; no bound on a stalled connection)."""
+  start = time.monotonic()
+  with pytest.raises(errors.DataError, match="--dataset=fashion_mnist is downloaded from "
+                     r"fashion-mnist\..*, which cannot be reached") as raised:
+    data.prepare("fashion_mnist", str(tmp_path))
+  assert time.monotonic() - start < 60
+  assert "--data_dir=gs://BUCKET/tensorflow_datasets" in str(raised.value)
+
+
+def test_download_probe():
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/a.gz"
+    data.check_download_hosts("x", [url])
+  with pytest.raises(errors.DataError, match=r"--dataset=x is downloaded from 127.0.0.1:\d+, "
+                     "which cannot be reached"):
+    data.check_download_hosts("x", [url])  # nothing listens there any more
+
+
+# ---- data.stage: a gs:// directory is used only once it is completely copied ----
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  from gcs_emulator import Emulator
+  with Emulator() as emu:
+    emu.create_bucket("data")
+    yield emu
+
+
+@pytest.fixture
+def gcs_source(emulator, tmp_path, monkeypatch):
+  """(gs:// directory with two files, {relative path: bytes}, where stage() must copy it)."""
+  from trainer import storage
+  for name, value in {**emulator.env(), "TRAINER_CACHE_DIR": str(tmp_path / "cache"),
+                      "TRAINER_STORAGE_RETRY_DEADLINE_S": "30"}.items():
+    monkeypatch.setenv(name, value)
+  uri = f"gs://data/{tmp_path.name}"
+  files = {"a.bin": os.urandom(5000), "sub/b.bin": os.urandom(3000)}
+  for rel, body in files.items():
+    storage.write_bytes(f"{uri}/{rel}", body)
+  # The cache layout of stage(): one directory per source URI.
+  local = os.path.join(tmp_path, "cache", "staged", hashlib.sha256(uri.encode()).hexdigest()[:16])
+  return uri, files, local
+
+
+def _assert_copy(local, files):
+  for rel, body in files.items():
+    with open(os.path.join(local, rel), "rb") as f:
+      assert f.read() == body, rel
+
+
+@pytest.mark.slow
+def test_stage_redoes_an_interrupted_copy(gcs_source):
+  uri, files, local = gcs_source
+  os.makedirs(local)
+  with open(os.path.join(local, "a.bin"), "wb") as f:
+    f.write(files["a.bin"][:100])  # an interrupted download: one truncated file, no marker
+  key = os.path.basename(local)
+  leftover = os.path.join(os.path.dirname(local), f".{key}.partial-dead")
+  os.makedirs(leftover)  # the temporary directory of a killed process
+  assert data.stage(uri, "--data_dir") == local
+  _assert_copy(local, files)
+  with open(os.path.join(local, data.STAGED_MARKER)) as f:
+    assert f.read() == uri
+  assert sorted(os.listdir(os.path.dirname(local))) == [f".{key}.lock", key]
+
+
+@pytest.mark.slow
+def test_stage_reuses_a_complete_copy_without_downloading(gcs_source):
+  from trainer import storage
+  uri, files, local = gcs_source
+  assert data.stage(uri, "--mnist_source_dir") == local
+  _assert_copy(local, files)
+  assert os.path.isfile(os.path.join(local, data.STAGED_MARKER))
+  storage.rmtree(uri)  # a second stage() that downloaded would now fail: "holds no files"
+  assert data.stage(uri, "--mnist_source_dir") == local
+  _assert_copy(local, files)
+
+
+@pytest.mark.slow
+def test_stage_of_an_empty_source_names_the_flag(gcs_source):
+  uri, _, local = gcs_source
+  with pytest.raises(errors.DataError, match=f"--data_dir={uri}/none holds no files"):
+    data.stage(f"{uri}/none", "--data_dir")
+  assert os.listdir(os.path.dirname(local)) == [
+      f".{os.path.basename(data.staged_dir(uri + '/none'))}.lock"]
+
+
+def test_lock_wait_is_bounded(tmp_path):
+  """A live process holding the data lock too long is an error naming the lock, not a hang."""
+  with data._lock(str(tmp_path), "mnist"):
+    start = time.monotonic()
+    with pytest.raises(errors.DataError, match=r"has held .*\.mnist\.lock for 1 s"):
+      with data._lock(str(tmp_path), "mnist", timeout_s=1):
+        pass
+    assert time.monotonic() - start < 5
+  with data._lock(str(tmp_path), "mnist", timeout_s=1):
+    pass  # released: taken at once

@@ -193,3 +193,10 @@ def test_missing_bucket_names_the_checkpoint_dir_flag(emulator, tmp_path, tfds_d
                       env=_env(emulator, tmp_path))
   assert result.returncode == errors.EXIT_STORAGE, result.stdout[-3000:]
   assert "or fix --checkpoint_dir" in result.stdout and "fix --model_dir" not in result.stdout
+
+
+def test_missing_bucket_names_the_data_dir_flag(emulator, tmp_path):
+  result = run_module("trainer.task", "--model_dir", str(tmp_path / "run"), "--train_steps=1",
+                      "--data_dir=gs://no-such-bucket/tfds", env=_env(emulator, tmp_path))
+  assert result.returncode == errors.EXIT_STORAGE, result.stdout[-3000:]
+  assert "or fix --data_dir" in result.stdout and "fix --model_dir" not in result.stdout

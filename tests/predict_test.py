@@ -1,10 +1,12 @@
 """`python -m trainer.predict` classifies PNG files with a trained export."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_module, run_without_tf
+from conftest import child_env, run_module, run_without_tf
 from trainer import errors
 from trainer import predict
 
@@ -58,3 +60,35 @@ def test_predict_needs_inputs(tmp_path):
   result = _predict_without_tf(f"--model_dir={tmp_path}")
   assert result.returncode == errors.EXIT_CONFIG
   assert "Give PNG files to classify, or --samples=N." in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--help", "--helpfull", "-?"])
+def test_predict_help_exits_0(flag):
+  result = _predict_without_tf(flag)
+  assert result.returncode == errors.EXIT_OK, result.stdout[-3000:]
+  assert "--model_dir: Training output dir" in result.stdout
+
+
+def test_predict_unknown_flag_is_a_config_error(tmp_path):
+  result = _predict_without_tf(f"--model_dir={tmp_path}", "--sample=3")
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-3000:]
+  assert "Unknown command line flag 'sample'" in result.stdout
+
+
+@pytest.mark.parametrize("modules", [("predict", "task"), ("task", "predict")])
+def test_predict_imports_next_to_the_trainer(modules):
+  """Only entry points define flags: both modules load in one process (a notebook, a test)."""
+  script = "; ".join(f"from trainer import {m}" for m in modules) + "; print('imported')"
+  result = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip() == "imported"
+
+
+def test_samples_without_vendored_mnist_is_a_data_error(tmp_path, monkeypatch):
+  """An installed package has no data/mnist: --samples says so (exit 3), not a traceback."""
+  from trainer import data
+  monkeypatch.setattr(data, "vendored_mnist_dir", lambda: str(tmp_path / "no_vendored_copy"))
+  with pytest.raises(errors.DataError, match="--samples takes digits from .*no_vendored_copy"):
+    predict.write_samples(str(tmp_path / "samples"), 1)
+  assert not (tmp_path / "samples").exists()

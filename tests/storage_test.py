@@ -409,7 +409,8 @@ def test_retry_jitter_leaves_the_global_random_state_alone():
   assert all(0 < d <= 10 for d in delays) and len(set(delays)) == 4
 
 
-def test_write_if_generation_creates_once(gcs_root):
+def test_write_if_generation_creates_once(proxy, gcs_root):
+  proxy()  # the emulator ignores ifGenerationMatch; the proxy enforces it as GCS does
   path = storage.join(gcs_root, "lock")
   assert storage.write_if_generation(path, b"a", 0)
   assert not storage.write_if_generation(path, b"b", 0)

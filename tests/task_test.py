@@ -114,3 +114,14 @@ def test_flagfile_and_incompatible_model_dir(tmp_path, tfds_dir):
   assert second.returncode == errors.EXIT_INCOMPATIBLE_CHECKPOINT, second.stdout[-3000:]
   assert "different model" in second.stdout and str(tmp_path / "run") in second.stdout
   assert {p: (ckpt_dir / p).read_bytes() for p in os.listdir(ckpt_dir)} == before
+
+
+@pytest.mark.parametrize("flag", ["--help", "--helpfull", "-help", "-?", "--helpshort"])
+def test_help_exits_0(flag):
+  result = _task_without_tf(flag)
+  assert result.returncode == 0 and "--model_dir" in result.stdout, result.stdout[-2000:]
+
+
+def test_help_lists_only_what_users_set():
+  result = _task_without_tf("--helpfull")
+  assert "--max_job_restarts" in result.stdout and "inject_nan" not in result.stdout

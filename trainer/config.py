@@ -25,7 +25,8 @@ class Config:
   tensorboard_dir: str = ""  # "" = model_dir/logs ($AIP_TENSORBOARD_LOG_DIR on Vertex AI)
   data_dir: str = "~/tensorflow_datasets"
   dataset: str = "mnist"
-  # Directory holding the four MNIST .gz files; "" means the copy vendored in this repository.
+  # Directory holding the four MNIST .gz files; "" means the copy vendored in this repository,
+  # or in an installed package (which has none) a one-time bounded download into data_dir.
   mnist_source_dir: str = ""
   global_batch_size: int = 256
   train_steps: Optional[int] = None
@@ -56,7 +57,8 @@ class Config:
   restart_from_scratch: bool = False
   # The trainer's own cap on platform restarts (counted in the checkpoint dir); 0 = no cap.
   max_job_restarts: int = 0
-  # Refuse to train on the CPU when TensorFlow sees no GPU (also implied on NVIDIA machines).
+  # Refuse to train on the CPU when TensorFlow sees no GPU (also implied on NVIDIA machines,
+  # unless CUDA_VISIBLE_DEVICES=-1 hides the GPUs on purpose).
   require_gpu: bool = False
   # The default recipe (after tuomaso/train_mnist_fast: no dropout, Adam with short memories,
   # one-cycle; >= 99% test accuracy in 2 epochs). 2x2 pixel blocks are folded into channels so
@@ -189,9 +191,13 @@ _HELP = {
                       "$AIP_CHECKPOINT_DIR.",
     "tensorboard_dir": "TensorBoard log directory; default model_dir/logs or "
                        "$AIP_TENSORBOARD_LOG_DIR.",
-    "data_dir": "TFDS data directory; MNIST is prepared here from the vendored files on first use.",
+    "data_dir": "TFDS data directory (local or gs://); MNIST is prepared here on first use from "
+                "--mnist_source_dir, the vendored files or (installed package) a bounded "
+                "download; exit 3 without network.",
     "dataset": "TFDS image-classification dataset name, e.g. mnist or fashion_mnist.",
-    "mnist_source_dir": "Directory with the four MNIST .gz files (default: the vendored copy).",
+    "mnist_source_dir": "Directory (local or gs://) with the four MNIST .gz files (default: the "
+                        "vendored copy; an installed package downloads them once, exit 3 "
+                        "without network).",
     "global_batch_size": "Batch size summed over all replicas; must divide by the replica count.",
     "train_steps": "Total optimizer steps (alternative to --epochs; both must agree).",
     "epochs": "Passes over the training split (default 2 when --train_steps is not set).",
@@ -221,7 +227,8 @@ _HELP = {
     "max_job_restarts": "Exit with the permanent code 7 once the job has been started more than "
                         "this many times in one checkpoint dir (0: no cap).",
     "require_gpu": "Exit 2 when TensorFlow sees no GPU instead of training on the CPU (implied "
-                   "when the machine has NVIDIA GPUs).",
+                   "when the machine has NVIDIA GPUs, unless CUDA_VISIBLE_DEVICES is -1 or "
+                   "empty).",
     "model_widths": "Channels of the convolution blocks.",
     "kernel_sizes": "Kernel size of each convolution block (one per --model_widths entry).",
     "pool_sizes": "Max-pool size after each convolution block (1: no pooling).",

@@ -1,4 +1,4 @@
-"""Input data: verifies and prepares MNIST offline with TFDS, loads splits, builds sharded tf.data pipelines."""
+"""Input data: gets, verifies and prepares MNIST with TFDS, loads splits, shards tf.data input."""
 
 import contextlib
 import dataclasses
@@ -7,7 +7,13 @@ import hashlib
 import logging
 import os
 import pathlib
+import shutil
+import socket
 import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import tensorflow as tf
@@ -25,6 +31,22 @@ MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte.gz":
         "b91679a0acfe4ba0e50a2437a903084cba1f5f92592b016a25a7dfd00455798b",
 }
+# The mirror TFDS itself fetches MNIST from (tensorflow_datasets/image_classification/mnist.py).
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# Bounds of the one download an installed package (no vendored copy) makes. TFDS's own download
+# has no socket timeout and retries each file 10 times: minutes offline, forever on a stalled
+# connection. Here every blocking socket call waits at most DOWNLOAD_TIMEOUT_S, each file gets
+# DOWNLOAD_ATTEMPTS tries and the whole download DOWNLOAD_DEADLINE_S (11 MB: >= 37 KB/s). Name
+# lookups are bounded by the resolver's own timeouts (resolv.conf), not by these.
+DOWNLOAD_TIMEOUT_S = 30.0
+DOWNLOAD_ATTEMPTS = 3
+DOWNLOAD_DEADLINE_S = 300.0
+# Other datasets are downloaded by TFDS: a TCP connect to each host, bounded, fails fast offline.
+PROBE_TIMEOUT_S = 10.0
+# A dead process's flock is released by the kernel, so a wait only outlasts a live holder.
+LOCK_TIMEOUT_S = 1800.0
+# Written last into a staged copy of a gs:// directory; holds the source URI.
+STAGED_MARKER = ".staged-from"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +65,7 @@ class Splits:
 
 
 def vendored_mnist_dir() -> str:
-  """The repository's copy of MNIST (absent in an installed package, which downloads instead)."""
+  """The repository's copy of MNIST (absent in an installed package: see download_mnist)."""
   return str(pathlib.Path(__file__).resolve().parent.parent / "data" / "mnist")
 
 
@@ -81,14 +103,43 @@ def check_writable(data_dir: str) -> None:
 
 
 @contextlib.contextmanager
-def _lock(data_dir: str, name: str):
-  """Serializes preparation between processes sharing one data_dir (local cluster workers)."""
-  with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+def _lock(directory: str, name: str, timeout_s: float = LOCK_TIMEOUT_S):
+  """Serializes preparation between processes sharing one directory (local cluster workers)."""
+  path = os.path.join(directory, f".{name}.lock")
+  with open(path, "w") as f:
+    deadline = time.monotonic() + timeout_s
+    while True:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() >= deadline:
+          raise errors.DataError(
+              f"Another process has held {path} for {timeout_s:.0f} s while preparing data: let "
+              "it finish, or stop it and run again.") from None
+        time.sleep(0.2)
     try:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_partials(directory: str, prefix: str) -> None:
+  """Deletes leftovers of interrupted downloads; the caller holds the lock, so none is live."""
+  for name in os.listdir(directory):
+    if name.startswith(prefix):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _replace_dir(partial: str, target: str, prefix: str) -> None:
+  """Renames the complete `partial` onto `target`; an incomplete old target is moved aside first
+  (one atomic rename), so an interruption never leaves a half-deleted target in place."""
+  if os.path.lexists(target):
+    parent = os.path.dirname(target)
+    old = os.path.join(parent, f"{prefix}old-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(target, old)
+    shutil.rmtree(old, ignore_errors=True)
+  os.rename(partial, target)
 
 
 def _builder(dataset: str, data_dir: str):
@@ -105,27 +156,178 @@ def _builder(dataset: str, data_dir: str):
   return builder
 
 
+def staged_dir(path: str) -> str:
+  """Where stage() keeps its local copy of the gs:// directory `path`."""
+  cache = os.environ.get("TRAINER_CACHE_DIR") or os.path.expanduser("~/.cache/mnist-trainer")
+  return os.path.join(cache, "staged", hashlib.sha256(path.encode()).hexdigest()[:16])
+
+
+def _is_staged(local: str, path: str) -> bool:
+  try:
+    with open(os.path.join(local, STAGED_MARKER)) as f:
+      return f.read() == path
+  except OSError:
+    return False
+
+
 def stage(path: str, what: str) -> str:
-  """A local copy of a gs:// directory (data inputs are read locally); local paths pass through."""
+  """A local copy of a gs:// directory (data inputs are read locally); local paths pass through.
+
+  Under a file lock (workers may share the cache), the copy is downloaded into a temporary
+  directory next to it, marked with the source URI last and renamed into place. A directory
+  without that marker (an interrupted copy) is downloaded again, never used.
+  """
   from trainer import storage
   if not storage.is_gcs(path):
     return os.path.expanduser(path)
-  cache = os.environ.get("TRAINER_CACHE_DIR") or os.path.expanduser("~/.cache/mnist-trainer")
-  local = os.path.join(cache, "staged", hashlib.sha256(path.encode()).hexdigest()[:16])
-  if not os.path.isdir(local) or not os.listdir(local):
+  local = staged_dir(path)
+  parent, key = os.path.split(local)
+  os.makedirs(parent, exist_ok=True)
+  with _lock(parent, key):
+    if _is_staged(local, path):
+      return local
+    partial_prefix = f".{key}.partial-"
+    _remove_partials(parent, partial_prefix)
+    partial = tempfile.mkdtemp(dir=parent, prefix=partial_prefix)
     try:
-      storage.download_dir(path, local)
-    except FileNotFoundError:
-      raise errors.DataError(f"{what}={path} holds no files: upload the data there first.") from None
-    logging.info("Staged %s into %s", path, local)
+      try:
+        with storage.for_flag(what):  # a missing bucket names this flag, not --model_dir
+          storage.download_dir(path, partial)
+      except FileNotFoundError:
+        raise errors.DataError(
+            f"{what}={path} holds no files: upload the data there first.") from None
+      with open(os.path.join(partial, STAGED_MARKER), "w") as f:
+        f.write(path)
+      _replace_dir(partial, local, partial_prefix)
+    finally:
+      shutil.rmtree(partial, ignore_errors=True)  # only after a failure: the rename moved it
+  logging.info("Staged %s into %s", path, local)
   return local
 
 
-def prepare(dataset: str, data_dir: str, mnist_source_dir: str = ""):
-  """Returns a prepared TFDS builder; MNIST is built from local files, never downloaded.
+def _no_mnist_download(url: str, reason: str) -> errors.DataError:
+  return errors.DataError(
+      f"Could not download MNIST from {url} ({reason}), and this installation has no vendored "
+      f"copy ({vendored_mnist_dir()}). Without network access, pass --mnist_source_dir=DIR "
+      "(local or gs://) holding the four MNIST .gz files, or --data_dir=gs://BUCKET/"
+      "tensorflow_datasets holding a prepared TFDS mnist (prepare it where there is network, "
+      "then `gcloud storage cp -r ~/tensorflow_datasets/mnist gs://BUCKET/tensorflow_datasets/`).")
 
+
+def _fetch(url: str, path: str, timeout_s: float, deadline: float) -> None:
+  """One attempt at url -> path; every socket wait and the whole transfer are bounded."""
+  remaining = deadline - time.monotonic()
+  if remaining <= 0:
+    raise TimeoutError("download deadline passed")
+  with urllib.request.urlopen(url, timeout=min(timeout_s, remaining)) as response, \
+      open(path, "wb") as f:
+    for chunk in iter(lambda: response.read(1 << 16), b""):
+      f.write(chunk)
+      if time.monotonic() > deadline:
+        raise TimeoutError("download deadline passed")
+
+
+def _download_mnist_file(url: str, path: str, expected: str, timeout_s: float,
+                         deadline: float) -> None:
+  """url -> path in at most DOWNLOAD_ATTEMPTS tries; DataError unless it has the canonical bytes."""
+  for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+    try:
+      _fetch(url, path, timeout_s, deadline)
+      break
+    except urllib.error.HTTPError as e:
+      reason = f"HTTP {e.code} {e.reason}"
+      if e.code < 500:  # a refusal (403, 404) is the same on every attempt
+        raise _no_mnist_download(url, reason) from None
+    except OSError as e:  # timeouts, refused or reset connections, failed name lookups
+      reason = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    if attempt == DOWNLOAD_ATTEMPTS or time.monotonic() + attempt >= deadline:
+      raise _no_mnist_download(url, f"{reason}; {attempt} attempt(s)")
+    logging.warning("Downloading %s failed (%s, attempt %d of %d); retrying in %d s", url, reason,
+                    attempt, DOWNLOAD_ATTEMPTS, attempt)
+    time.sleep(attempt)
+  actual = _sha256(path)
+  if actual != expected:
+    raise errors.DataError(
+        f"{url} sent a file with SHA-256 {actual}, not the canonical MNIST file ({expected}): a "
+        "proxy or mirror altered it. Pass --mnist_source_dir=DIR with the four canonical files.")
+
+
+def download_mnist(target_dir: str, base_url: str = MNIST_URL,
+                   timeout_s: float = DOWNLOAD_TIMEOUT_S,
+                   deadline_s: float = DOWNLOAD_DEADLINE_S) -> str:
+  """target_dir holding the four MNIST files, downloaded (bounded) unless a verified copy is there.
+
+  For an installed package, which has no vendored copy. The files go to a temporary directory
+  next to target_dir and are checked against MNIST_SHA256 before the rename, so target_dir never
+  holds a partial set. The caller holds the data_dir lock.
+  """
+  try:
+    verify_mnist_files(target_dir)
+    return target_dir
+  except errors.DataError:
+    pass  # not downloaded yet (or damaged since): download again
+  parent = os.path.dirname(target_dir)
+  os.makedirs(parent, exist_ok=True)
+  partial_prefix = f".{os.path.basename(target_dir)}.partial-"
+  _remove_partials(parent, partial_prefix)
+  partial = tempfile.mkdtemp(dir=parent, prefix=partial_prefix)
+  deadline = time.monotonic() + deadline_s
+  logging.info("No vendored MNIST: downloading it from %s into %s", base_url, target_dir)
+  try:
+    for name, expected in MNIST_SHA256.items():
+      _download_mnist_file(urllib.parse.urljoin(base_url, name), os.path.join(partial, name),
+                           expected, timeout_s, deadline)
+    _replace_dir(partial, target_dir, partial_prefix)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)  # only after a failure: the rename moved it
+  logging.info("Downloaded MNIST from %s into %s", base_url, target_dir)
+  return target_dir
+
+
+def _download_endpoint(url: str) -> tuple:
+  """(host, port) a download of url connects to: the proxy from *_PROXY variables, if any."""
+  parsed = urllib.parse.urlsplit(url)
+  proxy = urllib.request.getproxies().get(parsed.scheme)
+  if proxy and not urllib.request.proxy_bypass(parsed.hostname):
+    parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+  return parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def check_download_hosts(dataset: str, urls, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+  """DataError within seconds when a host TFDS would download `dataset` from is unreachable.
+
+  A connect with a timeout settles the offline case; a download that stalls after a good probe
+  is still bounded only by TFDS.
+  """
+  for host, port in sorted({_download_endpoint(url) for url in urls}):
+    try:
+      with socket.create_connection((host, port), timeout=timeout_s):
+        pass
+    except OSError as e:
+      copy = f"gcloud storage cp -r ~/tensorflow_datasets/{dataset} gs://BUCKET/tensorflow_datasets"
+      raise errors.DataError(
+          f"--dataset={dataset} is downloaded from {host}:{port}, which cannot be reached "
+          f"({type(e).__name__}: {e}). Without network access, pass --data_dir=gs://BUCKET/"
+          "tensorflow_datasets holding a prepared copy (prepare it where there is network, then "
+          f"`{copy}`).") from None
+
+
+def _mnist_source(data_dir: str, mnist_source_dir: str) -> str:
+  """The directory with the four MNIST files: given, vendored, or downloaded into data_dir."""
+  if mnist_source_dir:
+    return mnist_source_dir
+  if os.path.isdir(vendored_mnist_dir()):
+    return vendored_mnist_dir()
+  return download_mnist(os.path.join(data_dir, "downloads", "mnist-raw"))
+
+
+def prepare(dataset: str, data_dir: str, mnist_source_dir: str = ""):
+  """Returns a prepared TFDS builder; TFDS never downloads MNIST itself.
+
+  MNIST is built from local files: --mnist_source_dir, the vendored copy, or in an installed
+  package (which has none) the four files fetched once by download_mnist, with bounded waits.
   gs:// inputs are staged to local disk first: a prepared TFDS directory in a bucket, or the
-  four MNIST files.
+  four MNIST files. Without network, a download that is needed fails with DataError (exit 3).
   """
   data_dir = stage(data_dir, "--data_dir")
   if mnist_source_dir:
@@ -136,11 +338,12 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = ""):
     if builder.is_prepared():
       return builder
     if dataset == "mnist":
-      source = mnist_source_dir or vendored_mnist_dir()
-      if os.path.isdir(source) or mnist_source_dir:
-        verify_mnist_files(source)
-        builder.URL = source.rstrip("/") + "/"
-        logging.info("Preparing TFDS mnist in %s from %s", data_dir, source)
+      source = _mnist_source(data_dir, mnist_source_dir)
+      verify_mnist_files(source)
+      builder.URL = source.rstrip("/") + "/"
+      logging.info("Preparing TFDS mnist in %s from %s", data_dir, source)
+    else:
+      check_download_hosts(dataset, (builder.url_infos or {}).keys())
     try:
       builder.download_and_prepare()
     except Exception as e:  # TFDS raises many types; all mean the data cannot be had.

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from trainer import cluster as cluster_lib
 from trainer import cores as cores_lib
+from trainer import gpu as gpu_lib
 
 # Auto CPU replicas stop at this many examples each: smaller per-replica batches leave the
 # kernels too little work to beat one multi-threaded device (not measured beyond 2 cores).
@@ -92,7 +93,8 @@ def _split_cpu(num_cpu_devices: int, cores: int) -> int:
 
 def create_runtime(config, cluster: cluster_lib.ClusterInfo) -> Runtime:
   """Creates the strategy; must run before any other TensorFlow op (TF's rule)."""
-  gpus = tf.config.list_physical_devices("GPU")
+  # Before the strategy: a GPU machine whose GPUs TensorFlow cannot load must not train on CPU.
+  gpus = gpu_lib.usable_gpus(config.require_gpu)
   cores = cores_lib.available()
   num_cpu_devices = cpu_device_count(config, cluster, len(gpus), cores)
   kind = choose_kind(config.strategy, cluster, len(gpus), num_cpu_devices)

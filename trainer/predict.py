@@ -8,12 +8,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app
 from absl import flags
 
+from trainer import cli
 from trainer import errors
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "Training output dir (its export/ is used) or an export.")
-flags.DEFINE_integer("samples", 0, "Also write this many MNIST test digits as PNGs into "
-                     "model_dir/samples and classify them (make predict uses 5).")
+def _define_flags() -> None:
+  """Defined only when run as a program: importing this module next to trainer.task (which
+  defines --model_dir too) must not raise DuplicateFlagError."""
+  flags.DEFINE_string("model_dir", None, "Training output dir (its export/ is used) or an export.")
+  flags.DEFINE_integer("samples", 0, "Also write this many MNIST test digits as PNGs into "
+                       "model_dir/samples and classify them (make predict uses 5).")
 
 
 def find_export(model_dir: str) -> str:
@@ -73,6 +77,11 @@ def write_samples(out_dir: str, count: int) -> list:
   import tensorflow as tf
   from trainer import data
   source = data.vendored_mnist_dir()
+  if not os.path.isdir(source):
+    raise errors.DataError(
+        f"--samples takes digits from the repository's MNIST copy ({source}), which an installed "
+        "package does not carry: classify your own PNG files instead (python -m trainer.predict "
+        "--model_dir=DIR a.png ...).")
   images = data.read_idx(os.path.join(source, "t10k-images-idx3-ubyte.gz"))
   labels = data.read_idx(os.path.join(source, "t10k-labels-idx1-ubyte.gz"))
   os.makedirs(out_dir, exist_ok=True)
@@ -122,4 +131,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

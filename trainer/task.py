@@ -7,30 +7,13 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from trainer import cli
 from trainer import cluster as cluster_lib
 from trainer import config as config_lib
 from trainer import errors
 
 # C++ INFO logs (oneDNN, CUDA probing) drown the training log; WARNING and up still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-config_lib.define_flags()
-
-
-_HELP_FLAGS = ("--help", "-h", "-?", "--helpfull", "--helpshort", "--helpxml")
-
-
-def _parse_flags(argv):
-  """Unknown or malformed flags exit with the config code, not absl's generic 1."""
-  try:
-    return flags.FLAGS(argv)
-  except SystemExit as e:
-    # absl exits 1 after printing --help/--helpfull; asking for help is not a failure.
-    if any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]) and e.code == 1:
-      sys.exit(0)
-    raise
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\nPass --helpfull to see all flags.\n")
-    sys.exit(errors.EXIT_CONFIG)
 
 
 def main(argv):
@@ -55,4 +38,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  config_lib.define_flags()  # flags exist only in the entry point that is running
+  flags.adopt_module_key_flags(config_lib)  # --help lists them, not only --helpfull
+  app.run(main, flags_parser=cli.parse_flags)
