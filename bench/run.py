@@ -1,6 +1,7 @@
 """`python -m bench.run [--quick] [--only=a,b]`: every benchmark in one session, one report.
 
-Writes bench/results.json and bench/results.md and prints the markdown. Every measurement runs
+Writes bench/results.md (the record, committed), bench/results.json (raw, not committed) and
+prints the markdown. Every measurement runs
 in a fresh subprocess (trainer.task, trainer.launcher or bench.probes) so none inherits another's
 threads or traced functions. The benchmark never fails the build: it exits 0 whatever it finds.
 """

@@ -125,3 +125,16 @@ def test_help_exits_0(flag):
 def test_help_lists_only_what_users_set():
   result = _task_without_tf("--helpfull")
   assert "--max_job_restarts" in result.stdout and "inject_nan" not in result.stdout
+
+
+@pytest.mark.slow
+def test_the_training_log_is_ours_unless_verbosity_asks(tmp_path, tfds_dir):
+  flags = tiny_flags(str(tmp_path / "run"), tfds_dir, num_cpu_devices=2, export=False,
+                     train_steps=10)
+  quiet = _task(*flags)
+  assert quiet.returncode == 0, quiet.stdout[-3000:]
+  assert "Training steps 0 -> 10" in quiet.stdout and "Final step 10" in quiet.stdout
+  assert "cross_device_ops" not in quiet.stdout and "reader.py" not in quiet.stdout
+  verbose = _task(*tiny_flags(str(tmp_path / "run2"), tfds_dir, num_cpu_devices=2,
+                              export=False, train_steps=10), "--verbosity=1")
+  assert verbose.returncode == 0 and "cross_device_ops" in verbose.stdout

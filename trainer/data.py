@@ -144,6 +144,9 @@ def _replace_dir(partial: str, target: str, prefix: str) -> None:
 
 def _builder(dataset: str, data_dir: str):
   import tensorflow_datasets as tfds  # Heavy import; keep it off module import paths.
+  from trainer import logs
+  if not logs.verbose():
+    tfds.disable_progress_bar()  # one log line per phase, not a progress bar per file
   try:
     builder = tfds.builder(dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
@@ -410,8 +413,8 @@ def _without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Turns off tf.data's autotuning thread; AUTOTUNE sizes then stay at tf.data's defaults.
 
   Deleting an iterator waits out that thread's current sleep, which doubles up to 60 s (see
-  distribute.input_iterator). Tuning buys nothing here: the pipeline runs ~150x faster than
-  training needs.
+  distribute.input_iterator). Tuning buys nothing here: the pipeline runs far faster than
+  training needs (bench's input_headroom).
   """
   options = tf.data.Options()
   options.autotune.enabled = False

@@ -53,9 +53,9 @@ def cpu_device_count(config, cluster: cluster_lib.ClusterInfo, num_gpus: int,
                      cores: int) -> int:
   """--num_cpu_devices, or for 0 (auto) one replica per core on a single CPU-only task.
 
-  Small ops split over several threads waste much of each core (measured on 2 cores: two
-  1-thread replicas trained 7-21% faster than one 2-thread device), so auto gives each core its
-  own single-threaded replica, as long as each replica keeps MIN_REPLICA_BATCH examples.
+  Small ops split over several threads waste much of each core (bench/README.md has the
+  measurements), so auto gives each core its own single-threaded replica, as long as each
+  replica keeps MIN_REPLICA_BATCH examples.
   """
   if config.num_cpu_devices:
     return config.num_cpu_devices
@@ -135,10 +135,10 @@ def input_iterator(runtime: Runtime, dataset_fn):
 
   tf.distribute's default input path feeds replicas through a MultiDeviceIterator whose
   per-device datasets run tf.data's autotune thread, and their options cannot be set. Deleting
-  the iterator waits out that thread's sleep, which doubles up to 60 s: default runs here paused
-  11-79 s after the last step in 13 of 21 runs. On CPUs nothing needs fetching to a device, so
-  each local replica reads its own pipeline directly (no pause in 17 runs, and 6% more
-  images/s in 4 interleaved pairs). GPUs keep the default path, which prefetches onto them.
+  the iterator waits out that thread's sleep, which doubles up to 60 s, so a run could pause
+  that long after its last step. On CPUs nothing needs fetching to a device, so each local
+  replica reads its own pipeline directly (bench/README.md: no pause, and more images/s).
+  GPUs keep the default path, which prefetches onto them.
   """
   strategy = runtime.strategy
   devices = strategy.extended.worker_devices

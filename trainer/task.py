@@ -11,6 +11,7 @@ from trainer import cli
 from trainer import cluster as cluster_lib
 from trainer import config as config_lib
 from trainer import errors
+from trainer import logs
 
 # C++ INFO logs (oneDNN, CUDA probing) drown the training log; WARNING and up still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -19,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}", errors.EXIT_CONFIG)
+  logs.keep_to_our_own(flags.FLAGS.verbosity)
   try:
     config = config_lib.config_from_flags()
     cluster_lib.check_strategy(config.strategy, cluster_lib.parse_cluster(os.environ),
