@@ -38,8 +38,10 @@ train: $(RUNTIME)
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# The fast tier: nothing trains or starts TensorFlow in a subprocess; its bounded waits (timeouts,
+# retries, a stalled server) overlap in 4 processes.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" -n 4 $(PYTEST_ARGS)
 
 cluster: $(RUNTIME)
 	$(PY) -m trainer.launcher --workers=$(WORKERS) -- --model_dir=$(CLUSTER_MODEL_DIR) $(ARGS)

@@ -26,6 +26,8 @@ setuptools.setup(
         "gpu": ["tensorflow[and-cuda]>=2.21,<2.22"],
         "test": [
             "pytest>=8,<10",
+            # `make test-fast` runs its bounded waits side by side.
+            "pytest-xdist>=3.5,<4",
             "build>=1.2,<2",
             "gcp-storage-emulator>=2024.8.3",
             # Tests validate rendered job specs against its official request types.

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import run_without_tf, tiny_flags
 from trainer import cluster
 from trainer import errors
 
@@ -91,6 +92,37 @@ def test_peers_excludes_self():
     ({"CLUSTER_SPEC": json.dumps({"cluster": {"workerpool9": ["a:1"]},
                                   "task": {"type": "workerpool9", "index": 0}})},
      "unknown worker pool"),
+    # Ports and hosts: a clear message naming the task, not a ValueError from int().
+    (env({"cluster": {"worker": ["localhost:notaport", "localhost:1002"]},
+          "task": {"type": "worker", "index": 1}}),
+     r"worker:0 has address 'localhost:notaport' whose port 'notaport' is not a number"),
+    (env({"cluster": {"worker": ["localhost:0", "localhost:1002"]},
+          "task": {"type": "worker", "index": 1}}), "port '0' is not a number in 1..65535"),
+    (env({"cluster": {"worker": ["localhost:65536"]}, "task": {"type": "worker", "index": 0}}),
+     "port '65536' is not a number in 1..65535"),
+    (env({"cluster": {"worker": ["localhost:+1"]}, "task": {"type": "worker", "index": 0}}),
+     "port '\\+1' is not a number"),
+    (env({"cluster": {"worker": [":1001", "h:1002"]}, "task": {"type": "worker", "index": 1}}),
+     "worker:0 has address ':1001' with an empty host"),
+    (env({"cluster": {"worker": ["h:1", 7]}, "task": {"type": "worker", "index": 0}}),
+     "worker:1 has address 7, not 'host:port'"),
+    # This task is a worker, but the evaluator's address is checked like every other.
+    (env({"cluster": {"worker": W2, "evaluator": ["e:x"]}, "task": {"type": "worker", "index": 0}}),
+     "evaluator:0 has address 'e:x'"),
+    # Indexes: JSON true is a Python int, "1" a string; neither names a task.
+    (env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": True}}),
+     "task index True must be a JSON integer"),
+    (env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": "1"}}),
+     "task index '1' must be a JSON integer"),
+    (env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 1.0}}),
+     "must be a JSON integer"),
+    (env({"cluster": {"worker": W2}, "task": {"type": ["worker"], "index": 0}}),
+     "task type \\['worker'\\] is not in the cluster"),
+    ({"CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": ["c:1"]},
+                                  "task": {"type": ["workerpool0"], "index": 0}})},
+     r"\$CLUSTER_SPEC: task type"),
+    ({"CLUSTER_SPEC": json.dumps({"cluster": ["c:1"], "task": {"type": "workerpool0"}})},
+     r"\$CLUSTER_SPEC: 'cluster' must map worker pools"),
 ])
 def test_rejected_layouts(environ, message):
   with pytest.raises(errors.ConfigError, match=message):
@@ -127,3 +159,51 @@ def test_cpu_devices_do_not_fit_a_multi_worker_job():
 ])
 def test_strategy_that_fits_the_cluster(requested, environ):
   cluster.check_strategy(requested, cluster.parse_cluster(environ))
+
+
+@pytest.mark.parametrize("cluster_def, first, second", [
+    ({"worker": ["localhost:1001", "localhost:1001"]}, "worker:0", "worker:1"),
+    ({"chief": ["h:1"], "worker": ["h:1", "h:2"]}, "chief:0", "worker:0"),
+    # Loopback by another name is the same port; hosts compare case-insensitively.
+    ({"worker": ["localhost:1001", "127.0.0.1:1001"]}, "worker:0", "worker:1"),
+    ({"worker": ["[::1]:1001", "LOCALHOST:1001"]}, "worker:0", "worker:1"),
+    ({"worker": ["Host-A:5", "h:6"], "evaluator": ["host-a:5"]}, "worker:0", "evaluator:0"),
+])
+def test_duplicate_addresses_are_rejected(cluster_def, first, second):
+  # Start-up hung on these: the task's own port answered the rendezvous for its twin.
+  for name, environ in [
+      ("TF_CONFIG", env({"cluster": cluster_def, "task": {"type": "worker", "index": 1}})),
+      ("CLUSTER_SPEC", {"CLUSTER_SPEC": json.dumps({
+          "cluster": {pool: cluster_def[t] for pool, t in
+                      [("workerpool0", "chief"), ("workerpool1", "worker"),
+                       ("workerpool3", "evaluator")] if t in cluster_def},
+          "task": {"type": "workerpool1", "index": 1}})})]:
+    with pytest.raises(errors.ConfigError) as raised:
+      cluster.parse_cluster(environ)
+    message = str(raised.value)
+    assert f"${name} gives {first} (" in message and f"and {second} (" in message, message
+    assert "same host:port" in message
+
+
+def test_distinct_ports_on_one_host_are_accepted():
+  info = cluster.parse_cluster(env({"cluster": {"chief": ["localhost:1000"], "worker": W2,
+                                                "evaluator": ["127.0.0.1:1003"]},
+                                    "task": {"type": "worker", "index": 1}}))
+  assert info.task_name == "worker:1" and info.num_workers == 3
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ({"cluster": {"worker": ["localhost:notaport", "localhost:2"]},
+      "task": {"type": "worker", "index": 0}}, "port 'notaport' is not a number"),
+    ({"cluster": {"worker": ["localhost:1", "127.0.0.1:1"]},
+      "task": {"type": "worker", "index": 0}}, "the same host:port"),
+    ({"cluster": {"worker": W2}, "task": {"type": "worker", "index": True}},
+     "must be a JSON integer"),
+])
+def test_bad_tf_config_exits_2_before_tensorflow_loads(tmp_path, tf_config, message):
+  result = run_without_tf("trainer.task", *tiny_flags(str(tmp_path / "run"),
+                                                      str(tmp_path / "tfds")),
+                          TF_CONFIG=json.dumps(tf_config))
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
+  assert "FATAL ConfigError: $TF_CONFIG" in result.stdout and message in result.stdout
+  assert "Traceback" not in result.stdout

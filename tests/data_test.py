@@ -8,6 +8,7 @@ import shutil
 import socket
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -58,6 +59,7 @@ def test_not_image_classification(tmp_path):
     data.prepare("imdb_reviews", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_real_mnist_splits(tfds_dir):
   from trainer import config as config_lib
   splits = data.load(config_lib.Config(epochs=1, data_dir=tfds_dir))
@@ -165,6 +167,8 @@ def test_offline_install_without_vendored_mnist_fails_fast(tmp_path, monkeypatch
   # No network, whatever the machine has: every request goes to a proxy port nobody serves.
   for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
     monkeypatch.setenv(name, "http://127.0.0.1:9")
+  # urlopen keeps the proxies of its first call in a module-wide opener: start and end clean.
+  monkeypatch.setattr(urllib.request, "_opener", None)
   start = time.monotonic()
   with pytest.raises(errors.DataError) as raised:
     data.prepare("mnist", str(tmp_path / "tfds"))

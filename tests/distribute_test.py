@@ -51,6 +51,7 @@ def test_choose_kind_multi_worker():
   assert distribute.choose_kind("auto", TWO_WORKERS, 0, 1) == "multi_worker_mirrored"
 
 
+@pytest.mark.slow
 def test_tensorflow_started_before_the_run_keeps_its_devices():
   """A second run in one process (a notebook) cannot split the CPU again: it must still train."""
   script = (
@@ -94,6 +95,7 @@ print(json.dumps({"replicas": rt.num_replicas, "ours": ours, "default": default}
 
 @pytest.mark.parametrize("kind, replicas", [
     ("one_device", 1), ("mirrored", 2), ("multi_worker_mirrored", 1)])
+@pytest.mark.slow
 def test_input_iterator_feeds_replicas_like_tf_distribute(kind, replicas):
   """Our CPU input path (no MultiDeviceIterator) gives every replica the batches tf.distribute's
   default path would, for each strategy kind."""

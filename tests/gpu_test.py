@@ -115,6 +115,7 @@ def test_refusal_names_a_cpu_only_build():
   assert "cannot use GPUs at all" in message and FIX in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["flag", "nvidia-smi"])
 def test_cli_refuses_cpu_fallback(tmp_path, how):
   """End to end: exit 2 with the cause and fix, before any data, checkpoint or output."""
@@ -141,6 +142,7 @@ def test_cli_refuses_cpu_fallback(tmp_path, how):
   assert not (tmp_path / "tfds").exists(), "refused before preparing data"
 
 
+@pytest.mark.slow
 def test_cli_cpu_on_purpose_passes_the_check(tmp_path):
   """NVIDIA GPUs hidden with CUDA_VISIBLE_DEVICES=-1: the run gets past the GPU check (and then
   stops at the unwritable --data_dir, exit 3, to stay short)."""

@@ -72,6 +72,7 @@ def _kernel_env(tmp_path):
   return env
 
 
+@pytest.mark.slow
 def test_notebook_runs_tiny(tfds_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))  # connection files
   nb = nbformat.read(NOTEBOOK, as_version=4)

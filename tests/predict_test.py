@@ -15,6 +15,7 @@ def _predict_without_tf(*args):
   return run_without_tf("trainer.predict", *args)
 
 
+@pytest.mark.slow
 def test_predict_cli(tiny):
   from trainer import train
   config = tiny(train_steps=40)

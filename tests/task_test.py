@@ -53,6 +53,7 @@ def test_bad_flags_fail_before_tensorflow_loads(tmp_path, args, message):
     (["--train_steps=5", "--epochs=1"], "contradicts --epochs=1"),
     (["--dataset=not_a_dataset"], "--dataset='not_a_dataset'"),
 ])
+@pytest.mark.slow
 def test_bad_flags(tmp_path, tfds_dir, args, message):
   result = _task(*tiny_flags(str(tmp_path / "run"), tfds_dir), *args)
   assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
@@ -60,6 +61,7 @@ def test_bad_flags(tmp_path, tfds_dir, args, message):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.slow
 def test_unwritable_data_dir(tmp_path):
   (tmp_path / "file").write_text("x")
   result = _task(*tiny_flags(str(tmp_path / "run"), str(tmp_path / "file" / "tfds")))
@@ -67,6 +69,7 @@ def test_unwritable_data_dir(tmp_path):
   assert "--data_dir=" in result.stdout and "not writable" in result.stdout
 
 
+@pytest.mark.slow
 def test_corrupt_mnist_source(tmp_path):
   from trainer import data
   src = tmp_path / "mnist"
@@ -102,6 +105,7 @@ def test_cpu_split_in_a_multi_worker_job_fails_before_tensorflow_loads(tmp_path)
   assert "--num_cpu_devices=2 but TF_CONFIG describes 2 workers" in result.stdout
 
 
+@pytest.mark.slow
 def test_flagfile_and_incompatible_model_dir(tmp_path, tfds_dir):
   flagfile = tmp_path / "run.flags"
   flagfile.write_text("\n".join(tiny_flags(str(tmp_path / "run"), tfds_dir, train_steps=5,

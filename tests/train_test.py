@@ -20,6 +20,7 @@ def _checkpoint_files(model_dir):
   return {f: os.path.getmtime(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir)}
 
 
+@pytest.mark.slow
 def test_train_evaluate_export(tiny):
   config = tiny()
   metrics = train.train_and_evaluate(config)
@@ -58,6 +59,7 @@ print("ACC", float((out["classes"].numpy() == y).mean()))
   assert accuracy == pytest.approx(written["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_space_to_depth_model_trains_and_exports(tiny):
   config = tiny(space_to_depth=2, pool_sizes=(1, 2), conv_padding="same",
                 eval_examples=200)
@@ -72,6 +74,7 @@ def test_space_to_depth_model_trains_and_exports(tiny):
   assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_checkpoint(tiny):
   first = train.train_and_evaluate(tiny(train_steps=10, checkpoint_every_steps=5))
   assert first["start_step"] == 0 and first["global_step"] == 10
@@ -81,6 +84,7 @@ def test_resume_continues_from_checkpoint(tiny):
   assert again["start_step"] == 20 and again["global_step"] == 20
 
 
+@pytest.mark.slow
 def test_refuses_checkpoint_of_another_model(tiny):
   train.train_and_evaluate(tiny(train_steps=5, export=False))
   before = _checkpoint_files(tiny().model_dir)
@@ -89,6 +93,7 @@ def test_refuses_checkpoint_of_another_model(tiny):
   assert _checkpoint_files(tiny().model_dir) == before, "the old checkpoint is untouched"
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_last_good_checkpoint(tiny):
   config = tiny(train_steps=30, inject_nan_at_step=17)
   with pytest.raises(errors.DivergenceError, match="Loss became nan by step 20"):

@@ -71,13 +71,19 @@ def _load_json(text: str, name: str) -> dict:
 
 def _from_cluster_spec(spec: dict) -> dict:
   """Translates Vertex AI's CLUSTER_SPEC into the TF_CONFIG layout."""
+  pools = spec.get("cluster") or {}
+  if not isinstance(pools, dict):
+    raise errors.ConfigError("$CLUSTER_SPEC: 'cluster' must map worker pools to address lists.")
   cluster = {}
-  for pool, addresses in spec.get("cluster", {}).items():
+  for pool, addresses in pools.items():
     if pool not in _VERTEX_POOLS:
       raise errors.ConfigError(f"$CLUSTER_SPEC has unknown worker pool {pool!r}.")
     cluster[_VERTEX_POOLS[pool]] = addresses
-  task = dict(spec.get("task", {}))
-  if "type" in task:
+  task = spec.get("task")
+  if not isinstance(task, dict):
+    return {"cluster": cluster, "task": task}  # parse_cluster names what is missing
+  task = dict(task)
+  if isinstance(task.get("type"), str):
     task["type"] = _VERTEX_POOLS.get(task["type"], task["type"])
   return {"cluster": cluster, "task": task}
 
@@ -134,9 +140,10 @@ def _validate_cluster(cluster: dict, name: str) -> dict:
     if task_type not in _TRAINING_TASK_TYPES + ("evaluator",):
       raise errors.ConfigError(f"${name} has unknown task type {task_type!r}; "
                                "use chief, worker (or master).")
-    if not isinstance(addresses, list) or not all(isinstance(a, str) and ":" in a
-                                                  for a in addresses):
+    if not isinstance(addresses, list):
       raise errors.ConfigError(f"${name}: cluster[{task_type!r}] must be a list of 'host:port'.")
+    for index, address in enumerate(addresses):
+      _check_address(address, f"{task_type}:{index}", name)
     out[task_type] = tuple(addresses)
   if len(out.get("chief", ())) > 1 or len(out.get("master", ())) > 1:
     raise errors.ConfigError(f"${name}: a cluster has at most one chief/master.")
@@ -144,7 +151,45 @@ def _validate_cluster(cluster: dict, name: str) -> dict:
     raise errors.ConfigError(f"${name}: use either 'chief' or the legacy 'master', not both.")
   if not any(out.get(t) for t in _TRAINING_TASK_TYPES):
     raise errors.ConfigError(f"${name}: the cluster has no chief or worker tasks.")
+  _check_distinct_addresses(out, name)
   return out
+
+
+def _check_address(address, task: str, name: str) -> None:
+  """'host:port' with a non-empty host and a port in 1..65535 (IPv6 hosts in brackets)."""
+  fix = f"fix the address of {task} in ${name} (e.g. 'worker-0.example:2222')."
+  if not isinstance(address, str) or ":" not in address:
+    raise errors.ConfigError(f"${name}: {task} has address {address!r}, not 'host:port'; {fix}")
+  host, port = address.rsplit(":", 1)
+  if not host.strip():
+    raise errors.ConfigError(f"${name}: {task} has address {address!r} with an empty host; {fix}")
+  # isdigit() alone would accept '²' and int() would accept ' 1' or '+1'.
+  if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+    raise errors.ConfigError(f"${name}: {task} has address {address!r} whose port {port!r} is not "
+                             f"a number in 1..65535; {fix}")
+
+
+# Names of this machine's loopback interface: two tasks on any of them share the port space.
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def _endpoint(address: str) -> tuple:
+  host, port = address.rsplit(":", 1)
+  host = host.strip().lower()
+  return ("localhost" if host in _LOOPBACK_HOSTS else host, int(port))
+
+
+def _check_distinct_addresses(cluster: dict, name: str) -> None:
+  """Two tasks on one host:port would hang start-up: each one's own port answers for the other."""
+  seen = {}
+  for task_type, addresses in cluster.items():
+    for index, address in enumerate(addresses):
+      task = f"{task_type}:{index}"
+      other = seen.setdefault(_endpoint(address), (task, address))
+      if other[0] != task:
+        raise errors.ConfigError(
+            f"${name} gives {other[0]} ({other[1]}) and {task} ({address}) the same host:port; "
+            "every task needs its own port: fix the cluster addresses.")
 
 
 def _validate_task(task, cluster: dict, name: str) -> tuple:
@@ -157,10 +202,14 @@ def _validate_task(task, cluster: dict, name: str) -> tuple:
     raise errors.ConfigError(
         f"${name} makes this process an 'evaluator': not supported, the chief evaluates on the "
         "test split after training; remove the evaluator task (Vertex AI: worker pool 3).")
-  if task_type not in cluster:
+  if not isinstance(task_type, str) or task_type not in cluster:
     raise errors.ConfigError(f"${name}: task type {task_type!r} is not in the cluster "
                              f"({', '.join(cluster)}).")
-  if not isinstance(task_index, int) or not 0 <= task_index < len(cluster[task_type]):
+  # bool is a subclass of int in Python: "index": true must not pass as task 1.
+  if isinstance(task_index, bool) or not isinstance(task_index, int):
+    raise errors.ConfigError(f"${name}: task index {task_index!r} must be a JSON integer "
+                             f"(e.g. \"index\": 0), not {type(task_index).__name__}.")
+  if not 0 <= task_index < len(cluster[task_type]):
     raise errors.ConfigError(
         f"${name}: task index {task_index!r} is out of range for {task_type!r}, which has "
         f"{len(cluster[task_type])} task(s).")

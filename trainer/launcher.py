@@ -20,7 +20,8 @@ flags.DEFINE_integer("threads_per_worker", 0,
                      "Intra-op threads per worker (0: the cores this process may use, after "
                      "affinity and the container's CPU quota, divided by --workers).")
 flags.DEFINE_float("shutdown_grace_s", 30.0,
-                   "After Ctrl-C or SIGTERM, seconds the workers get to checkpoint before SIGKILL.")
+                   "After Ctrl-C, SIGTERM or a worker's failure, seconds the other workers get "
+                   "to checkpoint before SIGKILL.")
 
 
 def free_ports(count: int) -> list:
@@ -71,6 +72,8 @@ class Cluster:
     threads = threads_per_worker or default_threads(num_workers, env or os.environ)
     self._lock = threading.Lock()
     self._kill_at = None  # monotonic time after which wait() SIGKILLs remaining workers
+    self._failed = []  # indexes of workers that exited non-zero, in the order seen
+    self._stopping = False  # stop() was called: exits from now on are what we asked for
     self.procs, self._pumps = [], []
     for i in range(num_workers):
       proc = subprocess.Popen(
@@ -83,21 +86,57 @@ class Cluster:
       self.procs.append(proc)
       self._pumps.append(pump)
 
-  def wait(self) -> list:
+  def wait(self, failure_grace_s: float = 30.0) -> list:
     """Exit codes of all workers; after stop(), SIGKILLs whatever outlives the grace period.
+
+    The first worker to fail stops the others (stop(failure_grace_s)): a synchronous job cannot
+    go on without it, and a survivor that is hung or SIGSTOPped would otherwise keep the
+    launcher waiting forever. self.failures lists (worker, code) in the order they were seen.
 
     Polls rather than blocking in Popen.wait(): a signal handler that runs while the main
     thread is inside wait() cannot see children exit (wait() holds Popen's lock, so poll()
     in the handler says 'running'), which made every Ctrl-C last the whole grace period.
     """
-    while any(p.poll() is None for p in self.procs):
+    while True:
+      running = False
+      for i, p in enumerate(self.procs):
+        code = p.poll()
+        if code is None:
+          running = True
+        elif code and i not in self._failed:
+          self._on_failure(i, code, failure_grace_s)
+      if not running:
+        break
       if self._kill_at is not None and time.monotonic() >= self._kill_at:
+        self._say(f"grace over: SIGKILL to {self._running_names()}")
         self.signal_all(signal.SIGKILL)
         self._kill_at = None
       time.sleep(0.1)
     for pump in self._pumps:
       pump.join(timeout=5)
     return [p.returncode for p in self.procs]
+
+  @property
+  def failures(self) -> list:
+    return [(i, self.procs[i].returncode) for i in self._failed]
+
+  def _on_failure(self, index: int, code: int, grace_s: float) -> None:
+    self._failed.append(index)
+    if len(self._failed) > 1 or self._stopping:
+      return  # the others are already being stopped
+    others = self._running_names()
+    if not others:
+      return
+    self._say(f"worker:{index} failed first (exit {_describe(code)}); stopping {others}: SIGTERM "
+              f"(and SIGCONT, in case one is stopped) now, SIGKILL after {grace_s:.0f}s")
+    self.stop(grace_s)
+
+  def _running_names(self) -> str:
+    return ", ".join(f"worker:{i}" for i, p in enumerate(self.procs) if p.poll() is None)
+
+  def _say(self, message: str) -> None:
+    with self._lock:
+      print(f"[launcher] {message}", flush=True)
 
   def signal_all(self, signum) -> None:
     for p in self.procs:
@@ -109,9 +148,23 @@ class Cluster:
 
   def stop(self, grace_s: float) -> None:
     """SIGTERM now (workers checkpoint and exit 143); wait() SIGKILLs the rest after grace_s."""
+    self._stopping = True
     self.signal_all(signal.SIGTERM)
+    # A SIGSTOPped worker keeps SIGTERM pending until it runs again.
+    self.signal_all(signal.SIGCONT)
     if self._kill_at is None:
       self._kill_at = time.monotonic() + grace_s
+
+
+def _describe(code: int) -> str:
+  """A Popen return code as the shell shows it: 3, or 137 for killed by signal 9."""
+  if code > 0:
+    return str(code)
+  try:
+    name = signal.Signals(-code).name
+  except ValueError:  # real-time signals have no name
+    name = f"signal {-code}"
+  return f"{128 - code}, killed by {name}"
 
 
 def exit_code(codes) -> int:
@@ -122,25 +175,31 @@ def exit_code(codes) -> int:
   return 0
 
 
-def main(argv):
-  trainer_args = argv[1:]
-  if FLAGS.workers < 1:
-    sys.stderr.write(f"FATAL --workers must be >= 1, got {FLAGS.workers}.\n")
-    sys.exit(2)
-  cluster = Cluster(FLAGS.workers, trainer_args, FLAGS.threads_per_worker)
+def launch(num_workers: int, trainer_args, threads_per_worker: int, shutdown_grace_s: float,
+           module: str = "trainer.task", env=None) -> int:
+  """Runs the workers until all have exited; returns the launcher's exit code."""
+  cluster = Cluster(num_workers, trainer_args, threads_per_worker, env=env, module=module)
   for i, (proc, address) in enumerate(zip(cluster.procs, cluster.addresses)):
     print(f"[launcher] worker:{i} pid {proc.pid} on {address}", flush=True)
 
   def on_signal(signum, frame):
-    print(f"[launcher] signal {signum}: stopping workers (grace {FLAGS.shutdown_grace_s:.0f}s)",
+    print(f"[launcher] signal {signum}: stopping workers (grace {shutdown_grace_s:.0f}s)",
           flush=True)
-    cluster.stop(FLAGS.shutdown_grace_s)
+    cluster.stop(shutdown_grace_s)
 
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
-  codes = cluster.wait()
+  codes = cluster.wait(shutdown_grace_s)
   print(f"[launcher] exit codes: {codes}", flush=True)
-  sys.exit(exit_code(codes))
+  # The first failure is the cause; the others' codes are mostly our SIGTERM or SIGKILL.
+  return exit_code([code for _, code in cluster.failures])
+
+
+def main(argv):
+  if FLAGS.workers < 1:
+    sys.stderr.write(f"FATAL --workers must be >= 1, got {FLAGS.workers}.\n")
+    sys.exit(2)
+  sys.exit(launch(FLAGS.workers, argv[1:], FLAGS.threads_per_worker, FLAGS.shutdown_grace_s))
 
 
 if __name__ == "__main__":

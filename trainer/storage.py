@@ -26,6 +26,7 @@ from google.cloud import storage as gcs
 from google.cloud.storage import exceptions as gcs_exceptions
 
 from trainer import errors
+from trainer import preemption
 
 _LOG = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ def _retry(fn, what: str):
             f"(last: {_describe(exc)})") from exc
       delay = min(remaining, _backoff_s(attempt))
       _LOG.warning("%s failed (%s); retry %d in %.2f s", what, _describe(exc), attempt, delay)
+      # Retrying storage is not a silent peer: the collective watchdog allows for it.
+      preemption.storage_retrying(what, remaining)
       time.sleep(delay)
 
 

@@ -236,7 +236,8 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   environ = os.environ if environ is None else environ
   cluster = cluster_lib.parse_cluster(environ)  # Bad TF_CONFIG fails before any TF work.
   _set_precision_and_seeds(config)
-  watchdog = preemption.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name)
+  watchdog = preemption.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name,
+                                 is_chief=cluster.is_chief)
   handler = preemption.PreemptionHandler(config.preemption_grace_s)
   store = None
   lock = None
@@ -244,7 +245,10 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     if cluster.is_multi_worker:
       preemption.rendezvous(cluster.address_of(cluster.task_type, cluster.task_index),
                             cluster.peers(), config.collective_timeout_s, cluster.task_name)
-    runtime = distribute.create_runtime(config, cluster)  # Before any other TF op.
+    # Before any other TF op. MultiWorkerMirroredStrategy waits here for every peer to join,
+    # holding the GIL: hence holds_gil, which bounds it without the watchdog's thread.
+    with watchdog.phase("strategy creation (every worker must join)", holds_gil=True):
+      runtime = distribute.create_runtime(config, cluster)
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
     builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir)
