@@ -18,6 +18,7 @@ from trainer import launcher
 _PRELUDE = """
 import itertools, os, signal, socket, sys, threading, time
 from trainer import preemption
+from trainer import watchdog as watchdog_lib
 peer = socket.socket()
 peer.bind(("127.0.0.1", 0))
 peer.listen(8)
@@ -69,7 +70,7 @@ def test_sigterm_backstop_still_fires_while_installed():
 
 def test_phase_arms_on_entry_and_disarms_on_exit():
   code, out, _ = _run("""
-      watchdog = preemption.Watchdog(PEERS, 1.0, "worker:0")
+      watchdog = watchdog_lib.Watchdog(PEERS, 1.0, "worker:0")
       with watchdog.phase("checkpoint"):
         pass
       try:
@@ -90,7 +91,7 @@ def test_phase_arms_on_entry_and_disarms_on_exit():
 
 def test_arm_and_disarm_still_work():
   code, out, _ = _run("""
-      watchdog = preemption.Watchdog(PEERS, 1.0, "worker:0")
+      watchdog = watchdog_lib.Watchdog(PEERS, 1.0, "worker:0")
       watchdog.arm("final barrier")
       time.sleep(0.2)
       watchdog.disarm()
@@ -106,7 +107,7 @@ _HOLD_GIL = "sum(itertools.repeat(1, 10**12))  # one C call that never releases 
 def test_gil_holding_phase_exits_143_with_a_message():
   # Without holds_gil the watchdog thread never runs here and the process hangs for good.
   code, out, elapsed = _run(f"""
-      watchdog = preemption.Watchdog(PEERS, 1.0, "worker:0")
+      watchdog = watchdog_lib.Watchdog(PEERS, 1.0, "worker:0")
       with watchdog.phase("strategy creation", holds_gil=True):
         {_HOLD_GIL}
       """)
@@ -118,7 +119,7 @@ def test_gil_holding_phase_exits_143_with_a_message():
 
 def test_gil_holding_phase_that_ends_in_time_leaves_no_trace():
   code, out, _ = _run("""
-      watchdog = preemption.Watchdog(PEERS, 0.5, "worker:0")
+      watchdog = watchdog_lib.Watchdog(PEERS, 0.5, "worker:0")
       with watchdog.phase("strategy creation", holds_gil=True):
         time.sleep(0.1)
       time.sleep(3.0)  # past the deadline and the exit timer's _REPORT_S
@@ -129,7 +130,7 @@ def test_gil_holding_phase_that_ends_in_time_leaves_no_trace():
 
 def test_gil_holding_phase_without_peers_is_a_no_op():
   code, out, _ = _run("""
-      watchdog = preemption.Watchdog([], 0.1, "worker:0")
+      watchdog = watchdog_lib.Watchdog([], 0.1, "worker:0")
       with watchdog.phase("strategy creation", holds_gil=True):
         time.sleep(0.5)
       say("alive")
@@ -138,7 +139,7 @@ def test_gil_holding_phase_without_peers_is_a_no_op():
 
 
 _FLAKY_UPLOAD = """
-from trainer import storage
+from trainer import gcs
 failing_until = time.monotonic() + {fail_s}
 
 def upload():
@@ -151,9 +152,9 @@ def upload():
 def test_own_storage_retries_are_not_peer_silence():
   # The chief's upload retries for 2.5s; its watchdog allows 1s of peer silence.
   code, out, _ = _run(setup=_FLAKY_UPLOAD.format(fail_s=2.5), body="""
-      watchdog = preemption.Watchdog(PEERS, 1.0, "worker:0")
+      watchdog = watchdog_lib.Watchdog(PEERS, 1.0, "worker:0")
       with watchdog.phase("checkpoint"):
-        say(storage._retry(upload, "upload gs://bucket/ckpt-20/x"))
+        say(gcs.retry(upload, "upload gs://bucket/ckpt-20/x"))
       say("alive")
       """, TRAINER_STORAGE_RETRY_DEADLINE_S=30)
   assert code == 0, out
@@ -162,10 +163,10 @@ def test_own_storage_retries_are_not_peer_silence():
 
 def test_a_timeout_after_slow_storage_says_so():
   code, out, _ = _run(setup=_FLAKY_UPLOAD.format(fail_s=600), body="""
-      watchdog = preemption.Watchdog(PEERS, 1.0, "worker:0")
+      watchdog = watchdog_lib.Watchdog(PEERS, 1.0, "worker:0")
       with watchdog.phase("checkpoint"):
         try:
-          storage._retry(upload, "upload gs://bucket/ckpt-20/x")
+          gcs.retry(upload, "upload gs://bucket/ckpt-20/x")
         except Exception as e:
           say(type(e).__name__)
         time.sleep(30)
@@ -180,7 +181,7 @@ def test_other_workers_allow_for_the_chiefs_storage_at_startup_and_after_a_check
   # Peer silence 0.5s, chief's storage retries up to 1.5s: 2s in the phases where the chief may
   # be preflighting or uploading, 0.5s once a training chunk has shown it is back.
   code, out, _ = _run("""
-      watchdog = preemption.Watchdog(PEERS, 0.5, "worker:1", is_chief=False)
+      watchdog = watchdog_lib.Watchdog(PEERS, 0.5, "worker:1", is_chief=False)
       for name in ("strategy creation", "model initialization", "train", "checkpoint", "train"):
         with watchdog.phase(name):
           time.sleep(0.1 if name == "checkpoint" else 1.2)  # the chief uploads after saving
@@ -198,7 +199,7 @@ def test_other_workers_allow_for_the_chiefs_storage_at_startup_and_after_a_check
 
 def test_a_timeout_after_a_checkpoint_says_the_chief_may_be_uploading():
   code, out, elapsed = _run("""
-      watchdog = preemption.Watchdog(PEERS, 0.5, "worker:1", is_chief=False)
+      watchdog = watchdog_lib.Watchdog(PEERS, 0.5, "worker:1", is_chief=False)
       with watchdog.phase("train"):
         pass
       with watchdog.phase("checkpoint"):
@@ -217,7 +218,7 @@ def test_a_timeout_after_a_checkpoint_says_the_chief_may_be_uploading():
 
 def test_chief_gets_no_storage_allowance():
   code, out, elapsed = _run("""
-      watchdog = preemption.Watchdog(PEERS, 0.5, "worker:0", is_chief=True)
+      watchdog = watchdog_lib.Watchdog(PEERS, 0.5, "worker:0", is_chief=True)
       with watchdog.phase("model initialization"):
         time.sleep(30)
       """, TRAINER_STORAGE_RETRY_DEADLINE_S=60)

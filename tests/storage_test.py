@@ -10,10 +10,11 @@ import uuid
 
 import gcs_emulator
 import pytest
-from google.cloud import storage as gcs
+from google.cloud import storage as gcs_client
 from google.oauth2 import credentials as oauth2_credentials
 
 from trainer import errors
+from trainer import gcs
 from trainer import storage
 
 BUCKET = "storage-test"
@@ -32,7 +33,7 @@ def emulator():
 def gcs_env(emulator, monkeypatch):
   for key, value in emulator.env().items():
     monkeypatch.setenv(key, value)
-  monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "20")
+  monkeypatch.setenv(gcs.RETRY_DEADLINE_ENV, "20")
   return emulator
 
 
@@ -271,7 +272,7 @@ def test_preflight_local_unwritable_names_the_path(tmp_path):
 
 
 def test_preflight_missing_bucket_fails_fast(gcs_env, monkeypatch):
-  monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "30")
+  monkeypatch.setenv(gcs.RETRY_DEADLINE_ENV, "30")
   start = time.monotonic()
   with pytest.raises(errors.StorageError) as raised:
     storage.preflight("gs://no-such-bucket-4711/run")
@@ -282,7 +283,7 @@ def test_preflight_missing_bucket_fails_fast(gcs_env, monkeypatch):
 
 
 def test_preflight_forbidden_fails_fast(proxy, monkeypatch):
-  monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "30")
+  monkeypatch.setenv(gcs.RETRY_DEADLINE_ENV, "30")
   fault_proxy = proxy(forbid_bucket=BUCKET)
   start = time.monotonic()
   with pytest.raises(errors.StorageError) as raised:
@@ -344,13 +345,13 @@ def test_upload_over_another_writers_object_is_an_error(proxy, gcs_root):
   ours = b"ours"
   with pytest.raises(errors.StorageError, match="another writer"):
     # generation 0 is what a writer that looked before "theirs" landed would hold
-    storage._upload(path, lambda: io.BytesIO(ours), len(ours), storage._crc32c_bytes(ours),
+    gcs.upload(path, lambda: io.BytesIO(ours), len(ours), gcs.crc32c_bytes(ours),
                     generation=0)
   assert storage.read_text(path) == "theirs"
 
 
 def test_retry_deadline_bounds_total_time(proxy, gcs_root, monkeypatch):
-  monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "2")
+  monkeypatch.setenv(gcs.RETRY_DEADLINE_ENV, "2")
   fault_proxy = proxy(fail_rate=1.0, modes=("503", "reset", "reset_mid_body"))
   for operation in (lambda: storage.write_bytes(storage.join(gcs_root, "x"), b"x"),
                     lambda: storage.read_bytes(storage.join(gcs_root, "x"))):
@@ -365,9 +366,9 @@ def test_retry_deadline_bounds_total_time(proxy, gcs_root, monkeypatch):
 def test_logs_never_contain_credentials(proxy, gcs_root, tmp_path, caplog, monkeypatch):
   fault_proxy = proxy(fail_rate=0.3, seed=7)
   token = "ya29.test-secret-token"
-  token_client = gcs.Client(project=gcs_emulator.PROJECT,
+  token_client = gcs_client.Client(project=gcs_emulator.PROJECT,
                             credentials=oauth2_credentials.Credentials(token=token))
-  monkeypatch.setattr(storage, "client", lambda: token_client)
+  monkeypatch.setattr(gcs, "client", lambda: token_client)
   caplog.set_level(logging.DEBUG)
   make_tree(tmp_path / "src")
   storage.preflight(gcs_root)
@@ -384,7 +385,7 @@ def test_logs_never_contain_credentials(proxy, gcs_root, tmp_path, caplog, monke
 
 def test_failed_preflight_leaves_no_probe_behind(proxy, gcs_root, monkeypatch, emulator):
   """The probe's upload lands but its response is lost and no retry time is left."""
-  monkeypatch.setenv(storage.RETRY_DEADLINE_ENV, "0")
+  monkeypatch.setenv(gcs.RETRY_DEADLINE_ENV, "0")
   proxy(script=[("POST /upload", "drop_response")])
   with pytest.raises(errors.RetryableError):
     storage.preflight(gcs_root)
@@ -404,7 +405,7 @@ def test_retry_jitter_leaves_the_global_random_state_alone():
   import random
   random.seed(7)
   state = random.getstate()
-  delays = [storage._backoff_s(attempt) for attempt in (1, 2, 3, 4)]
+  delays = [gcs._backoff_s(attempt) for attempt in (1, 2, 3, 4)]
   assert random.getstate() == state, "a seeded run must not depend on its storage retries"
   assert all(0 < d <= 10 for d in delays) and len(set(delays)) == 4
 

@@ -130,14 +130,3 @@ def test_every_model_and_loss_knob_trains_under_two_replicas(tmp_path, tfds_dir,
   assert "Strategy mirrored with 2 replica(s)" in result.stdout
   losses = [float(x) for x in re.findall(r"step \d+/30 loss ([\d.]+)", result.stdout)]
   assert len(losses) == 6 and losses[-1] < losses[0], losses
-
-
-def test_cpu_speed_warnings_name_the_flag():
-  from trainer import config as config_lib
-  c = config_lib.Config(epochs=1, xla=True, mixed_precision=True)
-  warnings = train.cpu_speed_warnings(c, has_gpu=False, cpu_flags={"avx2", "fma"})
-  assert any("--xla" in w for w in warnings) and any("--mixed_precision" in w for w in warnings)
-  assert not any("--mixed_precision" in w
-                 for w in train.cpu_speed_warnings(c, False, {"avx512_bf16"}))
-  assert train.cpu_speed_warnings(c, has_gpu=True, cpu_flags=set()) == []
-  assert train.cpu_speed_warnings(config_lib.Config(epochs=1), False, set()) == []

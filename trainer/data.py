@@ -161,7 +161,8 @@ def _builder(dataset: str, data_dir: str):
 
 def staged_dir(path: str) -> str:
   """Where stage() keeps its local copy of the gs:// directory `path`."""
-  cache = os.environ.get("TRAINER_CACHE_DIR") or os.path.expanduser("~/.cache/mnist-trainer")
+  from trainer import storage
+  cache = storage.cache_root()
   return os.path.join(cache, "staged", hashlib.sha256(path.encode()).hexdigest()[:16])
 
 

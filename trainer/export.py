@@ -24,8 +24,11 @@ class _Serving(tf.Module):
             "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
 
-def export_saved_model(model, image_shape, export_dir: str) -> str:
-  """Writes export_dir atomically: a crash never leaves a partial export under that name."""
+def export_saved_model(eval_model, weights, image_shape, export_dir: str) -> str:
+  """Exports `weights` in eval_model's float32 copy, atomically: a crash never leaves a partial
+  export under export_dir's name."""
+  eval_model.load(weights)
+  model = eval_model.model
   parent = os.path.dirname(os.path.abspath(export_dir))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)

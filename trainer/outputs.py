@@ -1,4 +1,4 @@
-"""Where a run's outputs go: model, checkpoint and log dirs (local or gs://) and their local mirrors."""
+"""Where a run's outputs go: one RunOutputs owns the dirs (local or gs://), mirrors and publishing."""
 
 import dataclasses
 import hashlib
@@ -6,9 +6,86 @@ import json
 import logging
 import os
 
+from trainer import restarts
+from trainer import run_lock
 from trainer import storage
 
 EXPORT_MARKER = "_COMPLETE"
+
+
+class RunOutputs:
+  """Everything about where one task's outputs go; the training loop sees only these methods.
+
+  TensorFlow writes to local directories (the paths themselves, or a mirror of gs:// ones), and
+  this object publishes them: after each checkpoint and at the end.
+  """
+
+  def __init__(self, config, task_name: str, environ, is_chief: bool):
+    self.paths = resolve(config, task_name, environ)
+    self._config = config
+    self._environ = environ
+    self.is_chief = is_chief
+    self._lock = None
+    self.writer = None
+
+  def prepare(self) -> None:
+    """Fails before training when an output cannot be written; the chief takes model_dir."""
+    preflight(self.paths, self.is_chief)
+    if self.is_chief:  # only the chief writes model_dir, so only it takes the lock
+      self._lock = run_lock.acquire(self.paths.model_dir, self.paths.local_model_dir)
+      for path in (self.paths.local_model_dir, self.paths.local_checkpoint_dir,
+                   self.paths.local_log_dir):
+        os.makedirs(path, exist_ok=True)
+
+  def begin(self, start_step: int) -> None:
+    """After the restore: clean what crashed runs left, count this start, open the summaries.
+
+    Nothing is written before: a run refused at restore leaves model_dir as it found it.
+    """
+    self.writer = _summary_writer(self.paths.local_log_dir, self.is_chief)
+    if self.is_chief:
+      from trainer import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+      checkpoint_lib.remove_crash_leftovers(self.paths.local_checkpoint_dir,
+                                            self.paths.local_model_dir)
+      restarts.record_start(self.paths.checkpoint_dir, self._config.max_job_restarts,
+                            start_step)
+
+  def after_checkpoint(self, path: str) -> None:
+    if self.is_chief:
+      logging.info("Saved checkpoint %s", path)
+      self.writer.flush()
+      publish_logs(self.paths)
+
+  def previous_train_stats(self) -> dict:
+    return previous_train_stats(self.paths)
+
+  def finish(self, metrics: dict, eval_model, weights, image_shape) -> None:
+    """The chief's last outputs: metrics.json, the export of `weights`, logs, hypertune."""
+    if not self.is_chief:
+      return
+    write_metrics(self.paths, metrics)
+    if self._config.export:
+      from trainer import export  # TensorFlow's SavedModel code, only when exporting
+      local_export = export.export_saved_model(
+          eval_model, weights, image_shape, os.path.join(self.paths.local_model_dir, "export"))
+      publish_export(self.paths, local_export)
+    self.writer.flush()
+    publish_logs(self.paths)
+    report_hypertune(metrics, self._environ)
+    restarts.record_finish(self.paths.checkpoint_dir)
+
+  def close(self) -> None:
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
+
+
+def _summary_writer(log_dir: str, is_chief: bool):
+  """TensorBoard writer for log_dir/train on the chief; one that writes nothing elsewhere."""
+  import tensorflow as tf  # only once training starts: this module loads without TensorFlow
+  if is_chief:
+    return tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+  return tf.summary.create_noop_writer()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +124,7 @@ def resolve(config, task_name: str, environ) -> RunPaths:
       storage.join(model_dir, "checkpoints"))
   tensorboard_dir = (_with_trial(config.tensorboard_dir, trial) if config.tensorboard_dir
                      else storage.join(model_dir, "logs"))
-  cache = environ.get("TRAINER_CACHE_DIR") or os.path.expanduser("~/.cache/mnist-trainer")
+  cache = storage.cache_root(environ)
   # One mirror per (run, task): workers sharing a machine must not share files.
   key = hashlib.sha256(model_dir.encode()).hexdigest()[:16]
   mirror = os.path.join(cache, key, task_name.replace(":", "-"))

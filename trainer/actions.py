@@ -1,0 +1,178 @@
+"""What happens at chunk boundaries: divergence stop, preemption vote, log, checkpoint, evaluate.
+
+The training loop runs a chunk of steps, then hands its ChunkResult to each action in turn (the
+shape of orbit's Controller and actions in tensorflow/models). An action decides for itself
+whether the step is one of its boundaries; the Chunker makes every chunk end on one.
+"""
+
+import dataclasses
+import logging
+import math
+import time
+
+import tensorflow as tf
+
+from trainer import errors
+from trainer import watchdog as watchdog_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkResult:
+  """What one call of the compiled chunk returned, summed over its examples and replicas."""
+
+  step: int  # the global step after the chunk
+  steps: int  # steps in the chunk
+  loss: float
+  correct: float
+  count: float
+  stop_votes: float  # workers that asked to stop (SIGTERM)
+  seconds: float
+
+
+class Chunker:
+  """Chunk sizes that end exactly at every action's boundary and at the last step."""
+
+  def __init__(self, periods, max_steps: int, total_steps: int):
+    self._periods = [p for p in periods if p > 0]
+    self._max = max_steps
+    self._total = total_steps
+
+  def next_size(self, step: int) -> int:
+    ends = [self._total, step + self._max] + [(step // p + 1) * p for p in self._periods]
+    return min(ends) - step
+
+
+def due(step: int, period: int) -> bool:
+  return period > 0 and step % period == 0
+
+
+class SaveCheckpoint:
+  """Saves every `period` steps and at the end (every worker takes part; the chief writes)."""
+
+  def __init__(self, store, outputs, watchdog, period: int, total_steps: int, start_step: int):
+    self._store = store
+    self._outputs = outputs
+    self._watchdog = watchdog
+    self._period = period
+    self._total = total_steps
+    self.last_saved = start_step  # the newest step a checkpoint holds (0: none)
+
+  def __call__(self, result: ChunkResult) -> None:
+    if due(result.step, self._period) or result.step == self._total:
+      self.save(result.step)
+
+  def save(self, step: int) -> None:
+    if step == self.last_saved:
+      return
+    with self._watchdog.phase(watchdog_lib.CHECKPOINT_PHASE):
+      path = self._store.save(step)
+    self.last_saved = step
+    self._outputs.after_checkpoint(path)
+
+
+class StopOnDivergence:
+  """A NaN or inf loss stops every worker at the same step (they all see the same sum)."""
+
+  def __init__(self, saver: SaveCheckpoint):
+    self._saver = saver
+
+  def __call__(self, result: ChunkResult) -> None:
+    if math.isfinite(result.loss):
+      return
+    last = self._saver.last_saved
+    kept = (f"The last good checkpoint (step {last}) is kept" if last
+            else "No checkpoint was saved before it")
+    raise errors.DivergenceError(
+        f"Loss became {result.loss} by step {result.step} (steps "
+        f"{result.step - result.steps + 1}-{result.step}); stopping every worker here. {kept}. "
+        "Lower --learning_rate or raise --warmup_steps, then rerun.")
+
+
+class PreemptionVote:
+  """When any worker got SIGTERM, all save at this same step and exit 143 together."""
+
+  def __init__(self, saver: SaveCheckpoint):
+    self._saver = saver
+
+  def __call__(self, result: ChunkResult) -> None:
+    if result.stop_votes > 0:
+      self._saver.save(result.step)
+      raise errors.RetryableError(
+          f"Preempted: checkpoint saved at step {result.step}; rerun the same command to "
+          "resume.")
+
+
+class LogProgress:
+  """Loss, accuracy, learning rate and images/s every `period` steps, to the log and TensorBoard.
+
+  Throughput leaves out the first chunk, which includes tracing.
+  """
+
+  def __init__(self, writer, optimizer, period: int, total_steps: int, global_batch: int):
+    self._writer = writer
+    self._optimizer = optimizer
+    self._period = period
+    self._total = total_steps
+    self._batch = global_batch
+    self._window = [0.0, 0.0, 0.0]  # loss, correct, count since the last line
+    self._steady_images, self._steady_seconds, self._first = 0, 0.0, True
+    self._started = time.time()
+
+  def __call__(self, result: ChunkResult) -> None:
+    if not self._first:
+      self._steady_images += result.steps * self._batch
+      self._steady_seconds += result.seconds
+    self._first = False
+    for i, value in enumerate((result.loss, result.correct, result.count)):
+      self._window[i] += value
+    if due(result.step, self._period) or result.step == self._total:
+      self._log(result.step)
+      self._window = [0.0, 0.0, 0.0]
+
+  def images_per_sec(self) -> float:
+    return self._steady_images / self._steady_seconds if self._steady_seconds else float("nan")
+
+  def stats(self) -> dict:
+    rate = self.images_per_sec()
+    return {"train_images_per_sec": rate if math.isfinite(rate) else 0.0,
+            "train_seconds": time.time() - self._started}
+
+  def _log(self, step: int) -> None:
+    loss_sum, correct, count = self._window
+    count = max(count, 1.0)
+    loss, accuracy = loss_sum / count, correct / count
+    rate = self.images_per_sec()
+    eta = (self._total - step) * self._batch / rate if rate and math.isfinite(rate) else math.nan
+    lr = float(self._optimizer.learning_rate)
+    logging.info("step %d/%d loss %.4f accuracy %.4f lr %.5f images/s %.0f ETA %.0fs", step,
+                 self._total, loss, accuracy, lr, rate, eta)
+    with self._writer.as_default(step=step):
+      tf.summary.scalar("loss", loss)
+      tf.summary.scalar("accuracy", accuracy)
+      tf.summary.scalar("learning_rate", lr)
+      if math.isfinite(rate):
+        tf.summary.scalar("images_per_sec", rate)
+    self._writer.flush()
+
+
+class EvaluateOnTest:
+  """The chief evaluates on the test split every `period` steps (0: only after training)."""
+
+  def __init__(self, eval_model, model, writer, period: int):
+    self._eval_model = eval_model
+    self._model = model
+    self._writer = writer
+    self._period = period
+    self._started = time.time()
+
+  def __call__(self, result: ChunkResult) -> None:
+    if not due(result.step, self._period):
+      return
+    metrics = self._eval_model.evaluate(self._model.get_weights())
+    logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (%.1fs into training)",
+                 result.step, metrics["test_accuracy"], metrics["test_loss"],
+                 time.time() - self._started)
+    with self._writer.as_default(step=result.step):
+      tf.summary.scalar("test_accuracy", metrics["test_accuracy"])
+      tf.summary.scalar("test_loss", metrics["test_loss"])
+

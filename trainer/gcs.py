@@ -1,0 +1,348 @@
+"""The GCS transport: client, time-bounded retries, error mapping and object primitives."""
+
+import base64
+import contextlib
+import contextvars
+import functools
+import http.client
+import logging
+import os
+import random
+import re
+import time
+
+import google_crc32c
+import requests
+import urllib3
+from google.api_core import exceptions as api_exceptions
+from google.auth import credentials as auth_credentials
+from google.auth import exceptions as auth_exceptions
+from google.cloud import storage as gcs_client
+from google.cloud.storage import exceptions as gcs_exceptions
+
+from trainer import errors
+from trainer import watchdog
+
+_LOG = logging.getLogger(__name__)
+
+_SCHEME = "gs://"
+EMULATOR_HOST_ENV = "STORAGE_EMULATOR_HOST"
+PROJECT_ENV = "GOOGLE_CLOUD_PROJECT"
+RETRY_DEADLINE_ENV = "TRAINER_STORAGE_RETRY_DEADLINE_S"
+DEFAULT_RETRY_DEADLINE_S = 60.0
+DEFAULT_EMULATOR_PROJECT = "test-project"
+
+_INITIAL_BACKOFF_S = 0.25
+_MAX_BACKOFF_S = 10.0
+# (connect, read) seconds per HTTP request; read is per socket operation, so big files still fit.
+REQUEST_TIMEOUT = (10.0, 120.0)
+COPY_BUFFER = 1 << 20
+_TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
+_TRANSIENT_TYPES = (
+    api_exceptions.TooManyRequests,
+    api_exceptions.InternalServerError,
+    api_exceptions.BadGateway,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.GatewayTimeout,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.Timeout,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    http.client.IncompleteRead,
+    http.client.BadStatusLine,
+    ConnectionError,  # builtin: reset, refused, aborted, broken pipe
+    TimeoutError,
+    auth_exceptions.TransportError,
+    # A transfer whose checksum did not match was corrupted in flight: sending it again is the fix.
+    gcs_exceptions.DataCorruption,
+)
+_JITTER = random.Random()
+_URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def is_gcs(path: str) -> bool:
+  return str(path).startswith(_SCHEME)
+
+
+def split_gcs(uri: str) -> tuple[str, str]:
+  """("bucket", "object/name") of a gs:// URI; the name is "" for the bucket root."""
+  if not is_gcs(uri):
+    raise errors.ConfigError(f"not a gs:// URI: {uri!r}")
+  bucket, _, name = uri[len(_SCHEME):].partition("/")
+  if not bucket:
+    raise errors.ConfigError(f"gs:// URI without a bucket: {uri!r}")
+  return bucket, name
+
+
+def join(base: str, *parts: str) -> str:
+  if not is_gcs(base):
+    return os.path.join(base, *parts)
+  pieces = [base.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+  return "/".join(pieces)
+
+
+def dir_prefix(name: str) -> str:
+  """The object-name prefix of everything "inside" name ("" for the bucket root)."""
+  name = name.rstrip("/")
+  return name + "/" if name else ""
+
+
+def uri(bucket: str, name: str) -> str:
+  return f"{_SCHEME}{bucket}/{name}"
+
+
+# --------------------------------------------------------------------------- client
+
+
+def client() -> gcs_client.Client:
+  """The process-wide GCS client; a new one only if the emulator settings change (tests)."""
+  return _client_for(os.environ.get(EMULATOR_HOST_ENV) or None, os.environ.get(PROJECT_ENV) or None)
+
+
+@functools.lru_cache(maxsize=None)
+def _client_for(emulator_host, project):
+  if emulator_host:
+    # google-cloud-storage reads STORAGE_EMULATOR_HOST itself; the emulator needs no credentials.
+    return gcs_client.Client(project=project or DEFAULT_EMULATOR_PROJECT,
+                      credentials=auth_credentials.AnonymousCredentials())
+  try:
+    return gcs_client.Client(project=project) if project else gcs_client.Client()
+  except auth_exceptions.DefaultCredentialsError as exc:
+    raise errors.StorageError(
+        "no Google Cloud credentials for gs:// access: run `gcloud auth application-default "
+        "login`, set GOOGLE_APPLICATION_CREDENTIALS, or run with a service account") from exc
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def retry_deadline_s() -> float:
+  raw = os.environ.get(RETRY_DEADLINE_ENV)
+  if not raw:
+    return DEFAULT_RETRY_DEADLINE_S
+  try:
+    return max(0.0, float(raw))
+  except ValueError as exc:
+    raise errors.ConfigError(f"{RETRY_DEADLINE_ENV}={raw!r} is not a number of seconds") from exc
+
+
+def _is_transient(exc: BaseException) -> bool:
+  if isinstance(exc, _TRANSIENT_TYPES):
+    return True
+  if isinstance(exc, api_exceptions.GoogleAPICallError):
+    return exc.code in _TRANSIENT_STATUS
+  if isinstance(exc, gcs_exceptions.InvalidResponse):
+    return getattr(exc.response, "status_code", None) in _TRANSIENT_STATUS
+  return False
+
+
+def describe(exc: BaseException) -> str:
+  """A one-line description safe to log: URLs lose their query strings (signatures, ids)."""
+  text = _URL_QUERY.sub(r"\1", f"{type(exc).__name__}: {exc}")
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _backoff_s(attempt: int) -> float:
+  # Jitter spreads the retries of many workers hitting the same outage. It has its own random
+  # source: drawing from Python's global one would change a seeded run's weights.
+  cap = min(_MAX_BACKOFF_S, _INITIAL_BACKOFF_S * 2 ** (attempt - 1))
+  return _JITTER.uniform(cap / 2, cap)
+
+
+def retry(fn, what: str):
+  """fn() retried on transient errors; permanent errors propagate at once.
+
+  The deadline counts from the first failure, not from the start, so that a long transfer that
+  fails late still gets a full retry budget.
+  """
+  deadline_s = retry_deadline_s()
+  first_failure = None
+  attempt = 0
+  while True:
+    try:
+      return fn()
+    except Exception as exc:  # pylint: disable=broad-except
+      if not _is_transient(exc):
+        raise
+      now = time.monotonic()
+      first_failure = now if first_failure is None else first_failure
+      attempt += 1
+      remaining = first_failure + deadline_s - now
+      if remaining <= 0:
+        raise errors.RetryableError(
+            f"{what}: still failing after {attempt} attempts over {deadline_s:.0f} s "
+            f"(last: {describe(exc)})") from exc
+      delay = min(remaining, _backoff_s(attempt))
+      _LOG.warning("%s failed (%s); retry %d in %.2f s", what, describe(exc), attempt, delay)
+      # Retrying storage is not a silent peer: the collective watchdog allows for it.
+      watchdog.storage_retrying(what, remaining)
+      time.sleep(delay)
+
+
+# The flag whose path a storage call serves: error messages name it (see `for_flag`).
+FLAG = contextvars.ContextVar("storage_flag", default="--model_dir")
+
+
+@contextlib.contextmanager
+def for_flag(flag: str):
+  """Storage errors raised inside name `flag` (e.g. --data_dir) as the one to fix."""
+  token = FLAG.set(flag)
+  try:
+    yield
+  finally:
+    FLAG.reset(token)
+
+
+def _missing_bucket_message(bucket: str) -> str:
+  return (f"gs://{bucket} does not exist: create it with `gcloud storage buckets create "
+          f"gs://{bucket}` or fix {FLAG.get()}")
+
+
+def _forbidden_message(bucket: str) -> str:
+  return (f"permission denied on gs://{bucket}: grant the job's service account "
+          f"roles/storage.objectAdmin on the bucket (`gcloud storage buckets "
+          f"add-iam-policy-binding gs://{bucket} --member=serviceAccount:SA_EMAIL "
+          f"--role=roles/storage.objectAdmin`) or fix {FLAG.get()}")
+
+
+@contextlib.contextmanager
+def errors_of(uri: str):
+  """Turns the permanent GCS errors that reach here into StorageError with a fix in the message."""
+  bucket, _ = split_gcs(uri)
+  try:
+    yield
+  except api_exceptions.Unauthorized as exc:
+    raise errors.StorageError(
+        f"credentials rejected for {uri}: refresh Application Default Credentials "
+        f"(`gcloud auth application-default login`) or check the job's service account") from exc
+  except api_exceptions.Forbidden as exc:
+    raise errors.StorageError(_forbidden_message(bucket)) from exc
+  except api_exceptions.NotFound as exc:
+    # Object-level 404s are handled where they mean "missing file"; one reaching here is the bucket.
+    raise errors.StorageError(_missing_bucket_message(bucket)) from exc
+  except auth_exceptions.RefreshError as exc:
+    raise errors.StorageError(f"could not refresh credentials for {uri}: {describe(exc)}") from exc
+  except api_exceptions.GoogleAPICallError as exc:
+    raise errors.StorageError(f"{uri}: {describe(exc)}") from exc
+
+
+# --------------------------------------------------------------------------- GCS primitives
+
+
+def crc32c_bytes(data: bytes) -> str:
+  return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")
+
+
+def crc32c_file(path: str) -> str:
+  checksum = google_crc32c.Checksum()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(COPY_BUFFER), b""):
+      checksum.update(block)
+  return base64.b64encode(checksum.digest()).decode("ascii")
+
+
+def get_blob(bucket: str, name: str):
+  """The object's metadata, or None when it does not exist."""
+  def attempt():
+    return client().bucket(bucket).get_blob(name, retry=None, timeout=REQUEST_TIMEOUT)
+  return retry(attempt, f"stat {uri(bucket, name)}")
+
+
+def list_objects(bucket: str, prefix: str, delimiter: str | None = None,
+          max_results: int | None = None) -> tuple[list, list[str]]:
+  """(blobs, prefixes) under prefix; a whole listing is one retried unit."""
+  def attempt():
+    it = client().list_blobs(bucket, prefix=prefix, delimiter=delimiter, max_results=max_results,
+                             retry=None, timeout=REQUEST_TIMEOUT)
+    blobs = list(it)
+    return blobs, sorted(it.prefixes)
+  return retry(attempt, f"list {uri(bucket, prefix)}")
+
+
+def upload(uri: str, open_source, size: int, crc32c: str, generation=None) -> None:
+  """Uploads open_source() under a generation precondition, retrying the whole upload.
+
+  generation=None looks up the current one (0 when absent). The precondition makes a retry
+  after a lost response fail with 412 instead of writing the object twice, and makes a
+  concurrent writer visible instead of silently overwritten.
+  """
+  bucket, name = split_gcs(uri)
+  if generation is None:
+    current = get_blob(bucket, name)
+    generation = current.generation if current is not None else 0
+
+  def attempt():
+    blob = client().bucket(bucket).blob(name)
+    try:
+      with open_source() as source:
+        blob.upload_from_file(source, size=size, if_generation_match=generation,
+                              checksum="crc32c", retry=None, timeout=REQUEST_TIMEOUT)
+    except api_exceptions.PreconditionFailed:
+      _accept_if_ours(bucket, name, size, crc32c)
+
+  retry(attempt, f"upload {uri}")
+  _LOG.debug("uploaded %s (%d bytes)", uri, size)
+
+
+def _accept_if_ours(bucket: str, name: str, size: int, crc32c: str) -> None:
+  """After a 412: fine if an earlier attempt of ours landed (same bytes), an error otherwise."""
+  current = get_blob(bucket, name)
+  if current is not None and current.size == size and current.crc32c == crc32c:
+    _LOG.info("%s already holds these bytes: an earlier attempt landed", uri(bucket, name))
+    return
+  raise errors.StorageError(
+      f"{uri(bucket, name)} was changed by another writer during this upload: does a second "
+      f"job or chief write to the same directory?")
+
+
+def delete_blob(bucket: str, name: str, missing_ok: bool) -> None:
+  tried = []
+
+  def attempt():
+    try:
+      client().bucket(bucket).blob(name).delete(retry=None, timeout=REQUEST_TIMEOUT)
+    except api_exceptions.NotFound:
+      # After a failed attempt, 404 usually means that attempt's delete did happen.
+      if not (missing_ok or tried):
+        raise FileNotFoundError(uri(bucket, name)) from None
+    finally:
+      tried.append(True)
+
+  retry(attempt, f"delete {uri(bucket, name)}")
+
+
+def download_into(bucket: str, name: str, f) -> None:
+  """Downloads the object into the open file f, starting over on every retry."""
+  def attempt():
+    f.seek(0)
+    f.truncate()
+    try:
+      client().bucket(bucket).blob(name).download_to_file(
+          f, retry=None, timeout=REQUEST_TIMEOUT, checksum="crc32c")
+    except api_exceptions.NotFound:
+      raise FileNotFoundError(uri(bucket, name)) from None
+  retry(attempt, f"download {uri(bucket, name)}")
+
+
+def has_children(bucket: str, name: str) -> bool:
+  """True when any object lies under name/ (a missing bucket holds nothing)."""
+  try:
+    blobs, _ = list_objects(bucket, dir_prefix(name), max_results=1)
+  except api_exceptions.NotFound:
+    return False
+  return bool(blobs)
+
+
+def download_bytes(bucket: str, name: str) -> bytes:
+  """The object's bytes, checksummed; FileNotFoundError when it does not exist."""
+  def attempt():
+    try:
+      return client().bucket(bucket).blob(name).download_as_bytes(
+          retry=None, timeout=REQUEST_TIMEOUT, checksum="crc32c")
+    except api_exceptions.NotFound:
+      raise FileNotFoundError(uri(bucket, name)) from None
+  return retry(attempt, f"read {uri(bucket, name)}")

@@ -1,0 +1,185 @@
+"""The compiled training step (model, optimizer, metrics) and the float32 evaluation copy."""
+
+import hashlib
+import logging
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import data
+from trainer import model as model_lib
+from trainer import schedule
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+class TrainStep:
+  """Model, optimizer, step counter and the compiled multi-step training function."""
+
+  def __init__(self, config, runtime, image_shape, num_classes, total_steps):
+    self.config = config
+    self.strategy = runtime.strategy
+    # Seeded again right before the weights are drawn: whatever ran since start-up (TFDS, a
+    # GCS client's retries and multipart boundaries) may have drawn from the global sources,
+    # and a seeded run must not depend on how many storage retries it had.
+    keras.utils.set_random_seed(config.seed)
+    with self.strategy.scope():
+      self.model = model_lib.build_model(config, image_shape, num_classes)
+      self.optimizer = schedule.make_optimizer(config, total_steps)
+      self.optimizer.build(self.model.trainable_variables)
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+      self.loss_sum = _sum_variable()
+      self.correct = _sum_variable()
+      self.count = _sum_variable()
+    self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                          step=self.step)
+    self._num_classes = num_classes
+    self._seed_generators = [layer.seed_generator for layer in self.model.layers
+                             if getattr(layer, "seed_generator", None) is not None]
+    self._grads = tf.function(self._compute_grads, jit_compile=True) if config.xla else (
+        self._compute_grads)
+    self.train_chunk = tf.function(self._train_chunk)
+
+  def _compute_grads(self, images, labels, weights):
+    with tf.GradientTape() as tape:
+      logits = self.model(images, training=True)
+      per_example = keras.losses.categorical_crossentropy(
+          tf.one_hot(labels, self._num_classes), logits, from_logits=True,
+          label_smoothing=self.config.label_smoothing)
+      if self.config.inject_nan_at_step:
+        poisoned = self.step + 1 >= self.config.inject_nan_at_step
+        per_example *= tf.where(poisoned, float("nan"), 1.0)
+      # Scaled by the global batch so summing gradients over replicas gives the mean.
+      loss = tf.reduce_sum(per_example * weights) / self.config.global_batch_size
+      scaled = (self.optimizer.scale_loss(loss)
+                if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) else loss)
+    grads = tape.gradient(scaled, self.model.trainable_variables)
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+    return grads, tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights)
+
+  def _reseed(self):
+    """Dropout masks are a function of (seed, step, replica), not of an unsaved RNG state.
+
+    Keras keeps dropout's RNG state outside the checkpoint; without this a resumed run would
+    draw other masks than an uninterrupted one.
+    """
+    replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+    for generator in self._seed_generators:
+      generator.state.assign(tf.stack([self.config.seed * 1000 + replica, self.step]))
+
+  def _replica_step(self, batch):
+    images, labels, weights = batch
+    self._reseed()
+    grads, loss_sum, correct = self._grads(images, labels, weights)
+    self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+    self.loss_sum.assign_add(loss_sum)
+    self.correct.assign_add(correct)
+    self.count.assign_add(tf.reduce_sum(weights))
+
+  def _reset(self):
+    for v in (self.loss_sum, self.correct, self.count):
+      v.assign(tf.zeros_like(v))
+
+  def _train_chunk(self, iterator, num_steps, stop_vote):
+    """num_steps steps in one call; returns summed loss, correct, count and stop votes."""
+    self.strategy.run(self._reset)
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._replica_step, args=(next(iterator),))
+      self.step.assign_add(1)
+    votes = self.strategy.reduce(SUM, self.strategy.run(lambda v: tf.identity(v),
+                                                        args=(stop_vote,)), axis=None)
+    return (self.loss_sum.read_value(), self.correct.read_value(), self.count.read_value(),
+            votes)
+
+
+class EvalModel:
+  """A float32, non-distributed copy of the model (no collectives) for evaluation and export.
+
+  Built and traced once; each use loads the weights it is given, so periodic evaluation does not
+  rebuild or retrace anything. The chief and the side-car evaluator share this code.
+  """
+
+  def __init__(self, config, splits):
+    self._splits = splits
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+      self.model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
+    finally:
+      keras.mixed_precision.set_global_policy(policy)
+    self._predict = tf.function(lambda x: self.model(x, training=False))
+
+  def load(self, weights) -> None:
+    """Takes `weights` (a list as Keras' get_weights() gives) into the float32 copy."""
+    self.model.set_weights([np.asarray(w, dtype=np.float32) for w in weights])
+
+  def evaluate(self, weights, batch_size=1000) -> dict:
+    """Test-split accuracy and loss of `weights` (loaded into the float32 copy first)."""
+    self.load(weights)
+    splits = self._splits
+    loss_total, correct, count = 0.0, 0, 0
+    for images, labels in data.eval_batches(splits.test_images, splits.test_labels, batch_size):
+      logits = tf.cast(self._predict(images), tf.float32)
+      loss_total += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
+          labels, logits, from_logits=True)))
+      correct += int(tf.reduce_sum(tf.cast(
+          tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)))
+      count += int(labels.shape[0])
+    return {"test_accuracy": correct / count, "test_loss": loss_total / count,
+            "test_examples": count}
+
+
+def weights_fingerprint(model) -> str:
+  """SHA-256 of every model weight: equal on all workers iff their models are identical."""
+  digest = hashlib.sha256()
+  for weight in model.get_weights():
+    digest.update(np.ascontiguousarray(weight).tobytes())
+  return digest.hexdigest()
+
+
+def set_precision_and_seeds(config) -> None:
+  """Seeds, op determinism and the Keras precision policy; warns of slow CPU switches."""
+  keras.utils.set_random_seed(config.seed)
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  gpus = tf.config.list_physical_devices("GPU")
+  if config.mixed_precision:
+    policy = "mixed_float16" if gpus else "mixed_bfloat16"
+  else:
+    policy = "float32"
+  keras.mixed_precision.set_global_policy(policy)
+  for warning in cpu_speed_warnings(config, bool(gpus), _cpu_flags()):
+    logging.warning(warning)
+
+
+def _cpu_flags() -> set:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set) -> list:
+  """The GPU switches run on CPU too (they are tested there), but mostly slower: say so."""
+  if has_gpu:
+    return []
+  warnings = []
+  if config.xla:
+    warnings.append("--xla on CPU: the XLA-compiled step ran about 2x slower than the default "
+                    "one in `make bench`; it is meant for GPUs.")
+  if config.mixed_precision and "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags:
+    warnings.append("--mixed_precision on a CPU without AVX512_BF16/AMX: bfloat16 is emulated "
+                    "and trained about 8x slower than float32 in `make bench`.")
+  return warnings
+
+
+def _sum_variable(dtype=tf.float32):
+  # Replica-local accumulators, summed over replicas and workers only when read.
+  return tf.Variable(0, dtype=dtype, trainable=False,
+                     synchronization=tf.VariableSynchronization.ON_READ,
+                     aggregation=tf.VariableAggregation.SUM)
