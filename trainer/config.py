@@ -10,6 +10,7 @@ from absl import flags
 from trainer import errors
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
+COLLECTIVES = ("auto", "ring", "nccl")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALINGS = ("linear", "none")
 PADDINGS = ("same", "valid")
@@ -60,6 +61,13 @@ class Config:
   # Refuse to train on the CPU when TensorFlow sees no GPU (also implied on NVIDIA machines,
   # unless CUDA_VISIBLE_DEVICES=-1 hides the GPUs on purpose).
   require_gpu: bool = False
+  # Multi-worker all-reduce: auto = NCCL with GPUs, RING on CPUs (trainer/distribute.py).
+  collective_implementation: str = "auto"
+  bytes_per_pack: int = 0  # gradient packing for the all-reduce; 0 = TensorFlow's default
+  # TensorFlow profiler trace of these steps on the chief ("" = off), e.g. "20,25".
+  profile_steps: str = ""
+  # The side-car evaluator gives up (exit 143) after this long without a new checkpoint.
+  evaluator_timeout_s: float = 3600.0
   # The default recipe (after tuomaso/train_mnist_fast: no dropout, Adam with short memories,
   # one-cycle; >= 99% test accuracy in 2 epochs). 2x2 pixel blocks are folded into channels so
   # both convolutions see deep 14x14 inputs: CPU kernels run those near half of peak, where a
@@ -226,6 +234,14 @@ _HELP = {
                             "(without it such a model_dir is an error, exit 3).",
     "max_job_restarts": "Exit with the permanent code 7 once the job has been started more than "
                         "this many times in one checkpoint dir (0: no cap).",
+    "collective_implementation": "All-reduce of a multi-worker job: auto (NCCL with GPUs, RING "
+                                 "on CPUs), ring or nccl.",
+    "bytes_per_pack": "Pack gradients into all-reduces of this many bytes (0: TensorFlow's "
+                      "default).",
+    "profile_steps": "Record a TensorFlow profiler trace of steps START,END on the chief into "
+                     "the TensorBoard log dir (empty: off).",
+    "evaluator_timeout_s": "Side-car evaluator: exit 143 when no new checkpoint appears for this "
+                           "long while training has not finished.",
     "require_gpu": "Exit 2 when TensorFlow sees no GPU instead of training on the CPU (implied "
                    "when the machine has NVIDIA GPUs, unless CUDA_VISIBLE_DEVICES is -1 or "
                    "empty).",
@@ -252,7 +268,7 @@ _PER_BLOCK = ("model_widths", "kernel_sizes", "pool_sizes")
 # Config fields that tests set but users never do: environment variables, not flags, so that
 # --helpfull lists only what users set.
 TEST_HOOKS = {"inject_nan_at_step": "TRAINER_INJECT_NAN_AT_STEP"}
-_CHOICES = {"strategy": STRATEGIES, "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
+_CHOICES = {"strategy": STRATEGIES, "collective_implementation": COLLECTIVES, "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
             "conv_padding": PADDINGS}
 
 
