@@ -11,6 +11,7 @@ from trainer import errors
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored")
 COLLECTIVES = ("auto", "ring", "nccl")
+INPUT_MODES = ("auto", "in_memory", "stream")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALINGS = ("linear", "none")
 PADDINGS = ("same", "valid")
@@ -83,6 +84,13 @@ class Config:
   batch_norm: bool = False
   mixed_precision: bool = False
   xla: bool = False
+  # in_memory: the train split decoded into RAM (exact global order); stream: its record files
+  # read by tf.data, file-sharded per worker; auto: stream when the decoded split would be
+  # larger than in_memory_limit_mb.
+  input_mode: str = "auto"
+  in_memory_limit_mb: int = 2048
+  shuffle_buffer: int = 10000  # stream mode: examples per input pipeline's shuffle buffer
+  num_shards: int = 0  # record files per split when the dataset is prepared (0: TFDS's choice)
   train_examples: int = 0  # 0 = the whole train split; tests use small subsets
   eval_examples: int = 0  # 0 = the whole test split
   export: bool = True
@@ -138,7 +146,7 @@ def validate(c: Config) -> None:
       raise errors.ConfigError(f"--{name} must be at most {_MAX_WAIT_S:.0f} (a week), got "
                                f"{getattr(c, name)}.")
   for name in ("num_cpu_devices", "warmup_steps", "eval_every_steps", "train_examples",
-               "eval_examples", "inject_nan_at_step", "max_job_restarts"):
+               "eval_examples", "inject_nan_at_step", "max_job_restarts", "num_shards"):
     if getattr(c, name) < 0:
       raise errors.ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}.")
   if not 0.0 <= c.dropout < 1.0:
@@ -165,6 +173,15 @@ def validate(c: Config) -> None:
         f"--pool_sizes={','.join(map(str, c.pool_sizes))} must give one positive size per "
         f"--model_widths entry ({len(c.model_widths)}); 1 means no pooling.")
   _positive("space_to_depth", c.space_to_depth)
+  _positive("in_memory_limit_mb", c.in_memory_limit_mb)
+  _positive("shuffle_buffer", c.shuffle_buffer)
+  if c.input_mode not in INPUT_MODES:
+    raise errors.ConfigError(
+        f"--input_mode={c.input_mode!r}: use one of {', '.join(INPUT_MODES)}.")
+  if c.input_mode == "stream" and c.train_examples:
+    raise errors.ConfigError(
+        "--train_examples takes a subset of a split held in memory: use it with "
+        "--input_mode=in_memory, or drop it to stream the whole split.")
   if c.conv_padding not in PADDINGS:
     raise errors.ConfigError(
         f"--conv_padding={c.conv_padding!r}: use one of {', '.join(PADDINGS)}.")
@@ -175,6 +192,34 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(
         f"--num_cpu_devices={c.num_cpu_devices} contradicts --strategy={c.strategy}: "
         "logical CPU devices are for --strategy=mirrored (or auto).")
+  if c.collective_implementation not in COLLECTIVES:
+    raise errors.ConfigError(f"--collective_implementation={c.collective_implementation!r}: use "
+                             f"one of {', '.join(COLLECTIVES)}.")
+  if c.bytes_per_pack < 0:
+    raise errors.ConfigError(f"--bytes_per_pack must be >= 0 (0: TensorFlow's choice), got "
+                             f"{c.bytes_per_pack}.")
+  profile_range(c)
+
+
+def profile_range(c: Config) -> Optional[tuple]:
+  """--profile_steps as (START, END), steps counted from 1, both profiled; None when empty."""
+  if not c.profile_steps:
+    return None
+  try:
+    start, end = (int(part) for part in c.profile_steps.split(","))
+  except ValueError:
+    raise errors.ConfigError(
+        f"--profile_steps={c.profile_steps!r} must be two integers START,END (e.g. 20,25: "
+        "steps 20 to 25), or empty for no profile.") from None
+  if start < 1 or start > end:
+    raise errors.ConfigError(
+        f"--profile_steps={c.profile_steps}: need 1 <= START <= END (steps count from 1), "
+        f"e.g. {max(start, 1)},{max(start, 1) + 5}.")
+  if c.train_steps is not None and end > c.train_steps:
+    raise errors.ConfigError(
+        f"--profile_steps={c.profile_steps}: END {end} is past the run's last step "
+        f"(--train_steps={c.train_steps}); choose steps within it.")
+  return start, end
 
 
 def resolve_steps(c: Config, steps_per_epoch: int) -> int:
@@ -258,6 +303,13 @@ _HELP = {
     "batch_norm": "Batch normalization after each convolution.",
     "mixed_precision": "mixed_float16 on GPUs, mixed_bfloat16 on CPUs.",
     "xla": "Compile the training step with XLA (jit_compile).",
+    "input_mode": "auto (stream when the decoded train split exceeds --in_memory_limit_mb), "
+                  "in_memory (decode into RAM, exact global order) or stream (read the record "
+                  "files with tf.data, sharded by file per worker).",
+    "in_memory_limit_mb": "auto's threshold: the decoded train split's size in MB.",
+    "shuffle_buffer": "Stream mode: examples in each input pipeline's shuffle buffer.",
+    "num_shards": "Record files per split when --data_dir is prepared here (0: TFDS's choice); "
+                  "stream mode wants at least one per worker.",
     "train_examples": "Use only the first N training examples (0: all).",
     "eval_examples": "Evaluate on only the first N test examples (0: all).",
     "export": "Export a SavedModel to model_dir/export after training.",
@@ -268,8 +320,9 @@ _PER_BLOCK = ("model_widths", "kernel_sizes", "pool_sizes")
 # Config fields that tests set but users never do: environment variables, not flags, so that
 # --helpfull lists only what users set.
 TEST_HOOKS = {"inject_nan_at_step": "TRAINER_INJECT_NAN_AT_STEP"}
-_CHOICES = {"strategy": STRATEGIES, "collective_implementation": COLLECTIVES, "lr_schedule": LR_SCHEDULES, "lr_scaling": LR_SCALINGS,
-            "conv_padding": PADDINGS}
+_CHOICES = {"strategy": STRATEGIES, "input_mode": INPUT_MODES,
+            "collective_implementation": COLLECTIVES, "lr_schedule": LR_SCHEDULES,
+            "lr_scaling": LR_SCALINGS, "conv_padding": PADDINGS}
 
 
 def define_flags(flag_values=flags.FLAGS) -> None:

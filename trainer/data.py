@@ -51,17 +51,17 @@ STAGED_MARKER = ".staged-from"
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-  """Train and test splits held in memory as uint8 images and int32 labels."""
+  """The test split (and in in_memory mode the train split) as uint8 images and int32 labels."""
 
-  train_images: np.ndarray
-  train_labels: np.ndarray
+  train_images: np.ndarray | None  # None in stream mode: the train split stays in its files
+  train_labels: np.ndarray | None
   test_images: np.ndarray
   test_labels: np.ndarray
   num_classes: int
 
   @property
   def image_shape(self) -> tuple:
-    return tuple(self.train_images.shape[1:])
+    return tuple(self.test_images.shape[1:])
 
 
 def vendored_mnist_dir() -> str:
@@ -325,13 +325,15 @@ def _mnist_source(data_dir: str, mnist_source_dir: str) -> str:
   return download_mnist(os.path.join(data_dir, "downloads", "mnist-raw"))
 
 
-def prepare(dataset: str, data_dir: str, mnist_source_dir: str = ""):
+def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards: int = 0):
   """Returns a prepared TFDS builder; TFDS never downloads MNIST itself.
 
   MNIST is built from local files: --mnist_source_dir, the vendored copy, or in an installed
   package (which has none) the four files fetched once by download_mnist, with bounded waits.
   gs:// inputs are staged to local disk first: a prepared TFDS directory in a bucket, or the
   four MNIST files. Without network, a download that is needed fails with DataError (exit 3).
+  num_shards (0: TFDS's choice) sets how many record files each split gets when it is prepared
+  here; stream mode shards by file, so it wants at least one per input pipeline.
   """
   data_dir = stage(data_dir, "--data_dir")
   if mnist_source_dir:
@@ -340,7 +342,9 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = ""):
   builder = _builder(dataset, data_dir)
   with _lock(data_dir, dataset):
     if builder.is_prepared():
-      return builder
+      # Built anew: a builder made before another process prepared the data under this lock
+      # has empty metadata (no splits).
+      return _builder(dataset, data_dir)
     if dataset == "mnist":
       source = _mnist_source(data_dir, mnist_source_dir)
       verify_mnist_files(source)
@@ -349,7 +353,9 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = ""):
     else:
       check_download_hosts(dataset, (builder.url_infos or {}).keys())
     try:
-      builder.download_and_prepare()
+      import tensorflow_datasets as tfds
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          num_shards=num_shards or None))
     except Exception as e:  # TFDS raises many types; all mean the data cannot be had.
       raise errors.DataError(f"Could not prepare --dataset={dataset} in --data_dir={data_dir}: "
                              f"{e}") from e
@@ -364,11 +370,17 @@ def _load_split(builder, split: str, limit: int):
   return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
 
 
-def load(config, builder=None) -> Splits:
-  """Loads both splits into memory (MNIST is 55 MB decoded; decode once, not every epoch)."""
+def load(config, builder=None, with_train: bool = True) -> Splits:
+  """Loads the splits into memory (MNIST is 55 MB decoded; decode once, not every epoch).
+
+  with_train=False (stream mode) loads only the test split.
+  """
   if builder is None:
-    builder = prepare(config.dataset, config.data_dir, config.mnist_source_dir)
-  train_images, train_labels = _load_split(builder, "train", config.train_examples)
+    builder = prepare(config.dataset, config.data_dir, config.mnist_source_dir,
+                      config.num_shards)
+  train_images = train_labels = None
+  if with_train:
+    train_images, train_labels = _load_split(builder, "train", config.train_examples)
   test_images, test_labels = _load_split(builder, "test", config.eval_examples)
   return Splits(train_images, train_labels, test_images, test_labels,
                 num_classes=builder.info.features["label"].num_classes)
@@ -490,3 +502,39 @@ def check_batch_fits(global_batch_size: int, num_examples: int) -> None:
     raise errors.ConfigError(
         f"--global_batch_size={global_batch_size} is larger than the {num_examples} training "
         f"examples: use at most {num_examples} (or more --train_examples).")
+
+
+def choose_input_mode(config, builder) -> str:
+  """in_memory or stream: --input_mode, or for auto the decoded size from the metadata."""
+  if config.input_mode != "auto":
+    logging.info("Input mode %s (--input_mode).", config.input_mode)
+    return config.input_mode
+  decoded_mb = decoded_train_mb(builder, config.train_examples)
+  mode = "stream" if decoded_mb > config.in_memory_limit_mb else "in_memory"
+  logging.info("Input mode %s: the decoded train split is about %.0f MB, %s "
+               "--in_memory_limit_mb=%d.", mode, decoded_mb,
+               "over" if mode == "stream" else "within", config.in_memory_limit_mb)
+  return mode
+
+
+def decoded_train_mb(builder, limit: int = 0) -> float:
+  """What the decoded train split would take in memory, from the TFDS metadata alone."""
+  shape = builder.info.features["image"].shape
+  if any(d is None for d in shape):
+    return float("inf")  # images of varying size cannot be held as one array anyway
+  return num_train_examples(builder, limit) * (int(np.prod(shape)) + 4) / 2 ** 20
+
+
+def record_source(builder, split: str = "train"):
+  """The split's record files, examples per file and decoder, for stream mode."""
+  from trainer import stream
+  info = builder.info.splits[split]
+  features = builder.info.features
+
+  def decode(record):
+    example = features.deserialize_example(record)
+    return example["image"], example["label"]
+
+  return stream.RecordSource(files=tuple(str(p) for p in info.filepaths),
+                             counts=tuple(int(n) for n in info.shard_lengths),
+                             image_shape=tuple(features["image"].shape), decode=decode)

@@ -23,6 +23,7 @@ from trainer import errors
 from trainer import outputs as outputs_lib
 from trainer import preemption
 from trainer import step as step_lib
+from trainer import stream
 from trainer import watchdog as watchdog_lib
 
 # What a collective raises when a peer dies, times out or the coordination service gives up.
@@ -41,7 +42,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   watchdog = watchdog_lib.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name,
                                  is_chief=cluster.is_chief)
   handler = preemption.PreemptionHandler(config.preemption_grace_s)
-  store = outputs = None
+  store = outputs = source = None
   try:
     if cluster.is_multi_worker:
       watchdog_lib.rendezvous(cluster.address_of(cluster.task_type, cluster.task_index),
@@ -52,7 +53,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
       runtime = distribute.create_runtime(config, cluster)
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
-    splits, steps_per_epoch, total_steps = _load_data(config, runtime)
+    splits, source, steps_per_epoch, total_steps = _load_data(config, runtime)
     # Inputs are valid; now make sure the outputs can be written, still before any training.
     outputs = outputs_lib.RunOutputs(config, cluster.task_name, environ, runtime.is_chief)
     outputs.prepare()
@@ -65,7 +66,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     store.restore_latest(outputs.paths.model_dir, config.restart_from_scratch)
     start_step = int(train_step.step.numpy())
     outputs.begin(start_step)
-    run = _Run(config=config, runtime=runtime, splits=splits, outputs=outputs,
+    run = _Run(config=config, runtime=runtime, splits=splits, source=source, outputs=outputs,
                train_step=train_step, store=store, watchdog=watchdog, handler=handler,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_step=start_step,
                # Chief-only: evaluation during and after training and the export use this copy.
@@ -77,6 +78,14 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     raise errors.RetryableError(
         f"{cluster.task_name} lost contact with its peers (lost: {_lost_peers(cluster, e)})"
         f": {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+  except tf.errors.DataLossError as e:
+    # Stream mode reads record files while training: a damaged one surfaces here.
+    damaged = stream.find_damaged(source.files) if source is not None else ""
+    raise errors.DataError(
+        f"A training record file{' ' + damaged if damaged else ''} is damaged "
+        f"({_data_loss_detail(e)}). Nothing was "
+        "trained on it; the checkpoints are intact. Prepare the dataset again (a new --data_dir, "
+        "or delete the dataset's folder in it), then rerun.") from None
   except (OSError, tf.errors.OpError) as e:
     if not errors.is_disk_full(e):
       raise
@@ -99,6 +108,7 @@ class _Run:
   config: config_lib.Config
   runtime: distribute.Runtime
   splits: data.Splits
+  source: stream.RecordSource | None  # stream mode's train files; None in in_memory mode
   outputs: outputs_lib.RunOutputs
   train_step: step_lib.TrainStep
   store: checkpoint_lib.CheckpointStore
@@ -111,14 +121,26 @@ class _Run:
 
 
 def _load_data(config, runtime) -> tuple:
-  """(splits, steps per epoch, total steps); the step budget is checked before decoding."""
-  builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir)
+  """(splits, stream source or None, steps per epoch, total steps), in the input mode chosen
+  here; the step budget is checked from the metadata, before anything is decoded."""
+  builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir,
+                         config.num_shards)
+  mode = data.choose_input_mode(config, builder)
   num_train = data.num_train_examples(builder, config.train_examples)
   data.check_batch_fits(config.global_batch_size, num_train)
   data.check_divisible(config.global_batch_size, runtime.num_replicas)
-  steps_per_epoch = data.steps_per_epoch(num_train, config.global_batch_size)
+  source = None
+  if mode == "stream":
+    source = data.record_source(builder)
+    pipelines = distribute.num_input_pipelines(runtime)
+    stream.warn_if_record_sharded(source, pipelines)
+    steps_per_epoch = stream.plan_epoch(source.counts, pipelines,
+                                        config.global_batch_size // pipelines).steps
+  else:
+    steps_per_epoch = data.steps_per_epoch(num_train, config.global_batch_size)
   total_steps = config_lib.resolve_steps(config, steps_per_epoch)
-  return data.load(config, builder), steps_per_epoch, total_steps
+  splits = data.load(config, builder, with_train=source is None)
+  return splits, source, steps_per_epoch, total_steps
 
 
 def _train(run: _Run) -> dict:
@@ -134,9 +156,7 @@ def _train(run: _Run) -> dict:
   logging.info("Training steps %d -> %d (%d per epoch, global batch %d, %d replica(s)).", step,
                run.total_steps, run.steps_per_epoch, config.global_batch_size,
                run.runtime.num_replicas)
-  iterator = distribute.input_iterator(run.runtime, data.train_dataset_fn(
-      run.splits.train_images, run.splits.train_labels, config.global_batch_size, config.seed,
-      start_step=step, total_steps=run.total_steps))
+  iterator = distribute.input_iterator(run.runtime, _train_input(run, step))
   progress, boundary_actions = _actions(run)
   chunker = actions_lib.Chunker(
       [config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps],
@@ -147,6 +167,18 @@ def _train(run: _Run) -> dict:
     for action in boundary_actions:
       action(result)
   return progress.stats()
+
+
+def _train_input(run: _Run, start_step: int):
+  """The input function of the run's mode; both continue exactly at start_step."""
+  config = run.config
+  if run.source is not None:
+    return stream.train_dataset_fn(run.source, config.global_batch_size, config.seed,
+                                   config.shuffle_buffer, start_step=start_step,
+                                   total_steps=run.total_steps)
+  return data.train_dataset_fn(run.splits.train_images, run.splits.train_labels,
+                               config.global_batch_size, config.seed, start_step=start_step,
+                               total_steps=run.total_steps)
 
 
 def _actions(run: _Run) -> tuple:
@@ -219,3 +251,10 @@ def _lost_peers(cluster, error) -> str:
     return ", ".join(f"{n} (its port answers but it does not: stopped or overloaded?)"
                      for n in named)
   return "unknown: every peer's port still answers; one may be stopped or overloaded"
+
+
+def _data_loss_detail(error) -> str:
+  """The lines of a DataLossError that say what is damaged (its first line is often generic)."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  useful = [l for l in lines if "corrupt" in l.lower() or ".tfrecord" in l or "DATA_LOSS" in l]
+  return "; ".join(useful or lines)[:500]

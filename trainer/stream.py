@@ -1,0 +1,142 @@
+"""Stream mode: record files read by tf.data, sharded by file per input pipeline, each example once.
+
+Nothing is decoded ahead of training and no worker holds the split in memory. The step count of
+an epoch is fixed from the file sizes before training and is the same on every worker; a
+pipeline with fewer examples pads with zero-weight ones, as the in-memory path does, and none
+runs past the fixed count, so no worker ever waits in a collective for a peer that ran out.
+"""
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordSource:
+  """The record files of one split, how many examples each holds, and how to decode one."""
+
+  files: tuple  # paths, in the order the dataset lists them
+  counts: tuple  # examples per file
+  image_shape: tuple
+  # serialized record -> (uint8 image of image_shape, int label)
+  decode: Callable = dataclasses.field(compare=False)
+
+
+def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
+                     shuffle_buffer: int, start_step: int = 0, total_steps: int = 0):
+  """The input function (InputContext -> dataset) of stream mode, for distribute.input_iterator.
+
+  Epoch e of pipeline p reads p's files in an order drawn from (seed, e), shuffles within a
+  buffer seeded by (seed, e, p), pads to the epoch's fixed length and batches. The order is a
+  function of (seed, step) alone, so a resumed run skips to its step and continues exactly as
+  an uninterrupted run would (the skipped records are read again, not trained on).
+  """
+
+  def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    per_replica = ctx.get_per_replica_batch_size(global_batch_size)
+    local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    per_pipeline = per_replica * local_replicas
+    plan = plan_epoch(source.counts, ctx.num_input_pipelines, per_pipeline)
+    start_epoch, offset = divmod(start_step, plan.steps)
+    end_epoch = max(start_epoch + 1, -(-max(total_steps, 1) // plan.steps))
+    epochs = [_epoch(source, plan, ctx.input_pipeline_id, seed, epoch, shuffle_buffer)
+              for epoch in range(start_epoch, end_epoch + 1)]
+    ds = epochs[0]
+    for more in epochs[1:]:
+      ds = ds.concatenate(more)
+    ds = ds.batch(per_replica, drop_remainder=True).skip(offset * local_replicas)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  return dataset_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+  """Who reads what in one epoch: identical on every worker, computed before training."""
+
+  by_file: bool  # False: fewer files than pipelines, so every pipeline reads every file
+  num_pipelines: int
+  examples: tuple  # examples each pipeline reads per epoch (before padding)
+  batch: int  # examples per pipeline per step
+  steps: int  # steps per epoch: every pipeline yields steps * batch examples
+
+  @property
+  def padding(self) -> tuple:
+    """Zero-weight examples each pipeline adds per epoch."""
+    return tuple(self.steps * self.batch - n for n in self.examples)
+
+  def files_of(self, pipeline_id: int, num_files: int) -> list:
+    if not self.by_file:
+      return list(range(num_files))
+    return list(range(pipeline_id, num_files, self.num_pipelines))
+
+
+def plan_epoch(counts, num_pipelines: int, per_pipeline_batch: int) -> EpochPlan:
+  """File-level sharding when there are enough files, record-level otherwise."""
+  total = sum(counts)
+  if len(counts) >= num_pipelines:
+    examples = tuple(sum(counts[p::num_pipelines]) for p in range(num_pipelines))
+    by_file = True
+  else:
+    # Record r of the files' concatenation goes to pipeline r % P.
+    examples = tuple(len(range(p, total, num_pipelines)) for p in range(num_pipelines))
+    by_file = False
+  steps = max(1, -(-max(examples) // per_pipeline_batch))
+  return EpochPlan(by_file=by_file, num_pipelines=num_pipelines, examples=examples,
+                   batch=per_pipeline_batch, steps=steps)
+
+
+def warn_if_record_sharded(source: RecordSource, num_pipelines: int) -> None:
+  if len(source.files) < num_pipelines:
+    logging.warning(
+        "Stream mode: %d record file(s) for %d input pipelines, so every pipeline reads every "
+        "file and keeps one record in %d (correct, but each reads %dx the bytes it needs). "
+        "Prepare the dataset with at least %d files: --num_shards=%d with a new --data_dir.",
+        len(source.files), num_pipelines, num_pipelines, num_pipelines, num_pipelines,
+        num_pipelines)
+
+
+def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, epoch: int,
+           shuffle_buffer: int) -> tf.data.Dataset:
+  """One epoch of one pipeline: plan.steps * per_pipeline examples, padding (weight 0) last."""
+  files = [source.files[i] for i in plan.files_of(pipeline_id, len(source.files))]
+  order = tf.random.experimental.stateless_shuffle(
+      tf.constant(files), seed=[seed, epoch]) if plan.by_file else tf.constant(files)
+  ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+      tf.data.TFRecordDataset, cycle_length=max(1, min(4, len(files))),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if not plan.by_file:
+    ds = ds.shard(plan.num_pipelines, pipeline_id)
+  ds = ds.map(lambda record: _weighted(*source.decode(record)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if shuffle_buffer > 1:
+    shuffle_seed = (seed * 1_000_003 + epoch * 1_009 + pipeline_id) % (2 ** 31)
+    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+  padding = tf.data.Dataset.from_tensors(
+      (tf.zeros(source.image_shape, tf.float32), tf.constant(0, tf.int32),
+       tf.constant(0.0))).repeat()
+  return ds.concatenate(padding).take(plan.steps * plan.batch)
+
+
+def _weighted(image, label):
+  return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32), tf.constant(1.0)
+
+
+def find_damaged(files, max_seconds: float = 120.0) -> str:
+  """The first of `files` that does not read back whole (a record's checksum or length), or "".
+
+  TensorFlow's error for a damaged record names its offset, not its file; this reads the files
+  again to name it, for at most max_seconds (a huge dataset is not scanned in full).
+  """
+  deadline = time.monotonic() + max_seconds
+  for path in files:
+    try:
+      for _ in tf.data.TFRecordDataset(path).batch(1024):
+        if time.monotonic() > deadline:
+          return ""
+    except tf.errors.DataLossError:
+      return path
+  return ""
