@@ -339,3 +339,25 @@ def test_lock_wait_is_bounded(tmp_path):
     assert time.monotonic() - start < 5
   with data._lock(str(tmp_path), "mnist", timeout_s=1):
     pass  # released: taken at once
+
+
+@pytest.mark.slow
+def test_decoded_splits_are_cached_by_the_record_files_hash(tfds_dir, tmp_path):
+  """A second load reads the kept arrays (same values); changed record bytes miss the cache."""
+  copy = str(tmp_path / "tfds")
+  shutil.copytree(tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
+  builder = data.prepare("mnist", copy)
+  assert data._decoded_from_cache(builder, "test") == (None, None)
+  first = data._load_split(builder, "test", 0)
+  cached = data._decoded_from_cache(builder, "test")
+  assert cached[0] is not None
+  np.testing.assert_array_equal(cached[0], first[0])
+  np.testing.assert_array_equal(cached[1], first[1])
+  again = data._load_split(builder, "test", 100)
+  np.testing.assert_array_equal(again[0], first[0][:100])
+  before = data._decoded_paths(builder, "test")
+  record = str(builder.info.splits["test"].filepaths[0])
+  with open(record, "ab") as f:
+    f.write(b"\0")  # any change to the records
+  assert data._decoded_paths(builder, "test") != before
+  assert data._decoded_from_cache(builder, "test") == (None, None)

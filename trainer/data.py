@@ -363,11 +363,61 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards:
 
 
 def _load_split(builder, split: str, limit: int):
-  import tensorflow_datasets as tfds
+  """(uint8 images, int32 labels) of the split's first `limit` examples (0: all).
+
+  Decoding the records (PNG for MNIST) costs seconds every run, so the decoded arrays are
+  kept next to the prepared data, keyed by a hash of the record files: a changed dataset is
+  decoded again, never read stale.
+  """
+  images, labels = _decoded_from_cache(builder, split)
+  if images is None:
+    images, labels = _decode_split(builder, split)
+    _save_decoded(builder, split, images, labels)
   if limit:
-    split = f"{split}[:{limit}]"
+    images, labels = images[:limit], labels[:limit]
+  return np.asarray(images), np.asarray(labels)
+
+
+def _decode_split(builder, split: str):
+  import tensorflow_datasets as tfds
   arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
+
+
+def _decoded_paths(builder, split: str) -> tuple:
+  """(images .npy, labels .npy) named by the hash of the split's record files."""
+  digest = hashlib.sha256()
+  for path in builder.info.splits[split].filepaths:
+    digest.update(os.path.basename(str(path)).encode())
+    digest.update(_sha256(str(path)).encode())
+  key = digest.hexdigest()[:16]
+  base = os.path.join(str(builder.data_dir), f"decoded-{split}-{key}")
+  return base + "-images.npy", base + "-labels.npy"
+
+
+def _decoded_from_cache(builder, split: str) -> tuple:
+  images_path, labels_path = _decoded_paths(builder, split)
+  try:
+    images = np.load(images_path, mmap_mode="r")
+    labels = np.load(labels_path, mmap_mode="r")
+  except (OSError, ValueError):
+    return None, None
+  if len(images) != len(labels) or images.dtype != np.uint8 or labels.dtype != np.int32:
+    return None, None
+  return images, labels
+
+
+def _save_decoded(builder, split: str, images, labels) -> None:
+  """Best effort (a read-only data_dir just decodes every run); each file lands whole."""
+  for path, array in zip(_decoded_paths(builder, split), (images, labels)):
+    try:
+      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
+      with os.fdopen(fd, "wb") as f:
+        np.save(f, array)
+      os.replace(tmp, path)
+    except OSError as e:
+      logging.info("Not caching the decoded %s split (%s); it is decoded every run.", split, e)
+      return
 
 
 def load(config, builder=None, with_train: bool = True) -> Splits:

@@ -15,6 +15,8 @@ from absl import flags
 from trainer import cores
 
 FLAGS = flags.FLAGS
+# After one worker fails, the others get this long to exit by themselves before SIGTERM.
+SETTLE_S = 10.0
 flags.DEFINE_integer("workers", 2, "Number of worker processes.")
 flags.DEFINE_integer("threads_per_worker", 0,
                      "Intra-op threads per worker (0: the cores this process may use, after "
@@ -72,6 +74,7 @@ class Cluster:
     threads = threads_per_worker or default_threads(num_workers, env or os.environ)
     self._lock = threading.Lock()
     self._kill_at = None  # monotonic time after which wait() SIGKILLs remaining workers
+    self._stop_at = None  # after a first failure: when wait() SIGTERMs the workers still running
     self._failed = []  # indexes of workers that exited non-zero, in the order seen
     self._stopping = False  # stop() was called: exits from now on are what we asked for
     self.procs, self._pumps = [], []
@@ -107,6 +110,12 @@ class Cluster:
           self._on_failure(i, code, failure_grace_s)
       if not running:
         break
+      if self._stop_at is not None and time.monotonic() >= self._stop_at:
+        self._stop_at = None
+        others = self._running_names()
+        self._say(f"{others} still running {SETTLE_S:.0f}s after the first failure: SIGTERM "
+                  f"(and SIGCONT, in case one is stopped) now, SIGKILL after {failure_grace_s:.0f}s")
+        self.stop(failure_grace_s)
       if self._kill_at is not None and time.monotonic() >= self._kill_at:
         self._say(f"grace over: SIGKILL to {self._running_names()}")
         self.signal_all(signal.SIGKILL)
@@ -127,9 +136,11 @@ class Cluster:
     others = self._running_names()
     if not others:
       return
-    self._say(f"worker:{index} failed first (exit {_describe(code)}); stopping {others}: SIGTERM "
-              f"(and SIGCONT, in case one is stopped) now, SIGKILL after {grace_s:.0f}s")
-    self.stop(grace_s)
+    # The others usually stop by themselves within seconds (a NaN or a lost peer ends every
+    # worker at the same step); only those still running after SETTLE_S are stopped.
+    self._say(f"worker:{index} failed first (exit {_describe(code)}); {others} get "
+              f"{SETTLE_S:.0f}s to stop on their own")
+    self._stop_at = time.monotonic() + SETTLE_S
 
   def _running_names(self) -> str:
     return ", ".join(f"worker:{i}" for i, p in enumerate(self.procs) if p.poll() is None)
