@@ -1,6 +1,7 @@
-"""Tests for trainer.actions that need no training: where chunks end."""
+"""Tests for trainer.actions that need no training: where chunks end, when a profile runs."""
 
 import pytest
+import tensorflow as tf
 
 from trainer import actions
 
@@ -22,3 +23,72 @@ def test_chunks_end_on_every_boundary_and_at_the_end(periods, max_steps, total, 
 
 def test_due():
   assert actions.due(20, 10) and not actions.due(25, 10) and not actions.due(20, 0)
+
+
+@pytest.mark.parametrize("boundaries, expected", [
+    ((3, 12), [3, 5, 2, 2, 5, 3]),  # a profile of steps 4-12 with 5-step chunks, checkpoints at 10
+    ((0, 1), [1, 5, 4, 5, 5]),  # steps 1-1: nothing ends at step 0, the first chunk is 1 step
+    ((), [5, 5, 5, 5]),
+])
+def test_chunks_also_end_at_single_boundaries(boundaries, expected):
+  chunker, step, sizes = actions.Chunker([10], 5, 20, boundaries=boundaries), 0, []
+  while step < 20:
+    sizes.append(chunker.next_size(step))
+    step += sizes[-1]
+  assert sizes == expected
+
+
+def test_profile_boundaries():
+  assert actions.profile_boundaries((4, 12)) == (3, 12)
+  assert actions.profile_boundaries(None) == ()
+
+
+class _FakeProfiler:
+  """Records what ProfileSteps asks of tf.profiler.experimental."""
+
+  def __init__(self, monkeypatch):
+    self.calls = []
+    monkeypatch.setattr(tf.profiler.experimental, "start",
+                        lambda logdir: self.calls.append(("start", logdir)))
+    monkeypatch.setattr(tf.profiler.experimental, "stop",
+                        lambda save=True: self.calls.append(("stop", save)))
+
+
+def _result(step):
+  return actions.ChunkResult(step=step, steps=1, loss=1.0, correct=0.0, count=1.0,
+                             stop_votes=0.0, seconds=0.1)
+
+
+def test_profile_starts_before_first_and_stops_after_last(monkeypatch):
+  fake = _FakeProfiler(monkeypatch)
+  profile = actions.ProfileSteps("/logs/train", 4, 12)
+  profile.start_at(0)  # before training: step 1 comes next, not 4
+  calls_after = {}
+  for step in (3, 8, 10, 12, 15, 20):  # chunk ends, as the Chunker makes them
+    profile.stop(_result(step))
+    profile.start(_result(step))
+    calls_after[step] = list(fake.calls)
+  assert calls_after[3] == calls_after[10] == [("start", "/logs/train")]
+  assert calls_after[12] == calls_after[20] == [("start", "/logs/train"), ("stop", True)]
+  profile.close()
+  assert len(fake.calls) == 2, "a saved trace is not stopped again"
+
+
+@pytest.mark.parametrize("start_step, calls", [
+    (0, [("start", "/l")]),  # --profile_steps=1,N starts before the first chunk
+    (6, [("start", "/l")]),  # resumed inside the range: traces the rest
+    (12, []),  # resumed after it: nothing left to trace
+])
+def test_profile_at_the_first_step_of_a_run(monkeypatch, start_step, calls):
+  fake = _FakeProfiler(monkeypatch)
+  actions.ProfileSteps("/l", 1, 12).start_at(start_step)
+  assert fake.calls == calls
+
+
+def test_profile_of_a_run_that_stops_early_is_discarded(monkeypatch):
+  fake = _FakeProfiler(monkeypatch)
+  profile = actions.ProfileSteps("/l", 4, 12)
+  profile.start(_result(3))
+  profile.stop(_result(8))
+  profile.close()  # e.g. preempted at step 8
+  assert fake.calls == [("start", "/l"), ("stop", False)]

@@ -1,15 +1,17 @@
-"""Table tests for trainer.distribute: how many CPU replicas auto picks, and the input path."""
+"""Table tests for trainer.distribute: CPU replicas auto picks, the all-reduce, the input path."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+import tensorflow as tf
 
 from conftest import child_env
 from trainer import cluster
 from trainer import config as config_lib
 from trainer import distribute
+from trainer import errors
 
 SINGLE = cluster.ClusterInfo()
 TWO_WORKERS = cluster.parse_cluster({"TF_CONFIG": json.dumps({
@@ -49,6 +51,76 @@ def test_choose_kind_single_task(devices, gpus, expected):
 
 def test_choose_kind_multi_worker():
   assert distribute.choose_kind("auto", TWO_WORKERS, 0, 1) == "multi_worker_mirrored"
+
+
+@pytest.mark.parametrize("requested, gpus, expected", [
+    ("auto", 0, "ring"),  # CPU-only: NCCL cannot reduce CPU tensors
+    ("auto", 1, "nccl"),  # one GPU per worker is still a GPU all-reduce
+    ("auto", 8, "nccl"),
+    ("ring", 0, "ring"), ("ring", 4, "ring"),  # explicit choices are kept
+    ("nccl", 1, "nccl"), ("nccl", 4, "nccl"),
+])
+def test_choose_collective(requested, gpus, expected):
+  assert distribute.choose_collective(requested, gpus) == expected
+
+
+def test_nccl_without_gpus_is_an_error():
+  with pytest.raises(errors.ConfigError, match="--collective_implementation=nccl needs GPUs"):
+    distribute.choose_collective("nccl", 0)
+
+
+@pytest.mark.parametrize("collective, implementation", [
+    ("ring", tf.distribute.experimental.CommunicationImplementation.RING),
+    ("nccl", tf.distribute.experimental.CommunicationImplementation.NCCL)])
+def test_communication_options_carry_the_flags(collective, implementation):
+  options = distribute.communication_options(
+      _config(bytes_per_pack=4 << 20, collective_timeout_s=42.0), collective)
+  assert options.implementation == implementation
+  assert options.bytes_per_pack == 4 << 20 and options.timeout_seconds == 42.0
+  assert distribute.communication_options(_config(), collective).bytes_per_pack == 0
+
+
+def test_mirrored_all_reduce_by_device():
+  """CPUs reduce through one device; GPUs get NcclAllReduce for nccl (auto's choice there) and
+  TensorFlow's default collective (RING) for ring."""
+  assert isinstance(distribute.mirrored_cross_device_ops("ring", 0),
+                    tf.distribute.ReductionToOneDevice)
+  assert isinstance(distribute.mirrored_cross_device_ops(
+      distribute.choose_collective("auto", 4), 4), tf.distribute.NcclAllReduce)
+  assert distribute.mirrored_cross_device_ops("ring", 4) is None
+
+
+@pytest.mark.parametrize("kind, collective, gpus, pack, expected", [
+    ("one_device", "ring", 0, 0, "none (one replica)"),
+    ("mirrored", "ring", 0, 0, "ReductionToOneDevice across this machine's CPU devices"),
+    ("mirrored", "nccl", 4, 0, "NCCL (NcclAllReduce) across 4 GPUs"),
+    ("mirrored", "ring", 2, 0, "RING (TensorFlow's collective all-reduce) across 2 GPUs"),
+    ("multi_worker_mirrored", "ring", 0, 0, "RING between workers, packs of TensorFlow's choice"),
+    ("multi_worker_mirrored", "nccl", 1, 1024, "NCCL between workers, packs of 1024 bytes"),
+])
+def test_all_reduce_description(kind, collective, gpus, pack, expected):
+  assert distribute.all_reduce_description(kind, collective, gpus, pack) == expected
+
+
+def test_start_up_log_names_the_all_reduce_and_an_ignored_pack_size(caplog):
+  caplog.set_level("INFO")
+  distribute._log_all_reduce(_config(bytes_per_pack=1024), "mirrored", "ring", 0)
+  assert "All-reduce: ReductionToOneDevice across this machine's CPU devices " \
+         "(--collective_implementation=auto)." in caplog.text
+  assert "--bytes_per_pack=1024 applies to the all-reduce between workers; this mirrored run " \
+         "ignores it." in caplog.text
+  caplog.clear()
+  distribute._log_all_reduce(_config(bytes_per_pack=1024), "multi_worker_mirrored", "ring", 0)
+  assert "packs of 1024 bytes" in caplog.text and "ignores it" not in caplog.text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(collective_implementation="mpi"), "--collective_implementation='mpi': use one of"),
+    (dict(bytes_per_pack=-1), "--bytes_per_pack must be >= 0"),
+])
+def test_bad_all_reduce_flags_name_the_flag(overrides, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    _config(**overrides)
 
 
 @pytest.mark.slow
@@ -109,3 +181,22 @@ def test_input_iterator_feeds_replicas_like_tf_distribute(kind, replicas):
   assert all(len(step) == replicas and len(step[0]) == 8 // replicas for step in steps)
   for epoch in (steps[:13], steps[13:]):  # 100 examples / batch 8 = 13 steps, last one padded
     assert {label for step in epoch for row in step for label in row} == set(range(100))
+
+
+@pytest.mark.slow
+def test_multi_worker_strategy_gets_the_communication_options():
+  """The options reach MultiWorkerMirroredStrategy: a one-worker strategy built the way
+  create_runtime builds it all-reduces with them and reports them."""
+  script = (
+      "import tensorflow as tf\n"
+      "from trainer import cluster, config, distribute\n"
+      "c = config.Config(epochs=1, bytes_per_pack=4096, collective_timeout_s=30.0)\n"
+      "s = distribute._multi_worker(cluster.ClusterInfo(), distribute.communication_options(\n"
+      "    c, distribute.choose_collective(c.collective_implementation, 0)))\n"
+      "o = s.extended._communication_options\n"
+      "print('options', o.implementation.value, o.bytes_per_pack, o.timeout_seconds)\n"
+      "print('sum', float(s.reduce('SUM', s.run(lambda: tf.constant(2.0)), axis=None)))\n")
+  result = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "options RING 4096 30.0" in result.stdout and "sum 2.0" in result.stdout

@@ -26,7 +26,9 @@ def test_train_evaluate_export(tiny):
   metrics = train.train_and_evaluate(config)
   with open(os.path.join(config.model_dir, "metrics.json")) as f:
     written = json.load(f)
-  assert written == pytest.approx(metrics)
+  phases = written.pop("phase_seconds")
+  assert phases == metrics["phase_seconds"]
+  assert written == pytest.approx({k: v for k, v in metrics.items() if k != "phase_seconds"})
   for key in ("test_accuracy", "test_loss", "global_step", "train_images_per_sec"):
     assert key in written
   assert written["global_step"] == 20 and written["test_examples"] == 500
@@ -130,3 +132,17 @@ def test_every_model_and_loss_knob_trains_under_two_replicas(tmp_path, tfds_dir,
   assert "Strategy mirrored with 2 replica(s)" in result.stdout
   losses = [float(x) for x in re.findall(r"step \d+/30 loss ([\d.]+)", result.stdout)]
   assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow
+def test_every_run_reports_its_phases(tiny, caplog):
+  with caplog.at_level("INFO"):
+    metrics = train.train_and_evaluate(tiny(train_steps=10))
+  phases = metrics["phase_seconds"]
+  assert list(phases) == ["start-up", "data", "build", "train", "evaluate", "export"]
+  assert all(v >= 0 for v in phases.values())
+  assert abs(sum(phases.values()) - metrics["wall_seconds"]) < 0.01
+  line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("phases: ")]
+  assert line and f"total {metrics['wall_seconds']:.1f} s" in line[-1]
+  written = json.load(open(os.path.join(tiny().model_dir, "metrics.json")))
+  assert written["phase_seconds"] == phases

@@ -1,4 +1,5 @@
-"""What happens at chunk boundaries: divergence stop, preemption vote, log, checkpoint, evaluate.
+"""What happens at chunk boundaries: divergence stop, preemption vote, log, checkpoint, evaluate,
+profile.
 
 The training loop runs a chunk of steps, then hands its ChunkResult to each action in turn (the
 shape of orbit's Controller and actions in tensorflow/models). An action decides for itself
@@ -30,15 +31,21 @@ class ChunkResult:
 
 
 class Chunker:
-  """Chunk sizes that end exactly at every action's boundary and at the last step."""
+  """Chunk sizes that end exactly at every action's boundary and at the last step.
 
-  def __init__(self, periods, max_steps: int, total_steps: int):
+  Periodic boundaries (every N steps) come as `periods`, single steps (a profile's edges) as
+  `boundaries`.
+  """
+
+  def __init__(self, periods, max_steps: int, total_steps: int, boundaries=()):
     self._periods = [p for p in periods if p > 0]
+    self._boundaries = sorted(boundaries)
     self._max = max_steps
     self._total = total_steps
 
   def next_size(self, step: int) -> int:
     ends = [self._total, step + self._max] + [(step // p + 1) * p for p in self._periods]
+    ends += [b for b in self._boundaries if b > step][:1]
     return min(ends) - step
 
 
@@ -176,3 +183,50 @@ class EvaluateOnTest:
       tf.summary.scalar("test_accuracy", metrics["test_accuracy"])
       tf.summary.scalar("test_loss", metrics["test_loss"])
 
+
+def profile_boundaries(steps) -> tuple:
+  """Where chunks end for a trace of steps (first, last): right before first, and at last."""
+  return () if steps is None else (steps[0] - 1, steps[1])
+
+
+class ProfileSteps:
+  """A TensorFlow profiler trace of steps first..last (counted from 1) on the chief.
+
+  tf.profiler.experimental.start(log_dir) writes log_dir/plugins/profile/<time>/<host>.xplane.pb
+  (checked on TF 2.21), where TensorBoard's profile tab looks for the run "<log_dir's name>/<time>"
+  (xprof/profile_plugin.py, _run_dir: "/logdir/train/plugins/profile/run1"). The Chunker ends
+  chunks at first - 1 and at last (profile_boundaries), so the trace starts right before step
+  `first` and stops right after step `last`. `start` runs as the last action after a chunk and
+  `stop` as the first, so no checkpoint or evaluation at those two steps lands in the trace. A
+  run resumed inside the range traces from its first step on; one that stops early (preemption,
+  divergence) discards the unfinished trace.
+  """
+
+  def __init__(self, log_dir: str, first: int, last: int):
+    self._log_dir = log_dir
+    self._first, self._last = first, last
+    self._active = self._done = False
+
+  def start(self, result: ChunkResult) -> None:
+    self.start_at(result.step)
+
+  def start_at(self, step: int) -> None:
+    """Starts the trace if the next step is within first..last (`step` steps are done)."""
+    if self._active or self._done or not self._first - 1 <= step < self._last:
+      return
+    tf.profiler.experimental.start(self._log_dir)
+    self._active = True
+    logging.info("Profiling steps %d-%d into %s.", step + 1, self._last, self._log_dir)
+
+  def stop(self, result: ChunkResult) -> None:
+    if self._active and result.step >= self._last:
+      tf.profiler.experimental.stop()
+      self._active, self._done = False, True
+      logging.info("Profile of steps up to %d saved under %s/plugins/profile.", result.step,
+                   self._log_dir)
+
+  def close(self) -> None:
+    """Ends an unfinished trace without saving it (the run stopped before `last`)."""
+    if self._active:
+      tf.profiler.experimental.stop(save=False)
+      self._active = False

@@ -62,7 +62,8 @@ class Config:
   # Refuse to train on the CPU when TensorFlow sees no GPU (also implied on NVIDIA machines,
   # unless CUDA_VISIBLE_DEVICES=-1 hides the GPUs on purpose).
   require_gpu: bool = False
-  # Multi-worker all-reduce: auto = NCCL with GPUs, RING on CPUs (trainer/distribute.py).
+  # All-reduce between workers and across GPUs: auto = NCCL with GPUs, RING on CPUs
+  # (trainer/distribute.py).
   collective_implementation: str = "auto"
   bytes_per_pack: int = 0  # gradient packing for the all-reduce; 0 = TensorFlow's default
   # TensorFlow profiler trace of these steps on the chief ("" = off), e.g. "20,25".
@@ -279,10 +280,11 @@ _HELP = {
                             "(without it such a model_dir is an error, exit 3).",
     "max_job_restarts": "Exit with the permanent code 7 once the job has been started more than "
                         "this many times in one checkpoint dir (0: no cap).",
-    "collective_implementation": "All-reduce of a multi-worker job: auto (NCCL with GPUs, RING "
-                                 "on CPUs), ring or nccl.",
-    "bytes_per_pack": "Pack gradients into all-reduces of this many bytes (0: TensorFlow's "
-                      "default).",
+    "collective_implementation": "How gradients are all-reduced between workers and across one "
+                                 "machine's GPUs: auto (NCCL with GPUs, RING on CPUs), ring or "
+                                 "nccl.",
+    "bytes_per_pack": "Pack gradients into all-reduces of this many bytes, between workers only "
+                      "(0: TensorFlow's choice).",
     "profile_steps": "Record a TensorFlow profiler trace of steps START,END on the chief into "
                      "the TensorBoard log dir (empty: off).",
     "evaluator_timeout_s": "Side-car evaluator: exit 143 when no new checkpoint appears for this "

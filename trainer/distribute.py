@@ -8,11 +8,16 @@ import tensorflow as tf
 
 from trainer import cluster as cluster_lib
 from trainer import cores as cores_lib
+from trainer import errors
 from trainer import gpu as gpu_lib
 
 # Auto CPU replicas stop at this many examples each: smaller per-replica batches leave the
 # kernels too little work to beat one multi-threaded device (not measured beyond 2 cores).
 MIN_REPLICA_BATCH = 64
+
+# --collective_implementation's values, as the multi-worker all-reduce's CommunicationOptions.
+_IMPLEMENTATIONS = {"ring": tf.distribute.experimental.CommunicationImplementation.RING,
+                    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,35 +103,104 @@ def create_runtime(config, cluster: cluster_lib.ClusterInfo) -> Runtime:
   cores = cores_lib.available()
   num_cpu_devices = cpu_device_count(config, cluster, len(gpus), cores)
   kind = choose_kind(config.strategy, cluster, len(gpus), num_cpu_devices)
+  collective = choose_collective(config.collective_implementation, len(gpus))
   if kind == "multi_worker_mirrored":
-    strategy = _multi_worker(config, cluster)
+    strategy = _multi_worker(cluster, communication_options(config, collective))
   elif kind == "mirrored":
-    strategy = _mirrored(gpus, num_cpu_devices, cores)
+    strategy = _mirrored(gpus, num_cpu_devices, cores, collective)
   else:
     strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
   logging.info("Strategy %s with %d replica(s); this task is %s%s.", kind,
                strategy.num_replicas_in_sync, cluster.task_name,
                " (chief)" if cluster.is_chief else "")
+  _log_all_reduce(config, kind, collective, len(gpus))
   return Runtime(strategy=strategy, cluster=cluster, kind=kind)
 
 
-def _mirrored(gpus, num_cpu_devices: int, cores: int) -> tf.distribute.Strategy:
+def choose_collective(requested: str, num_gpus: int) -> str:
+  """The all-reduce implementation, "nccl" or "ring": auto is NCCL when the replicas are GPUs.
+
+  NCCL reduces GPU tensors only; TensorFlow falls back to RING for CPU tensors
+  (tf.distribute.experimental.CommunicationImplementation's docstring), so nccl without a GPU
+  would silently be ring: an error instead. One GPU per worker is still a GPU all-reduce.
+  """
+  if requested == "auto":
+    return "nccl" if num_gpus else "ring"
+  if requested == "nccl" and not num_gpus:
+    raise errors.ConfigError(
+        "--collective_implementation=nccl needs GPUs, but TensorFlow sees none: use "
+        "--collective_implementation=auto (RING on CPUs) or ring, or run on GPUs.")
+  return requested
+
+
+def communication_options(config, collective: str):
+  """The multi-worker all-reduce options: implementation, --bytes_per_pack and the timeout.
+
+  bytes_per_pack 0 lets TensorFlow choose the pack size (CommunicationOptions' docstring:
+  "If it's zero, the value is determined automatically").
+  """
+  return tf.distribute.experimental.CommunicationOptions(
+      bytes_per_pack=config.bytes_per_pack, timeout_seconds=config.collective_timeout_s,
+      implementation=_IMPLEMENTATIONS[collective])
+
+
+def mirrored_cross_device_ops(collective: str, num_gpus: int):
+  """MirroredStrategy's all-reduce across this machine's devices (None: TensorFlow's default).
+
+  Its default on GPUs is not NCCL, whatever MirroredStrategy's docstring says: TF 2.21 sets
+  CollectiveAllReduce with the AUTO hint (mirrored_strategy.py, "set it to collective op by
+  default"), and the runtime picks NcclReduce only for the hint "nccl" or ConfigProto's
+  collective_nccl (tensorflow/core/common_runtime/collective_param_resolver_local.cc,
+  AssignCollectiveType), which eager TensorFlow leaves off; so the default is RingReduce.
+  nccl therefore asks for NcclAllReduce by name. (Read from the source; the GPU paths were not
+  run here, which has no GPU.)
+  """
+  if not num_gpus:
+    # Logical CPU devices: reduce through one device (NCCL needs GPUs).
+    return tf.distribute.ReductionToOneDevice()
+  if collective == "nccl":
+    return tf.distribute.NcclAllReduce()
+  return None
+
+
+def all_reduce_description(kind: str, collective: str, num_gpus: int, bytes_per_pack: int) -> str:
+  """What reduces the gradients, for the start-up log."""
+  if kind == "one_device":
+    return "none (one replica)"
+  if kind == "mirrored":
+    if not num_gpus:
+      return "ReductionToOneDevice across this machine's CPU devices"
+    if collective == "nccl":
+      return f"NCCL (NcclAllReduce) across {num_gpus} GPUs"
+    return f"RING (TensorFlow's collective all-reduce) across {num_gpus} GPUs"
+  pack = f"{bytes_per_pack} bytes" if bytes_per_pack else "TensorFlow's choice"
+  return f"{collective.upper()} between workers, packs of {pack}"
+
+
+def _log_all_reduce(config, kind: str, collective: str, num_gpus: int) -> None:
+  logging.info("All-reduce: %s (--collective_implementation=%s).",
+               all_reduce_description(kind, collective, num_gpus, config.bytes_per_pack),
+               config.collective_implementation)
+  if config.bytes_per_pack and kind != "multi_worker_mirrored":
+    # MirroredStrategy takes no CommunicationOptions; only the workers' all-reduce packs.
+    logging.warning("--bytes_per_pack=%d applies to the all-reduce between workers; this "
+                    "%s run ignores it.", config.bytes_per_pack, kind)
+
+
+def _mirrored(gpus, num_cpu_devices: int, cores: int, collective: str) -> tf.distribute.Strategy:
   if gpus:
-    return tf.distribute.MirroredStrategy()
+    return tf.distribute.MirroredStrategy(
+        cross_device_ops=mirrored_cross_device_ops(collective, len(gpus)))
   if num_cpu_devices > 1:
     num_cpu_devices = _split_cpu(num_cpu_devices, cores)
   devices = [f"/cpu:{i}" for i in range(num_cpu_devices)]
-  # NCCL (the default) needs GPUs; reduce through one device on CPU.
   return tf.distribute.MirroredStrategy(
-      devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+      devices, cross_device_ops=mirrored_cross_device_ops(collective, 0))
 
 
-def _multi_worker(config, cluster) -> tf.distribute.Strategy:
+def _multi_worker(cluster, options) -> tf.distribute.Strategy:
   if cluster.tf_config is not None:
     os.environ["TF_CONFIG"] = cluster.tf_config  # TF's resolver reads the normalized form.
-  options = tf.distribute.experimental.CommunicationOptions(
-      implementation=tf.distribute.experimental.CommunicationImplementation.RING,
-      timeout_seconds=config.collective_timeout_s)
   return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
@@ -160,3 +234,12 @@ def input_iterator(runtime: Runtime, dataset_fn):
 
   strategy.distribute_datasets_from_function(keep)
   return iter(made[0])
+
+
+def num_input_pipelines(runtime: Runtime) -> int:
+  """How many input pipelines input_iterator builds in the whole job (one per local replica on
+  CPUs under MirroredStrategy, else one per worker); sharding plans are made for this many."""
+  devices = runtime.strategy.extended.worker_devices
+  if runtime.kind == "mirrored" and not any("GPU" in d.upper() for d in devices):
+    return runtime.num_replicas
+  return runtime.num_workers

@@ -1,4 +1,4 @@
-"""Refuses to train on the CPU by accident when the machine has GPUs TensorFlow cannot use."""
+"""GPU presence checks: no CPU training by accident on a GPU machine, no NCCL without GPUs."""
 
 import glob
 import logging
@@ -122,3 +122,26 @@ def usable_gpus(require_gpu: bool, environ=None) -> list:
   check(require_gpu, 0, nvidia_gpus(environ.get("PATH")), chosen,
         dict(tf.sysconfig.get_build_info()), tf.__version__)
   return gpus
+
+
+def check_collective_implementation(implementation: str, environ=None, path=None,
+                                    dev_dir: str = "/dev") -> None:
+  """--collective_implementation=nccl needs NVIDIA GPUs: refused before TensorFlow loads.
+
+  NCCL reduces GPU tensors only (TensorFlow falls back to RING for CPU ones), so asking for it
+  on a machine without GPUs, or with every GPU hidden, is a mistake to report, not to ignore.
+  """
+  if implementation != "nccl":
+    return
+  environ = os.environ if environ is None else environ
+  if cpu_on_purpose(environ):
+    raise errors.ConfigError(
+        f"--collective_implementation=nccl, but CUDA_VISIBLE_DEVICES="
+        f"{environ['CUDA_VISIBLE_DEVICES']!r} hides every GPU and NCCL reduces only on GPUs: "
+        "unset CUDA_VISIBLE_DEVICES, or use --collective_implementation=auto (RING on CPUs).")
+  if not nvidia_gpus(environ.get("PATH") if path is None else path, dev_dir):
+    raise errors.ConfigError(
+        "--collective_implementation=nccl, but this machine shows no NVIDIA GPU (no "
+        "/dev/nvidia[0-9]* device, none listed by `nvidia-smi -L`) and NCCL reduces only on "
+        "GPUs: use --collective_implementation=auto (NCCL with GPUs, RING on CPUs) or ring, or "
+        "run the job on GPUs.")

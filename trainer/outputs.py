@@ -59,16 +59,20 @@ class RunOutputs:
   def previous_train_stats(self) -> dict:
     return previous_train_stats(self.paths)
 
-  def finish(self, metrics: dict, eval_model, weights, image_shape) -> None:
-    """The chief's last outputs: metrics.json, the export of `weights`, logs, hypertune."""
+  def export(self, eval_model, weights, image_shape) -> None:
+    """The chief exports `weights` (a SavedModel) and publishes it, when --export is on."""
+    if not (self.is_chief and self._config.export):
+      return
+    from trainer import export  # TensorFlow's SavedModel code, only when exporting
+    local_export = export.export_saved_model(
+        eval_model, weights, image_shape, os.path.join(self.paths.local_model_dir, "export"))
+    publish_export(self.paths, local_export)
+
+  def finish(self, metrics: dict) -> None:
+    """The chief's last outputs: metrics.json, the logs, hypertune; the run is then complete."""
     if not self.is_chief:
       return
     write_metrics(self.paths, metrics)
-    if self._config.export:
-      from trainer import export  # TensorFlow's SavedModel code, only when exporting
-      local_export = export.export_saved_model(
-          eval_model, weights, image_shape, os.path.join(self.paths.local_model_dir, "export"))
-      publish_export(self.paths, local_export)
     self.writer.flush()
     publish_logs(self.paths)
     report_hypertune(metrics, self._environ)

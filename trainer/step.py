@@ -2,16 +2,23 @@
 
 import hashlib
 import logging
+import os
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from trainer import data
+from trainer import errors
 from trainer import model as model_lib
 from trainer import schedule
 
 SUM = tf.distribute.ReduceOp.SUM
+
+# Tests only, like $TRAINER_INJECT_NAN_AT_STEP: the policy --mixed_precision uses instead of the
+# device's, so that mixed_float16 and its loss scaling (a GPU's path) also run on a CPU.
+POLICY_OVERRIDE = "TRAINER_MIXED_PRECISION_POLICY"
+MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
 
 
 class TrainStep:
@@ -34,6 +41,8 @@ class TrainStep:
       self.count = _sum_variable()
     self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                           step=self.step)
+    self._loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+    _log_precision(self.optimizer, self._loss_scaled)
     self._num_classes = num_classes
     self._seed_generators = [layer.seed_generator for layer in self.model.layers
                              if getattr(layer, "seed_generator", None) is not None]
@@ -52,8 +61,7 @@ class TrainStep:
         per_example *= tf.where(poisoned, float("nan"), 1.0)
       # Scaled by the global batch so summing gradients over replicas gives the mean.
       loss = tf.reduce_sum(per_example * weights) / self.config.global_batch_size
-      scaled = (self.optimizer.scale_loss(loss)
-                if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer) else loss)
+      scaled = self.optimizer.scale_loss(loss) if self._loss_scaled else loss
     grads = tape.gradient(scaled, self.model.trainable_variables)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
     return grads, tf.reduce_sum(per_example * weights), tf.reduce_sum(correct * weights)
@@ -72,6 +80,8 @@ class TrainStep:
     images, labels, weights = batch
     self._reseed()
     grads, loss_sum, correct = self._grads(images, labels, weights)
+    if self._loss_scaled:
+      grads = _agree_on_overflow(grads)
     self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
     self.loss_sum.assign_add(loss_sum)
     self.correct.assign_add(correct)
@@ -138,19 +148,34 @@ def weights_fingerprint(model) -> str:
   return digest.hexdigest()
 
 
-def set_precision_and_seeds(config) -> None:
+def set_precision_and_seeds(config, environ=None) -> None:
   """Seeds, op determinism and the Keras precision policy; warns of slow CPU switches."""
   keras.utils.set_random_seed(config.seed)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   gpus = tf.config.list_physical_devices("GPU")
-  if config.mixed_precision:
-    policy = "mixed_float16" if gpus else "mixed_bfloat16"
-  else:
-    policy = "float32"
+  policy = precision_policy(config.mixed_precision, bool(gpus),
+                            os.environ if environ is None else environ)
   keras.mixed_precision.set_global_policy(policy)
-  for warning in cpu_speed_warnings(config, bool(gpus), _cpu_flags()):
+  for warning in cpu_speed_warnings(config, bool(gpus), _cpu_flags(), policy):
     logging.warning(warning)
+
+
+def precision_policy(mixed_precision: bool, has_gpu: bool, environ) -> str:
+  """float32; with --mixed_precision, mixed_float16 on GPUs and mixed_bfloat16 on CPUs.
+
+  CPUs get bfloat16 because it needs no loss scaling (float32's exponent range) and is what CPU
+  kernels accelerate (AVX512_BF16, AMX); float16 is the GPUs' tensor-core type.
+  """
+  if not mixed_precision:
+    return "float32"
+  override = environ.get(POLICY_OVERRIDE)
+  if override:
+    if override not in MIXED_POLICIES:
+      raise errors.ConfigError(f"${POLICY_OVERRIDE}={override!r}: use one of "
+                               f"{', '.join(MIXED_POLICIES)}, or unset it.")
+    return override
+  return "mixed_float16" if has_gpu else "mixed_bfloat16"
 
 
 def _cpu_flags() -> set:
@@ -164,7 +189,8 @@ def _cpu_flags() -> set:
   return set()
 
 
-def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set) -> list:
+def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set,
+                       policy: str = "mixed_bfloat16") -> list:
   """The GPU switches run on CPU too (they are tested there), but mostly slower: say so."""
   if has_gpu:
     return []
@@ -172,10 +198,37 @@ def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set) -> list:
   if config.xla:
     warnings.append("--xla on CPU: the XLA-compiled step ran about 2x slower than the default "
                     "one in `make bench`; it is meant for GPUs.")
-  if config.mixed_precision and "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags:
+  bf16_emulated = "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags
+  if config.mixed_precision and policy == "mixed_bfloat16" and bf16_emulated:
     warnings.append("--mixed_precision on a CPU without AVX512_BF16/AMX: bfloat16 is emulated "
                     "and trained about 8x slower than float32 in `make bench`.")
   return warnings
+
+
+def _log_precision(optimizer, loss_scaled: bool) -> None:
+  policy = keras.mixed_precision.global_policy().name
+  if loss_scaled:
+    logging.info("Precision policy %s, loss scaled dynamically by LossScaleOptimizer (initial "
+                 "scale %g).", policy, optimizer.initial_scale)
+  else:
+    logging.info("Precision policy %s, no loss scaling.", policy)
+
+
+def _agree_on_overflow(grads):
+  """Every replica's gradients become NaN when any replica's are not finite.
+
+  Keras 3's LossScaleOptimizer decides to skip a step from the gradients it is handed, which are
+  not yet all-reduced (the inner optimizer reduces them later): under MirroredStrategy it takes
+  replica 0's verdict for all, and each worker of a MultiWorkerMirroredStrategy decides alone
+  (keras/src/optimizers/loss_scale_optimizer.py, _tf_apply). One overflowing replica would then
+  put inf into the summed gradients (tests/gpu_switches_test.py shows it on 2 CPU replicas), or
+  leave workers in different collectives (read from the code; multi-worker float16 was not run).
+  One scalar all-reduce makes the verdict common: all skip the step and halve the scale together.
+  """
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+  overflows = tf.distribute.get_replica_context().all_reduce(
+      SUM, tf.cast(tf.logical_not(finite), tf.float32))
+  return [tf.where(overflows > 0, tf.constant(float("nan"), g.dtype), g) for g in grads]
 
 
 def _sum_variable(dtype=tf.float32):

@@ -11,6 +11,7 @@ from trainer import cli
 from trainer import cluster as cluster_lib
 from trainer import config as config_lib
 from trainer import errors
+from trainer import gpu
 from trainer import logs
 
 # C++ INFO logs (oneDNN, CUDA probing) drown the training log; WARNING and up still show.
@@ -25,6 +26,7 @@ def main(argv):
     config = config_lib.config_from_flags()
     cluster_lib.check_strategy(config.strategy, cluster_lib.parse_cluster(os.environ),
                                config.num_cpu_devices)
+    gpu.check_collective_implementation(config.collective_implementation)
     from trainer import train  # TensorFlow loads only after flags and TF_CONFIG are good.
     train.train_and_evaluate(config)
   except errors.TrainerError as e:

@@ -21,6 +21,7 @@ from trainer import data
 from trainer import distribute
 from trainer import errors
 from trainer import outputs as outputs_lib
+from trainer import phases as phases_lib
 from trainer import preemption
 from trainer import step as step_lib
 from trainer import stream
@@ -37,6 +38,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
   Returns the metrics dict (the chief also writes it to model_dir/metrics.json).
   """
   environ = os.environ if environ is None else environ
+  phases = phases_lib.Phases()
   cluster = cluster_lib.parse_cluster(environ)  # Bad TF_CONFIG fails before any TF work.
   step_lib.set_precision_and_seeds(config)
   watchdog = watchdog_lib.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name,
@@ -53,7 +55,9 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
       runtime = distribute.create_runtime(config, cluster)
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
+    phases.end("start-up")
     splits, source, steps_per_epoch, total_steps = _load_data(config, runtime)
+    phases.end("data")
     # Inputs are valid; now make sure the outputs can be written, still before any training.
     outputs = outputs_lib.RunOutputs(config, cluster.task_name, environ, runtime.is_chief)
     outputs.prepare()
@@ -70,8 +74,12 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
                train_step=train_step, store=store, watchdog=watchdog, handler=handler,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_step=start_step,
                # Chief-only: evaluation during and after training and the export use this copy.
-               eval_model=step_lib.EvalModel(config, splits) if runtime.is_chief else None)
-    return _finish(run, _train(run))
+               eval_model=step_lib.EvalModel(config, splits) if runtime.is_chief else None,
+               phases=phases)
+    phases.end("build")
+    train_stats = _train(run)
+    phases.end("train")
+    return _finish(run, train_stats)
   except _PEER_ERRORS as e:
     if not cluster.is_multi_worker:
       raise
@@ -118,6 +126,7 @@ class _Run:
   steps_per_epoch: int
   start_step: int
   eval_model: step_lib.EvalModel | None  # None on workers other than the chief
+  phases: phases_lib.Phases
 
 
 def _load_data(config, runtime) -> tuple:
@@ -157,15 +166,24 @@ def _train(run: _Run) -> dict:
                run.total_steps, run.steps_per_epoch, config.global_batch_size,
                run.runtime.num_replicas)
   iterator = distribute.input_iterator(run.runtime, _train_input(run, step))
-  progress, boundary_actions = _actions(run)
+  profile = _profile_range(run)
+  progress, boundary_actions, profiler = _actions(run, profile)
+  # Every worker ends its chunks at the same steps (each chunk ends in a collective vote).
   chunker = actions_lib.Chunker(
       [config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps],
-      config.steps_per_loop, run.total_steps)
-  while step < run.total_steps:
-    result = _run_chunk(run, iterator, step, chunker.next_size(step))
-    step = result.step
-    for action in boundary_actions:
-      action(result)
+      config.steps_per_loop, run.total_steps,
+      boundaries=actions_lib.profile_boundaries(profile))
+  if profiler:
+    profiler.start_at(step)  # a profile from step 1, or a run resumed inside the range
+  try:
+    while step < run.total_steps:
+      result = _run_chunk(run, iterator, step, chunker.next_size(step))
+      step = result.step
+      for action in boundary_actions:
+        action(result)
+  finally:
+    if profiler:
+      profiler.close()
   return progress.stats()
 
 
@@ -181,8 +199,19 @@ def _train_input(run: _Run, start_step: int):
                                total_steps=run.total_steps)
 
 
-def _actions(run: _Run) -> tuple:
-  """The progress logger, and every action in the order it runs after a chunk."""
+def _profile_range(run: _Run):
+  """--profile_steps as (first, last), or None; also checked against a run set in epochs."""
+  profile = config_lib.profile_range(run.config)
+  if profile and profile[1] > run.total_steps:
+    raise errors.ConfigError(
+        f"--profile_steps={run.config.profile_steps}: END {profile[1]} is past the run's last "
+        f"step ({run.total_steps}); choose steps within it.")
+  return profile
+
+
+def _actions(run: _Run, profile) -> tuple:
+  """The progress logger, every action in the order it runs after a chunk, and the chief's
+  profiler (None when not profiling)."""
   config = run.config
   saver = actions_lib.SaveCheckpoint(run.store, run.outputs, run.watchdog,
                                      config.checkpoint_every_steps, run.total_steps,
@@ -195,14 +224,27 @@ def _actions(run: _Run) -> tuple:
   if run.runtime.is_chief:
     ordered.append(actions_lib.EvaluateOnTest(run.eval_model, run.train_step.model,
                                               run.outputs.writer, config.eval_every_steps))
-  return progress, ordered
+  profiler = None
+  if profile and run.runtime.is_chief:
+    # Into the local log dir (a gs:// one's mirror, published with the other logs), beside the
+    # scalars in train/: TensorBoard lists the profile under the run "train".
+    profiler = actions_lib.ProfileSteps(os.path.join(run.outputs.paths.local_log_dir, "train"),
+                                        *profile)
+    # Stop first and start last, so the trace holds no checkpoint or evaluation at its edges.
+    ordered = [profiler.stop, *ordered, profiler.start]
+  return progress, ordered, profiler
 
 
 def _run_chunk(run: _Run, iterator, step: int, num_steps: int) -> actions_lib.ChunkResult:
   """num_steps steps in one compiled call, with this worker's stop vote."""
   stop_vote = 1.0 if run.handler.requested.is_set() else 0.0
   tic = time.perf_counter()
-  with run.watchdog.phase(watchdog_lib.TRAIN_PHASE):
+  # A step marker for the profiler, as tf.profiler.experimental.Trace's docstring shows for
+  # custom loops (a no-op unless a trace runs): each chunk is one "train" event, numbered by the
+  # step it ends at. XProf's step-time pages need such markers; on CPU-only traces they still
+  # report no step time (XProf 2.24), so they serve GPU runs (not run here) and the trace viewer.
+  with run.watchdog.phase(watchdog_lib.TRAIN_PHASE), tf.profiler.experimental.Trace(
+      "train", step_num=step + num_steps, _r=1):
     loss, correct, count, votes = run.train_step.train_chunk(
         iterator, tf.constant(num_steps), tf.constant(stop_vote))
     loss, correct, count, votes = float(loss), float(correct), float(count), float(votes)
@@ -226,9 +268,14 @@ def _finish(run: _Run, train_stats: dict) -> dict:
                metrics["weights_sha256"])
   if runtime.is_chief:
     metrics.update(run.eval_model.evaluate(weights))
-    run.outputs.finish(metrics, run.eval_model, weights, run.splits.image_shape)
+    run.phases.end("evaluate")
+    run.outputs.export(run.eval_model, weights, run.splits.image_shape)
+    run.phases.end("export")
+    metrics.update(run.phases.as_metrics())
+    run.outputs.finish(metrics)
     logging.info("test_accuracy %.4f test_loss %.4f; outputs in %s", metrics["test_accuracy"],
                  metrics["test_loss"], run.outputs.paths.model_dir)
+  logging.info("%s", run.phases.summary())
   if runtime.kind == "multi_worker_mirrored":
     # Workers leave together, so nobody's coordination service sees a peer vanish early.
     with run.watchdog.phase("final barrier"):
