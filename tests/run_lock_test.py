@@ -92,3 +92,10 @@ def test_bucket_lock_of_a_vanished_run_is_taken_over(bucket_dir):
   assert run_lock.STALE_AFTER_S <= waited < run_lock.STALE_AFTER_S + 5
   assert json.loads(storage.read_text(path))["pid"] == os.getpid()
   lock.release()
+
+
+def test_release_after_the_lock_file_was_deleted_is_quiet(tmp_path):
+  lock = run_lock.acquire(str(tmp_path), str(tmp_path))
+  os.remove(tmp_path / run_lock.LOCK_NAME)  # an operator "cleans up" during the run
+  lock.release()
+  run_lock.acquire(str(tmp_path), str(tmp_path)).release()

@@ -152,3 +152,20 @@ def test_damaged_record_file_exits_3_naming_it(tmp_path, tiny):
     train.train_and_evaluate(config)
   assert raised.value.exit_code == errors.EXIT_DATA
   assert os.path.basename(victim) in str(raised.value), str(raised.value)
+
+
+@pytest.mark.slow
+def test_missing_record_file_exits_3_naming_it(tmp_path, tiny):
+  import os
+  from trainer import data
+  from trainer import errors
+  from trainer import train
+  data_dir = str(tmp_path / "tfds")
+  builder = data.prepare("mnist", data_dir, num_shards=2)
+  victim = str(builder.info.splits["train"].filepaths[1])
+  os.remove(victim)
+  config = tiny(data_dir=data_dir, input_mode="stream", train_examples=0, export=False)
+  with pytest.raises(errors.DataError, match=os.path.basename(victim)) as raised:
+    train.train_and_evaluate(config)
+  assert raised.value.exit_code == errors.EXIT_DATA
+  assert not os.path.exists(os.path.join(config.model_dir, "checkpoints"))

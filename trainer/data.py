@@ -585,6 +585,11 @@ def record_source(builder, split: str = "train"):
     example = features.deserialize_example(record)
     return example["image"], example["label"]
 
+  for path in info.filepaths:
+    if not os.path.isfile(str(path)):
+      raise errors.DataError(
+          f"Record file {path} of the prepared {builder.name} {split} split is missing: prepare "
+          "the dataset again (a new --data_dir, or delete the dataset's folder in it).")
   return stream.RecordSource(files=tuple(str(p) for p in info.filepaths),
                              counts=tuple(int(n) for n in info.shard_lengths),
                              image_shape=tuple(features["image"].shape), decode=decode)

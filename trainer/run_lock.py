@@ -101,7 +101,8 @@ class _FileLock:
       return
     # Deleted while still locked: a newcomer that opened the old file finds, after its flock,
     # that the path no longer names that file, and tries again (see acquire).
-    os.remove(self.path)
+    if _same_file(self._file, self.path):  # someone may have deleted or replaced it meanwhile
+      os.remove(self.path)
     fcntl.flock(self._file, fcntl.LOCK_UN)
     self._file.close()
     self._file = None
