@@ -1,5 +1,7 @@
 """Tests for trainer.config: validation, step resolution and flag parsing."""
 
+import re
+
 import pytest
 
 from trainer import config as config_lib
@@ -109,3 +111,15 @@ def test_test_hooks_are_not_flags_but_environment_variables():
   assert hooked.inject_nan_at_step == 7
   with pytest.raises(errors.ConfigError, match="TRAINER_INJECT_NAN_AT_STEP"):
     config_lib.config_from_flags(values, environ={"TRAINER_INJECT_NAN_AT_STEP": "x"})
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(input_mode="stream", train_examples=5), "--train_examples takes a subset"),
+    (dict(input_mode="disk"), "--input_mode='disk'"),
+    (dict(in_memory_limit_mb=0), "--in_memory_limit_mb must be > 0"),
+    (dict(shuffle_buffer=0), "--shuffle_buffer must be > 0"),
+    (dict(num_shards=-1), "--num_shards must be >= 0"),
+])
+def test_input_mode_flags_are_checked(kw, message):
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    config_lib.Config(epochs=1, **kw)
