@@ -12,6 +12,8 @@ MODEL_DIR ?= runs/mnist
 # another cluster shape would train nothing, or something else than asked.
 CLUSTER_MODEL_DIR ?= runs/mnist-cluster
 PYTEST_ARGS ?=
+# e.g. LAUNCHER_ARGS="--evaluator --max_restarts=2" for make cluster
+LAUNCHER_ARGS ?=
 
 .PHONY: venv train test test-fast cluster predict bench package image submit-vertex clean
 
@@ -44,7 +46,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" -n 4 $(PYTEST_ARGS)
 
 cluster: $(RUNTIME)
-	$(PY) -m trainer.launcher --workers=$(WORKERS) -- --model_dir=$(CLUSTER_MODEL_DIR) $(ARGS)
+	$(PY) -m trainer.launcher --workers=$(WORKERS) $(LAUNCHER_ARGS) -- --model_dir=$(CLUSTER_MODEL_DIR) $(ARGS)
 
 predict: $(RUNTIME)
 	$(PY) -m trainer.predict --model_dir=$(MODEL_DIR) --samples=5

@@ -2,15 +2,17 @@
 
 Usage:
   python -m deploy.k8s --workers=N --gpus_per_worker=G --image=IMAGE --model_dir=gs://B/run
-      [--chief] [--name=NAME] [--network_policy] [--gang_scheduling] [--gke_accelerator=TYPE]
+      [--chief] [--evaluator] [--name=NAME] [--network_policy] [--gang_scheduling]
+      [--gke_accelerator=TYPE]
       [--service_account=KSA [--gcp_service_account=GSA]] [-- TRAINER_ARGS] | kubectl apply -f -
 
 JSON because kubectl reads it as well as YAML and it needs no YAML library.
 
 What bounds a failing job (kubeflow/training-operator, deploy/README.md "Exit codes and
-restarts"): with restartPolicy ExitCode the operator deletes a pod that exited 130, 137, 138 or
-143 and creates a new one (pkg/controller.v1/common/pod.go ReconcilePods, with
-pkg/util/train/train_util.go IsRetryableExitCode); the pod's own restartPolicy is Never
+restarts"): with restartPolicy ExitCode the operator deletes a pod that exited 128 or more
+(143, 137, ...; up to v1.6 only 130, 137, 138 and 143) and creates a new one
+(pkg/controller.v1/common/pod.go ReconcilePods, with pkg/util/train/train_util.go
+IsRetryableExitCode); the pod's own restartPolicy is Never
 (pkg/core/pod.go SetRestartPolicy), and runPolicy.backoffLimit only sums container restart
 counts of running pods (pkg/core/job.go PastBackoffLimit), so it never counts those
 recreations (kubeflow/trainer#2045). What does stop the loop: the trainer's
@@ -43,8 +45,10 @@ DEFAULT_NAME = "mnist-dist"
 # Seconds Kubernetes waits past the trainer's own SIGTERM deadline before SIGKILL.
 GRACE_MARGIN_S = 30
 MAX_BACKOFF_LIMIT = 10
-# Exit codes restartPolicy ExitCode recreates the pod for; every other one fails the job
-# (kubeflow/training-operator pkg/util/train/train_util.go, IsRetryableExitCode).
+# Exit codes restartPolicy ExitCode recreates the pod for in every operator version: v1.7 to v1.9
+# retry every code >= 128 (kubeflow/training-operator pkg/util/train/train_util.go,
+# IsRetryableExitCode), v1.6 and before took kubeflow/common's list, these four. Codes 1-127 fail
+# the job in all of them.
 OPERATOR_RETRYABLE_EXIT_CODES = (130, 137, 138, 143)
 # runPolicy.ttlSecondsAfterFinished is an int32 (pkg/apis/kubeflow.org/v1/common_types.go).
 MAX_INT32 = 2**31 - 1
@@ -81,6 +85,7 @@ class Options:
   workers: int = 2
   gpus_per_worker: int = 1
   chief: bool = False
+  evaluator: bool = False  # one Evaluator replica beside the --workers training pods
   name: str = DEFAULT_NAME
   namespace: str = ""
   backoff_limit: int = 3
@@ -212,9 +217,9 @@ def _pod_template(o: Options) -> dict:
 
 
 def _replica_spec(o: Options, replicas: int) -> dict:
-  # ExitCode: 130, 137, 138 and 143 (ours: preempted or a lost peer) recreate the pod, which
-  # resumes from the last checkpoint; every other code, our 1-7 included, fails the job
-  # (pkg/util/train/train_util.go IsRetryableExitCode).
+  # ExitCode: a signal's code (143: ours, preempted or a lost peer; 137: SIGKILL) recreates the
+  # pod, which resumes from the last checkpoint; codes 1-127, our 1-7 included, fail the job
+  # (pkg/util/train/train_util.go IsRetryableExitCode; OPERATOR_RETRYABLE_EXIT_CODES).
   return {"replicas": replicas, "restartPolicy": "ExitCode", "template": _pod_template(o)}
 
 
@@ -222,7 +227,7 @@ def _run_policy(o: Options) -> dict:
   # backoffLimit stays for the other restart policies; under ExitCode it counts nothing (see
   # the module docstring). activeDeadlineSeconds is measured from the job's start and fails
   # it, whatever its pods are doing.
-  policy = {"backoffLimit": o.backoff_limit, "cleanPodPolicy": "Running",
+  policy = {"backoffLimit": o.backoff_limit, "cleanPodPolicy": _clean_pod_policy(o),
             "activeDeadlineSeconds": o.active_deadline_s,
             "ttlSecondsAfterFinished": o.ttl_after_finished_s}
   if o.gang_scheduling:
@@ -233,12 +238,27 @@ def _run_policy(o: Options) -> dict:
   return policy
 
 
+def _clean_pod_policy(o: Options) -> str:
+  """Running: pods still running when the job ends are deleted. The job succeeds when the
+  Chief (or worker 0) does (pkg/controller.v1/tensorflow/tfjob_controller.go, UpdateJobStatus),
+  which would delete an evaluator still evaluating the final checkpoint; with None the
+  operator leaves it be (pkg/controller.v1/common/job.go, DeletePodsAndServices) and it exits
+  by itself: after the final checkpoint, or 143 after --evaluator_timeout_s. A job failed by
+  activeDeadlineSeconds has every pod deleted whatever this says (same function)."""
+  return "None" if o.evaluator else "Running"
+
+
 def tfjob(o: Options) -> dict:
   """The TFJob; --workers counts every training process, the Chief included."""
   replica_specs = {}
   if o.chief:
     replica_specs["Chief"] = _replica_spec(o, 1)
   replica_specs["Worker"] = _replica_spec(o, o.workers - 1 if o.chief else o.workers)
+  if o.evaluator:
+    # The operator's "Evaluator" replica type (TFJobReplicaTypeEval), TF_CONFIG task type
+    # "evaluator"; same image, arguments and pod as a worker. It is not part of gang
+    # scheduling's minAvailable: training needs only the workers.
+    replica_specs["Evaluator"] = _replica_spec(o, 1)
   metadata = {"name": o.name, "labels": _labels(o)}
   if o.namespace:
     metadata["namespace"] = o.namespace
@@ -300,6 +320,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("image", None, "Image built from deploy/Dockerfile.")
   flags.DEFINE_string("model_dir", None, "gs:// directory for checkpoints, logs and export.")
   flags.DEFINE_boolean("chief", False, "Make one of the --workers a Chief replica.")
+  flags.DEFINE_boolean("evaluator", False,
+                       "Add an Evaluator replica, a side-car that evaluates each new checkpoint "
+                       "(sets cleanPodPolicy None so it finishes the last one).")
   flags.DEFINE_string("name", DEFAULT_NAME, "TFJob name (also the pods' instance label).")
   flags.DEFINE_string("namespace", "", "Namespace (default: kubectl's current one).")
   flags.DEFINE_integer("backoff_limit", 3,

@@ -6,6 +6,7 @@ Usage (TRAINER_ARGS after `--` go to trainer.task; --strategy and --max_job_rest
   python -m deploy.vertex submit --job={one_gpu,multi_gpu,multi_worker,hp_tuning}
       --output_dir=gs://B/runs/R (--image_uri=IMAGE | --staging_bucket=gs://S
       --executor_image_uri=IMAGE) [--dry_run | --project=P] [--region=R] [-- TRAINER_ARGS]
+  (--evaluator adds worker pool 3, a side-car evaluator, to the multi_worker job.)
 
 `submit --dry_run` prints the REST request body, and on stderr the curl and gcloud commands that
 send it; `render` writes every spec as one JSON file each.
@@ -97,6 +98,7 @@ class Options:
   gpus_per_machine: int = 4
   workers: int = 2
   gpus_per_worker: int = 1
+  evaluator: bool = False  # multi_worker: worker pool 3, one evaluator replica
   timeout_s: int = 24 * 3600
   restart_job_on_worker_restart: bool = True
   disable_retries: bool = False
@@ -414,8 +416,23 @@ def _pools(o: Options, kind: str, mode: str) -> list:
   args = _trainer_argv(o, kind)
   if kind == "multi_worker":
     # Pool 0 is the chief (exactly one replica); pool 1 holds the other workers.
-    return [_pool(o, kind, mode, 1, args), _pool(o, kind, mode, o.workers - 1, args)]
+    pools = [_pool(o, kind, mode, 1, args), _pool(o, kind, mode, o.workers - 1, args)]
+    if o.evaluator:
+      # Pool 3 is the evaluator; pool 2 (parameter servers) stays an empty placeholder, as
+      # "all worker pools except the first one are optional and can be skipped by providing an
+      # empty value" (CustomJobSpec.workerPoolSpecs; google-cloud-aiplatform's
+      # worker_spec_utils.py fills skipped pools with {} too). It runs the workers' arguments
+      # and machine; TF_CONFIG/CLUSTER_SPEC make it the evaluator (trainer/cluster.py).
+      pools += [{}, _pool(o, kind, mode, 1, args)]
+    return pools
   return [_pool(o, kind, mode, 1, args)]
+
+
+def check_job(o: Options, kind: str) -> None:
+  """Options that fit some job kinds only, checked for the one job being submitted."""
+  if o.evaluator and kind != "multi_worker":
+    raise SpecError(f"--evaluator adds worker pool 3 to the multi_worker job, not to {kind}: "
+                    "use --job=multi_worker (or drop --evaluator).")
 
 
 def _scheduling(o: Options) -> dict:
@@ -640,6 +657,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("workers", defaults.workers, "multi_worker: machines, chief included.")
   flags.DEFINE_integer("gpus_per_worker", defaults.gpus_per_worker,
                        "multi_worker: GPUs each (0: CPU-only).")
+  flags.DEFINE_boolean("evaluator", False,
+                       "multi_worker: add worker pool 3, a side-car evaluator that evaluates "
+                       "each new checkpoint (same machine and arguments as the workers).")
   flags.DEFINE_integer("timeout_s", defaults.timeout_s,
                        "scheduling.timeout: the job (or each trial) fails after this, restarts "
                        "included.")
@@ -696,6 +716,7 @@ def _warn_package_mode(o: Options, modes: Sequence[str]) -> None:
 
 
 def _dry_run(o: Options) -> int:
+  check_job(o, FLAGS.job)
   body = build(o, FLAGS.job, _mode(o))
   check_against_api(body, FLAGS.job)
   _warn_package_mode(o, [_mode(o)])
@@ -720,6 +741,7 @@ def _run(command: str, extra_args: Sequence[str]) -> int:
     return _dry_run(o)
   if not FLAGS.project:
     raise SpecError("submit needs --project (or --dry_run to only print the request).")
+  check_job(o, FLAGS.job)
   _warn_package_mode(o, [_mode(o)])
   print(submit(o, FLAGS.job, _mode(o), FLAGS.project))
   return 0

@@ -232,7 +232,7 @@ def test_entry_points_define_flags_only_when_run():
   import subprocess
   import sys
   code = ("import bench.run, bench.recipes, deploy.vertex, deploy.k8s\n"
-          "from trainer import task\nprint('imported')")
+          "from trainer import launcher, predict, task\nprint('imported')")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0 and "imported" in result.stdout, result.stderr[-2000:]

@@ -45,6 +45,43 @@ def test_accepted_layouts(environ, task, is_chief, num_workers):
   assert info.num_workers == num_workers
 
 
+@pytest.mark.parametrize("environ", [
+    # As the Kubeflow training operator writes it: the evaluator is in every task's cluster.
+    env({"cluster": {"chief": ["c:1"], "worker": W2, "evaluator": ["e:1"]},
+         "task": {"type": "evaluator", "index": 0}}),
+    # As AI Platform writes it: the cluster "never contains evaluator as a key".
+    env({"cluster": {"chief": ["c:1"], "worker": W2}, "task": {"type": "evaluator", "index": 0}}),
+    # Vertex AI's CLUSTER_SPEC: worker pool 3.
+    {"CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": ["c:1"], "workerpool1": W2,
+                                             "workerpool3": ["e:1"]},
+                                 "task": {"type": "workerpool3", "index": 0}})},
+    # A lone evaluator (e.g. its own Slurm job) needs no addresses.
+    env({"task": {"type": "evaluator", "index": 0}}),
+])
+def test_an_evaluator_is_accepted_and_is_no_training_task(environ):
+  info = cluster.parse_cluster(environ)
+  assert info.is_evaluator and info.task_name == "evaluator:0"
+  assert not info.is_chief
+  if info.cluster:
+    assert info.num_workers == 3 and info.chief_task == ("chief", 0)
+    assert [name for name, _ in info.peers()] == ["chief:0", "worker:0", "worker:1"]
+    cluster.check_strategy("multi_worker_mirrored", info)  # the workers' flags fit it too
+
+
+def test_training_tasks_leave_the_evaluator_out_of_their_collectives():
+  info = cluster.parse_cluster(env({"cluster": {"worker": W2, "evaluator": ["e:1"]},
+                                    "task": {"type": "worker", "index": 1}}))
+  assert not info.is_evaluator and info.num_workers == 2
+  assert info.peers() == [("worker:0", "localhost:1001")]
+  # What TensorFlow's MultiWorkerMirroredStrategy reads (trainer/distribute.py).
+  assert json.loads(info.tf_config) == {"cluster": {"worker": W2},
+                                        "task": {"type": "worker", "index": 1}}
+  spec = cluster.parse_cluster({"CLUSTER_SPEC": json.dumps({
+      "cluster": {"workerpool0": ["c:1"], "workerpool1": W2, "workerpool3": ["e:1"]},
+      "task": {"type": "workerpool0", "index": 0}})})
+  assert spec.is_chief and "evaluator" not in json.loads(spec.tf_config)["cluster"]
+
+
 def test_tf_config_wins_over_cluster_spec_and_is_normalized():
   info = cluster.parse_cluster({
       "TF_CONFIG": json.dumps({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 1}}),
@@ -78,8 +115,12 @@ def test_peers_excludes_self():
      "index 2 is out of range"),
     (env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": -1}}),
      "out of range"),
+    (env({"cluster": {"worker": W2, "evaluator": ["e:1", "e:2"]},
+          "task": {"type": "evaluator", "index": 0}}), "lists 2 evaluators: use one"),
     (env({"cluster": {"worker": W2, "evaluator": ["e:1"]},
-          "task": {"type": "evaluator", "index": 0}}), "evaluator"),
+          "task": {"type": "evaluator", "index": 1}}), "evaluator index 1 is out of range"),
+    (env({"cluster": {"worker": W2}, "task": {"type": "evaluator", "index": True}}),
+     "task index True must be a JSON integer"),
     (env({"cluster": {"worker": W2, "ps": ["p:1"]}, "task": {"type": "worker", "index": 0}}),
      "parameter servers"),
     (env({"cluster": {"worker": "h:1"}, "task": {"type": "worker", "index": 0}}),
@@ -206,4 +247,16 @@ def test_bad_tf_config_exits_2_before_tensorflow_loads(tmp_path, tf_config, mess
                           TF_CONFIG=json.dumps(tf_config))
   assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
   assert "FATAL ConfigError: $TF_CONFIG" in result.stdout and message in result.stdout
+  assert "Traceback" not in result.stdout
+
+
+def test_an_evaluator_without_a_checkpoint_dir_exits_2_before_tensorflow_loads(tmp_path):
+  flags = [a for a in tiny_flags(str(tmp_path / "run"), str(tmp_path / "tfds"))
+           if not a.startswith("--model_dir")]
+  result = run_without_tf("trainer.task", *flags,
+                          TF_CONFIG=json.dumps({"cluster": {"worker": W2, "evaluator": ["e:1"]},
+                                                "task": {"type": "evaluator", "index": 0}}))
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
+  assert "FATAL ConfigError: TF_CONFIG makes this process the evaluator" in result.stdout
+  assert "pass the training job's --model_dir (or --checkpoint_dir)" in result.stdout
   assert "Traceback" not in result.stdout

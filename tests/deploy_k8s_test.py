@@ -240,3 +240,40 @@ def test_bad_flags_fail_with_a_clear_message(args, message):
   assert result.returncode != 0
   assert message in result.stderr, result.stderr
   assert result.stdout == ""
+
+
+# ---- The side-car evaluator: an Evaluator replica ----
+
+def test_evaluator_is_one_more_replica_that_may_outlive_the_workers():
+  job = render("--evaluator", "--gang_scheduling", "--", "--epochs=2")
+  assert list(replicas(job)) == ["Worker", "Evaluator"]
+  evaluator = replicas(job)["Evaluator"]
+  assert evaluator["replicas"] == 1 and evaluator["restartPolicy"] == "ExitCode"
+  # The operator finds the container and its port by name in every replica, this one too.
+  assert container(evaluator) == container(replicas(job)["Worker"])
+  policy = job["spec"]["runPolicy"]
+  # The job succeeds with worker 0; Running would then delete the evaluator mid-evaluation.
+  assert policy["cleanPodPolicy"] == "None"
+  assert render()["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+  # Training needs the workers only: the evaluator is not part of the gang.
+  assert policy["schedulingPolicy"] == {"minAvailable": 3}
+
+
+def test_the_trainer_reads_the_tf_config_the_operator_writes_for_the_evaluator():
+  """genClusterSpec (training-operator release-1.9, pkg/controller.v1/tensorflow/tensorflow.go)
+  lists every replica type, lowercased, as <job>-<type>-<i>.<namespace>.svc:<port>, in every
+  pod's TF_CONFIG; the task type is the lowercased replica type."""
+  from trainer import cluster
+  job = render("--evaluator", "--namespace", "ml")
+  name, port = job["metadata"]["name"], k8s.PORT
+  spec = {rtype.lower(): [f"{name}-{rtype.lower()}-{i}.ml.svc:{port}"
+                          for i in range(replica["replicas"])]
+          for rtype, replica in replicas(job).items()}
+  def tf_config(task_type):
+    return {"TF_CONFIG": json.dumps({"cluster": spec, "task": {"type": task_type, "index": 0},
+                                     "environment": "cloud"})}
+  evaluator = cluster.parse_cluster(tf_config("evaluator"))
+  assert evaluator.is_evaluator and evaluator.num_workers == 3
+  worker = cluster.parse_cluster(tf_config("worker"))
+  assert worker.is_chief and worker.num_workers == 3
+  assert "evaluator" not in json.loads(worker.tf_config)["cluster"]

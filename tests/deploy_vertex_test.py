@@ -494,3 +494,53 @@ def test_outputs_land_in_the_aip_directories_vertex_ai_sets(tfds_dir, tmp_path):
   # Nothing of it under the model dir: resume reads AIP_CHECKPOINT_DIR, TensorBoard AIP_...LOG_DIR.
   assert not (model / "checkpoints").exists() and not (model / "logs").exists()
   assert not list(model.rglob("ckpt-*")) and not list(model.rglob("events.out.tfevents.*"))
+
+
+# ---- The side-car evaluator: worker pool 3 ----
+
+def test_evaluator_is_worker_pool_3_of_the_multi_worker_job():
+  body = vertex.build(options(evaluator=True, workers=4), "multi_worker", "container")
+  chief, workers, servers, evaluator = _pools(body)
+  # Pool 2 (parameter servers) is skipped with an empty value, which keeps pool 3 in place.
+  assert servers == {}
+  assert evaluator["replicaCount"] == 1 and workers["replicaCount"] == 3
+  assert evaluator["machineSpec"] == workers["machineSpec"]
+  assert evaluator["containerSpec"] == workers["containerSpec"] == chief["containerSpec"]
+  message = api_message(body, "custom_job_multi_worker_container.json")
+  assert [p.replica_count for p in message.job_spec.worker_pool_specs] == [1, 3, 0, 1]
+  plain = vertex.build(options(workers=4), "multi_worker", "container")
+  assert len(_pools(plain)) == 2, "no pool 3 without --evaluator"
+
+
+def test_the_trainer_runs_pool_3_as_the_evaluator():
+  """What Vertex AI hands pool 3's replica: CLUSTER_SPEC with task workerpool3, the AIP_* dirs."""
+  from trainer import cluster
+  from trainer import config
+  from trainer import task
+  body = vertex.build(options(evaluator=True), "multi_worker", "container")
+  args = _code(_pools(body)[3])["args"]
+  flag_values = absl_flags.FlagValues()
+  config.define_flags(flag_values)
+  flag_values(["trainer", *args])
+  environ = {"AIP_MODEL_DIR": f"{OUTPUT_DIR}/multi_worker/model/",
+             "AIP_CHECKPOINT_DIR": f"{OUTPUT_DIR}/multi_worker/checkpoints/",
+             "CLUSTER_SPEC": json.dumps({
+                 "cluster": {"workerpool0": ["cmle-training-workerpool0-0:2222"],
+                             "workerpool1": ["cmle-training-workerpool1-0:2222"],
+                             "workerpool3": ["cmle-training-workerpool3-0:2222"]},
+                 "environment": "cloud", "task": {"type": "workerpool3", "index": 0}})}
+  parsed = config.config_from_flags(flag_values, environ=environ)
+  info = cluster.parse_cluster(environ)
+  assert info.is_evaluator and info.num_workers == 2
+  cluster.check_strategy(parsed.strategy, info, parsed.num_cpu_devices)
+  task.check_evaluator_finds_checkpoints(flag_values, environ)  # AIP_* name the dirs
+  assert parsed.checkpoint_dir == f"{OUTPUT_DIR}/multi_worker/checkpoints/"
+
+
+def test_evaluator_only_fits_the_multi_worker_job():
+  result = run_vertex("submit", "--dry_run", "--job=one_gpu", f"--output_dir={OUTPUT_DIR}",
+                      f"--image_uri={IMAGE}", "--evaluator")
+  assert result.returncode == 2 and result.stdout == ""
+  assert "--evaluator adds worker pool 3 to the multi_worker job, not to one_gpu" in result.stderr
+  body, _ = dry_run(f"--image_uri={IMAGE}", "--evaluator", job="multi_worker")
+  assert [p.get("replicaCount") for p in _pools(body)] == [1, 1, None, 1]

@@ -1,6 +1,8 @@
-"""The local launcher's process handling, with real child processes (no TensorFlow)."""
+"""The local launcher's process handling and restarts, with real child processes (no TensorFlow)."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, child_env, run_module, run_without_tf, tiny_flags
 from trainer import launcher
 
 _STUBBORN = """
@@ -120,3 +122,176 @@ def test_launch_exits_with_the_first_failure_not_the_first_worker(tmp_path):
     pytest.fail("the launcher kept waiting for a stopped worker after another one failed")
   assert proc.returncode == 3, out
   assert "worker:1 failed first (exit 3)" in out and "exit codes: [-9, 3]" in out, out
+
+
+# ---- --max_restarts: which exits relaunch the job, and how often ----
+
+# Attempt 1: worker 1 is SIGKILLed (an OOM kill, say) and worker 0 then stops the way a trainer
+# that lost its peer does (exit 143); attempt 2 succeeds. CODES_ENV overrides attempt 1's codes.
+_FLAKY = """
+import glob, json, os, signal, sys, time
+task = json.loads(os.environ["TF_CONFIG"])["task"]
+name = f"{task['type']}-{task['index']}"
+attempt = len(glob.glob(os.path.join(sys.argv[1], f"start-{name}-*"))) + 1
+open(os.path.join(sys.argv[1], f"start-{name}-{os.getpid()}"), "w").close()
+codes = os.environ.get("CHILD_CODES")
+if codes:  # the same exit in every attempt: {"worker-0": 143, ...}
+  sys.exit(json.loads(codes).get(name, 0))
+if attempt > 1:
+  sys.exit(0)
+if name == "worker-1":
+  open(os.path.join(sys.argv[1], "dying"), "w").close()
+  os.kill(os.getpid(), signal.SIGKILL)
+deadline = time.monotonic() + 60
+while not os.path.exists(os.path.join(sys.argv[1], "dying")) and time.monotonic() < deadline:
+  time.sleep(0.05)
+time.sleep(0.3)  # a trainer notices a lost peer later than the peer dies
+sys.exit(143)
+"""
+
+
+def _launch_in_child(tmp_path, source, timeout=120, codes=None, **kwargs):
+  """launcher.launch() in its own process (it installs signal handlers), stub children."""
+  (tmp_path / "child.py").write_text(source)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+  if codes:
+    env["CHILD_CODES"] = json.dumps(codes)
+  call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+  code = ("import sys; from trainer import launcher; "
+          f"sys.exit(launcher.launch(2, [{str(tmp_path)!r}], 1, 2.0, module='child', {call}))")
+  result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return result.returncode, result.stdout
+
+
+def _attempts(tmp_path, name="worker-0"):
+  return len(list(tmp_path.glob(f"start-{name}-*")))
+
+
+def test_max_restarts_relaunches_the_whole_job_after_a_sigkill(tmp_path):
+  code, out = _launch_in_child(tmp_path, _FLAKY, max_restarts=2)
+  assert code == 0, out
+  assert _attempts(tmp_path, "worker-0") == _attempts(tmp_path, "worker-1") == 2
+  assert ("[launcher] restart 1 of at most 2: worker:1 exited 137, killed by SIGKILL, a "
+          "retryable exit; relaunching every process") in out, out
+  assert out.count("[launcher] exit codes:") == 2 and "exit codes: [0, 0]" in out
+
+
+def test_without_max_restarts_a_sigkill_ends_the_job(tmp_path):
+  code, out = _launch_in_child(tmp_path, _FLAKY)
+  assert code == 137, out
+  assert _attempts(tmp_path) == 1 and "restart" not in out
+
+
+def test_a_permanent_exit_ends_the_job_at_once(tmp_path):
+  code, out = _launch_in_child(tmp_path, _FLAKY, codes={"worker-1": 5}, max_restarts=2)
+  assert code == 5, out
+  assert _attempts(tmp_path) == 1
+  assert "worker:1 exited 5, a permanent exit: no restart, the job ends with 5" in out, out
+
+
+def test_restarts_are_bounded_by_max_restarts(tmp_path):
+  code, out = _launch_in_child(tmp_path, _FLAKY, codes={"worker-0": 143, "worker-1": 143},
+                               max_restarts=2)
+  assert code == 143, out
+  assert _attempts(tmp_path) == 3, "the first start and 2 restarts"
+  assert "restart 2 of at most 2" in out and "restart 3" not in out
+  assert "all 2 restart(s) are used (--max_restarts=2): the job ends with 143" in out, out
+
+
+def test_an_evaluator_is_started_and_stopped_like_a_worker(tmp_path):
+  code, out = _launch_in_child(tmp_path, _FLAKY, codes={"evaluator-0": 3}, evaluator=True)
+  assert code == 3, out
+  assert re.search(r"\[launcher\] evaluator:0 pid \d+ on localhost:\d+", out), out
+  assert "exit codes: [0, 0, 3]" in out, out
+  # Every task's TF_CONFIG lists the evaluator, as the training operator writes it.
+  env = launcher.worker_env({}, ["localhost:1", "localhost:2"], 0, 1, "localhost:3", "evaluator")
+  assert json.loads(env["TF_CONFIG"]) == {
+      "cluster": {"worker": ["localhost:1", "localhost:2"], "evaluator": ["localhost:3"]},
+      "task": {"type": "evaluator", "index": 0}}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max_restarts=-1", "--", "--model_dir=x"],
+     "--max_restarts must be >= 0, got -1: give how many times to relaunch"),
+    (["--evaluator", "--", "--epochs=1"],
+     "--evaluator needs the trainer's --model_dir (or --checkpoint_dir) after `--`"),
+    (["--workers=0"], "--workers must be >= 1, got 0."),
+])
+def test_bad_launcher_flags_exit_2_before_anything_starts(args, message):
+  result = run_without_tf("trainer.launcher", *args)
+  assert result.returncode == 2, result.stdout
+  assert f"FATAL {message}" in result.stdout, result.stdout
+  assert "pid" not in result.stdout
+
+
+def test_the_evaluator_finds_checkpoints_through_any_of_these():
+  for args, environ in [(["--model_dir=gs://b/r"], {}), (["--checkpoint_dir", "/c"], {}),
+                        (["--flagfile=f.txt"], {}), ([], {"AIP_MODEL_DIR": "gs://b/m"})]:
+    assert launcher.check_flags(2, 0, True, args, environ) == "", (args, environ)
+
+
+# ---- Real trainers (slow: TensorFlow in every process) ----
+
+@pytest.mark.slow
+def test_two_workers_and_an_evaluator(tmp_path, tfds_dir):
+  model_dir = tmp_path / "run"
+  args = tiny_flags(str(model_dir), tfds_dir, train_steps=30, collective_timeout_s=120,
+                    evaluator_timeout_s=300, export=False)
+  result = run_module("trainer.launcher", "--workers=2", "--evaluator", "--", *args,
+                      timeout=600)
+  out = result.stdout
+  assert result.returncode == 0, out[-4000:]
+  assert "[launcher] exit codes: [0, 0, 0]" in out
+  # The workers trained alone: their TF_CONFIG listed the evaluator, their collectives did not.
+  assert "Strategy multi_worker_mirrored with 2 replica(s)" in out
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["num_workers"] == 2 and metrics["global_step"] == 30
+  assert re.search(r"^\[evaluator:0\] .*Evaluated the final checkpoint \(step 30\)", out, re.M)
+  history = json.loads((model_dir / "eval_metrics.json").read_text())["history"]
+  assert history[-1]["step"] == 30
+  assert history[-1]["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_is_relaunched_and_loses_at_most_one_checkpoint_interval(
+    tmp_path, tfds_dir):
+  model_dir = tmp_path / "run"
+  interval, total = 20, 400
+  args = tiny_flags(str(model_dir), tfds_dir, train_steps=total, log_every_steps=5,
+                    checkpoint_every_steps=interval, collective_timeout_s=10, export=False)
+  log_path = tmp_path / "launcher.log"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.launcher", "--workers=2",
+                             "--max_restarts=2", "--", *args], env=child_env(), cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while max(_logged_steps(log_path.read_text(), total), default=0) < 50:
+      assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+      time.sleep(0.1)
+    worker1 = int(re.findall(r"\[launcher\] worker:1 pid (\d+)", log_path.read_text())[0])
+    os.kill(worker1, signal.SIGKILL)
+    # Worker 0 trains no step without its peer, so this holds every step trained before the kill.
+    killed_at = log_path.stat().st_size
+    try:
+      code = proc.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      pytest.fail("the launcher never finished")
+  out = log_path.read_text()
+  assert code == 0, out[-4000:]
+  assert ("[launcher] restart 1 of at most 2: worker:1 exited 137, killed by SIGKILL, a "
+          "retryable exit; relaunching every process") in out, out[-4000:]
+  assert out.count("[launcher] exit codes:") == 2 and out.endswith("exit codes: [0, 0]\n")
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["global_step"] == total, "the full step count"
+  # The restart resumed from the newest checkpoint: it recomputed at most one interval.
+  last_logged = max(_logged_steps(out[:killed_at], total))
+  start = metrics["start_step"]
+  assert start >= 40 and start % interval == 0, start
+  assert last_logged - start <= interval, (last_logged, start)
+  assert f"Restored {model_dir}/checkpoints/ckpt-{start}" in out[killed_at:]
+
+
+def _logged_steps(text, total):
+  return [int(s) for s in re.findall(rf"\[worker:0\].*step (\d+)/{total} ", text)]

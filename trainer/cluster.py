@@ -7,10 +7,12 @@ from typing import Mapping, Optional
 from trainer import errors
 
 # Vertex AI names its worker pools; pool 0 is the chief, pool 1 the workers, 2 parameter servers,
-# 3 the evaluator.
+# 3 the evaluator (cloud.google.com/vertex-ai/docs/training/distributed-training).
 _VERTEX_POOLS = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps",
                  "workerpool3": "evaluator"}
 _TRAINING_TASK_TYPES = ("chief", "master", "worker")
+# The side-car evaluator reads checkpoints and takes no part in the training collectives.
+EVALUATOR = "evaluator"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +32,10 @@ class ClusterInfo:
   @property
   def is_multi_worker(self) -> bool:
     return self.num_workers > 1
+
+  @property
+  def is_evaluator(self) -> bool:
+    return self.task_type == EVALUATOR
 
   @property
   def chief_task(self) -> tuple:
@@ -101,16 +107,36 @@ def parse_cluster(environ: Mapping[str, str]) -> ClusterInfo:
     return ClusterInfo()
   cluster = tf_config.get("cluster")
   if not cluster:
-    # Only a task, or nothing: TensorFlow treats this as a single worker.
+    # Only a task, or nothing: TensorFlow treats this as a single worker. An evaluator needs
+    # no addresses (it only reads checkpoints), so {"task": {"type": "evaluator"}} is one.
+    task = tf_config.get("task")
+    if isinstance(task, dict) and task.get("type") == EVALUATOR:
+      return ClusterInfo(task_type=EVALUATOR, task_index=_evaluator_index(task, {}, name))
     return ClusterInfo()
   if not isinstance(cluster, dict):
     raise errors.ConfigError(f"${name}: 'cluster' must map task types to address lists.")
   cluster = _validate_cluster(cluster, name)
   task_type, task_index = _validate_task(tf_config.get("task"), cluster, name)
-  normalized = json.dumps({"cluster": {k: list(v) for k, v in cluster.items()},
-                           "task": {"type": task_type, "index": task_index}})
   return ClusterInfo(cluster=cluster, task_type=task_type, task_index=task_index,
-                     tf_config=normalized)
+                     tf_config=_normalized(cluster, task_type, task_index))
+
+
+def _normalized(cluster: dict, task_type: str, task_index: int) -> str:
+  """The TF_CONFIG TensorFlow gets: a training task's cluster without the evaluator.
+
+  TF 2.21's MultiWorkerMirroredStrategy already leaves the evaluator out of its worker count
+  and coordination service (multi_worker_util.worker_count; collective_all_reduce_strategy.py
+  coordinates only "chief" and "worker"), and two workers with a dead evaluator address in
+  TF_CONFIG all-reduced normally here. It is dropped anyway, as TensorFlow's own
+  distribute_coordinator._split_cluster_for_evaluator does, so no training task's gRPC server
+  even lists it. The evaluator's own cluster is the evaluator alone.
+  """
+  if task_type == EVALUATOR:
+    kept = {EVALUATOR: cluster.get(EVALUATOR, ())}
+  else:
+    kept = {k: v for k, v in cluster.items() if k != EVALUATOR}
+  return json.dumps({"cluster": {k: list(v) for k, v in kept.items()},
+                     "task": {"type": task_type, "index": task_index}})
 
 
 def check_strategy(requested: str, cluster: ClusterInfo, num_cpu_devices: int = 0) -> None:
@@ -137,9 +163,9 @@ def _validate_cluster(cluster: dict, name: str) -> dict:
       raise errors.ConfigError(
           f"${name} has parameter servers ('ps'): this trainer uses synchronous "
           "MultiWorkerMirroredStrategy; remove the ps pool.")
-    if task_type not in _TRAINING_TASK_TYPES + ("evaluator",):
+    if task_type not in _TRAINING_TASK_TYPES + (EVALUATOR,):
       raise errors.ConfigError(f"${name} has unknown task type {task_type!r}; "
-                               "use chief, worker (or master).")
+                               "use chief, worker (or master), and evaluator.")
     if not isinstance(addresses, list):
       raise errors.ConfigError(f"${name}: cluster[{task_type!r}] must be a list of 'host:port'.")
     for index, address in enumerate(addresses):
@@ -149,6 +175,11 @@ def _validate_cluster(cluster: dict, name: str) -> dict:
     raise errors.ConfigError(f"${name}: a cluster has at most one chief/master.")
   if out.get("chief") and out.get("master"):
     raise errors.ConfigError(f"${name}: use either 'chief' or the legacy 'master', not both.")
+  if len(out.get(EVALUATOR, ())) > 1:
+    # TensorFlow allows one (multi_worker_util._validate_cluster_spec); so does Vertex AI's
+    # guide ("TensorFlow generally expects that you use no more than one evaluator").
+    raise errors.ConfigError(f"${name} lists {len(out[EVALUATOR])} evaluators: use one (Vertex "
+                             "AI: worker pool 3 with replicaCount 1; TFJob: Evaluator replicas 1).")
   if not any(out.get(t) for t in _TRAINING_TASK_TYPES):
     raise errors.ConfigError(f"${name}: the cluster has no chief or worker tasks.")
   _check_distinct_addresses(out, name)
@@ -197,20 +228,39 @@ def _validate_task(task, cluster: dict, name: str) -> tuple:
     raise errors.ConfigError(f"${name} has a cluster but no 'task' with 'type' and 'index': "
                              "every process must say which task it is.")
   task_type = task["type"]
-  task_index = task.get("index", 0)
-  if task_type == "evaluator":
-    raise errors.ConfigError(
-        f"${name} makes this process an 'evaluator': not supported, the chief evaluates on the "
-        "test split after training; remove the evaluator task (Vertex AI: worker pool 3).")
+  if task_type == EVALUATOR:
+    return EVALUATOR, _evaluator_index(task, cluster, name)
   if not isinstance(task_type, str) or task_type not in cluster:
     raise errors.ConfigError(f"${name}: task type {task_type!r} is not in the cluster "
                              f"({', '.join(cluster)}).")
-  # bool is a subclass of int in Python: "index": true must not pass as task 1.
-  if isinstance(task_index, bool) or not isinstance(task_index, int):
-    raise errors.ConfigError(f"${name}: task index {task_index!r} must be a JSON integer "
-                             f"(e.g. \"index\": 0), not {type(task_index).__name__}.")
+  task_index = _check_index(task.get("index", 0), name)
   if not 0 <= task_index < len(cluster[task_type]):
     raise errors.ConfigError(
         f"${name}: task index {task_index!r} is out of range for {task_type!r}, which has "
         f"{len(cluster[task_type])} task(s).")
   return task_type, task_index
+
+
+def _evaluator_index(task: dict, cluster: dict, name: str) -> int:
+  """The evaluator's index: 0, and in range when the cluster lists evaluators.
+
+  The cluster may leave the evaluator out: AI Platform's TF_CONFIG "never contains evaluator as
+  a key, since evaluators are not considered part of the training cluster"
+  (cloud.google.com/ai-platform/training/docs/distributed-training-details), and TensorFlow
+  accepts that too (multi_worker_util._validate_cluster_spec). The Kubeflow training operator
+  lists it (pkg/controller.v1/tensorflow/tensorflow.go, genClusterSpec).
+  """
+  index = _check_index(task.get("index", 0), name)
+  count = len(cluster.get(EVALUATOR, ())) or 1
+  if not 0 <= index < count:
+    raise errors.ConfigError(f"${name}: evaluator index {index} is out of range: a job has one "
+                             "evaluator, index 0.")
+  return index
+
+
+def _check_index(task_index, name: str) -> int:
+  # bool is a subclass of int in Python: "index": true must not pass as task 1.
+  if isinstance(task_index, bool) or not isinstance(task_index, int):
+    raise errors.ConfigError(f"${name}: task index {task_index!r} must be a JSON integer "
+                             f"(e.g. \"index\": 0), not {type(task_index).__name__}.")
+  return task_index

@@ -141,7 +141,12 @@ def validate(c: Config) -> None:
   _positive("steps_per_loop", c.steps_per_loop)
   _positive("collective_timeout_s", c.collective_timeout_s)
   _positive("preemption_grace_s", c.preemption_grace_s)
-  for name in ("collective_timeout_s", "preemption_grace_s"):
+  if not c.evaluator_timeout_s > 0:  # also false for NaN
+    raise errors.ConfigError(
+        f"--evaluator_timeout_s must be > 0, got {c.evaluator_timeout_s}: give the seconds the "
+        "evaluator waits for a new checkpoint before it exits 143 (default 3600), longer than "
+        "the gap between two checkpoints.")
+  for name in ("collective_timeout_s", "preemption_grace_s", "evaluator_timeout_s"):
     # Python's timers overflow far below float's range; a week is longer than any real wait.
     if getattr(c, name) > _MAX_WAIT_S:
       raise errors.ConfigError(f"--{name} must be at most {_MAX_WAIT_S:.0f} (a week), got "

@@ -1,4 +1,8 @@
-"""Local cluster rehearsal: `python -m trainer.launcher --workers=N -- <trainer flags>` on 127.0.0.1."""
+"""Local cluster rehearsal: `python -m trainer.launcher --workers=N -- <trainer flags>` on 127.0.0.1.
+
+--evaluator adds a side-car evaluator process; --max_restarts=K relaunches the whole job after a
+retryable exit, at most K times, as torchrun --max-restarts does.
+"""
 
 import json
 import os
@@ -12,18 +16,22 @@ import time
 from absl import app
 from absl import flags
 
+from trainer import cli
 from trainer import cores
 
 FLAGS = flags.FLAGS
 # After one worker fails, the others get this long to exit by themselves before SIGTERM.
 SETTLE_S = 10.0
-flags.DEFINE_integer("workers", 2, "Number of worker processes.")
-flags.DEFINE_integer("threads_per_worker", 0,
-                     "Intra-op threads per worker (0: the cores this process may use, after "
-                     "affinity and the container's CPU quota, divided by --workers).")
-flags.DEFINE_float("shutdown_grace_s", 30.0,
-                   "After Ctrl-C, SIGTERM or a worker's failure, seconds the other workers get "
-                   "to checkpoint before SIGKILL.")
+# Exits after which relaunching the job can succeed: 143 is the trainer's retryable code
+# (preempted, a lost peer, the evaluator's timeout) and SIGTERM's; 137 is SIGKILL's (kill -9, the
+# kernel's OOM killer), which a trainer cannot report itself. Every other code is permanent
+# (trainer/errors.py). The Kubeflow training operator retries every signal's code, 128 and up
+# (v1.7-v1.9 pkg/util/train/train_util.go IsRetryableExitCode); here Ctrl-C (130) stops the
+# launcher itself, which then never relaunches, and a crash by signal (SIGSEGV: 139, SIGABRT:
+# 134) is a bug that a relaunch would only repeat.
+RETRYABLE_EXIT_CODES = (137, 143)
+# Trainer flags that tell the evaluator where the checkpoints are.
+CHECKPOINT_FLAGS = ("model_dir", "checkpoint_dir")
 
 
 def free_ports(count: int) -> list:
@@ -45,11 +53,19 @@ def default_threads(num_workers: int, environ) -> int:
   return max(1, cores.available(environ) // num_workers)
 
 
-def worker_env(base_env, addresses, index: int, threads: int) -> dict:
-  """The environment of worker `index`: its TF_CONFIG and a fair share of the cores."""
+def worker_env(base_env, addresses, index: int, threads: int, evaluator: str = "",
+               task_type: str = "worker") -> dict:
+  """The environment of task `task_type:index`: its TF_CONFIG and a fair share of the cores.
+
+  With an evaluator (its address), every task's TF_CONFIG lists it, as the Kubeflow training
+  operator writes TF_CONFIG (pkg/controller.v1/tensorflow/tensorflow.go, genClusterSpec); the
+  training tasks leave it out of their collectives (trainer/cluster.py).
+  """
   env = dict(base_env)
-  env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
-                                 "task": {"type": "worker", "index": index}})
+  cluster = {"worker": list(addresses)}
+  if evaluator:
+    cluster["evaluator"] = [evaluator]
+  env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
   env.pop("CLUSTER_SPEC", None)
   for name in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS"):
     env[name] = str(threads)
@@ -66,11 +82,16 @@ def _pump(name: str, stream, lock) -> None:
 
 
 class Cluster:
-  """N trainer processes, each in its own session so only we decide how they stop."""
+  """N trainer processes (and an evaluator), each in its own session so only we decide how they
+  stop. The evaluator is waited for and stopped like a worker."""
 
   def __init__(self, num_workers: int, trainer_args, threads_per_worker: int = 0,
-               env=None, module: str = "trainer.task"):
-    self.addresses = [f"localhost:{p}" for p in free_ports(num_workers)]
+               env=None, module: str = "trainer.task", evaluator: bool = False):
+    self.names = [f"worker:{i}" for i in range(num_workers)] + (["evaluator:0"] if evaluator
+                                                                 else [])
+    # Aligned with names; the evaluator's address is never listened on (it only reads
+    # checkpoints), but TF_CONFIG names one for it as the platforms do.
+    self.addresses = [f"localhost:{p}" for p in free_ports(len(self.names))]
     threads = threads_per_worker or default_threads(num_workers, env or os.environ)
     self._lock = threading.Lock()
     self._kill_at = None  # monotonic time after which wait() SIGKILLs remaining workers
@@ -78,13 +99,16 @@ class Cluster:
     self._failed = []  # indexes of workers that exited non-zero, in the order seen
     self._stopping = False  # stop() was called: exits from now on are what we asked for
     self.procs, self._pumps = [], []
-    for i in range(num_workers):
+    workers = self.addresses[:num_workers]
+    evaluator_address = self.addresses[-1] if evaluator else ""
+    for name in self.names:
+      task_type, index = name.split(":")
       proc = subprocess.Popen(
           [sys.executable, "-m", module, *trainer_args],
-          env=worker_env(env or os.environ, self.addresses, i, threads),
+          env=worker_env(env or os.environ, workers, int(index), threads, evaluator_address,
+                         task_type),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-      pump = threading.Thread(target=_pump, args=(f"worker:{i}", proc.stdout, self._lock),
-                              daemon=True)
+      pump = threading.Thread(target=_pump, args=(name, proc.stdout, self._lock), daemon=True)
       pump.start()
       self.procs.append(proc)
       self._pumps.append(pump)
@@ -101,14 +125,14 @@ class Cluster:
     in the handler says 'running'), which made every Ctrl-C last the whole grace period.
     """
     while True:
-      running = False
-      for i, p in enumerate(self.procs):
-        code = p.poll()
-        if code is None:
-          running = True
-        elif code and i not in self._failed:
-          self._on_failure(i, code, failure_grace_s)
-      if not running:
+      codes = [p.poll() for p in self.procs]
+      # Exits seen in the same poll came in an unknown order; a 143 (or death by SIGTERM) is
+      # most often a survivor that lost its peer, so the others come first as the likelier cause.
+      failed = sorted((i for i, code in enumerate(codes) if code and i not in self._failed),
+                      key=lambda i: codes[i] in (143, -signal.SIGTERM))
+      for i in failed:
+        self._on_failure(i, codes[i], failure_grace_s)
+      if None not in codes:
         break
       if self._stop_at is not None and time.monotonic() >= self._stop_at:
         self._stop_at = None
@@ -138,12 +162,12 @@ class Cluster:
       return
     # The others usually stop by themselves within seconds (a NaN or a lost peer ends every
     # worker at the same step); only those still running after SETTLE_S are stopped.
-    self._say(f"worker:{index} failed first (exit {_describe(code)}); {others} get "
+    self._say(f"{self.names[index]} failed first (exit {_describe(code)}); {others} get "
               f"{SETTLE_S:.0f}s to stop on their own")
     self._stop_at = time.monotonic() + SETTLE_S
 
   def _running_names(self) -> str:
-    return ", ".join(f"worker:{i}" for i, p in enumerate(self.procs) if p.poll() is None)
+    return ", ".join(name for name, p in zip(self.names, self.procs) if p.poll() is None)
 
   def _say(self, message: str) -> None:
     with self._lock:
@@ -187,31 +211,129 @@ def exit_code(codes) -> int:
 
 
 def launch(num_workers: int, trainer_args, threads_per_worker: int, shutdown_grace_s: float,
-           module: str = "trainer.task", env=None) -> int:
-  """Runs the workers until all have exited; returns the launcher's exit code."""
-  cluster = Cluster(num_workers, trainer_args, threads_per_worker, env=env, module=module)
-  for i, (proc, address) in enumerate(zip(cluster.procs, cluster.addresses)):
-    print(f"[launcher] worker:{i} pid {proc.pid} on {address}", flush=True)
+           module: str = "trainer.task", env=None, evaluator: bool = False,
+           max_restarts: int = 0) -> int:
+  """Runs the job until every process has exited; returns the launcher's exit code.
+
+  After a retryable exit (RETRYABLE_EXIT_CODES) the whole job is relaunched, at most
+  max_restarts times, and resumes from its newest checkpoint: torchrun's --max-restarts, whose
+  agent stops every worker of the group and restarts them all (pytorch/pytorch
+  torch/distributed/elastic/agent/server/api.py, SimpleElasticAgent._invoke_run). Unlike
+  torchrun, a permanent exit (bad flags, bad data, NaN) ends the job at once, and so does a
+  SIGINT or SIGTERM to the launcher.
+  """
+  stopped = []  # signals the launcher got: the user wants the job to end, not to be relaunched
+  current = []  # the cluster of the attempt running now
 
   def on_signal(signum, frame):
     print(f"[launcher] signal {signum}: stopping workers (grace {shutdown_grace_s:.0f}s)",
           flush=True)
-    cluster.stop(shutdown_grace_s)
+    stopped.append(signum)
+    if current:
+      current[-1].stop(shutdown_grace_s)
 
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
+  restarts = 0
+  while True:
+    cluster = Cluster(num_workers, trainer_args, threads_per_worker, env=env, module=module,
+                      evaluator=evaluator)
+    current.append(cluster)
+    if stopped:  # a signal that came while the processes were being started
+      cluster.stop(shutdown_grace_s)
+    code, cause = _run(cluster, shutdown_grace_s)
+    if code == 0 or stopped or not _relaunch(code, cause, restarts, max_restarts):
+      return code
+    restarts += 1
+
+
+def _run(cluster: Cluster, shutdown_grace_s: float) -> tuple:
+  """Waits for one attempt; (its exit code, the name of the process that failed first)."""
+  for name, proc, address in zip(cluster.names, cluster.procs, cluster.addresses):
+    print(f"[launcher] {name} pid {proc.pid} on {address}", flush=True)
   codes = cluster.wait(shutdown_grace_s)
   print(f"[launcher] exit codes: {codes}", flush=True)
   # The first failure is the cause; the others' codes are mostly our SIGTERM or SIGKILL.
-  return exit_code([code for _, code in cluster.failures])
+  failures = cluster.failures
+  if not failures:
+    return 0, ""
+  first, raw = failures[0]
+  return exit_code([raw]), f"{cluster.names[first]} exited {_describe(raw)}"
+
+
+def _relaunch(code: int, cause: str, restarts: int, max_restarts: int) -> bool:
+  """Whether the job starts again after an attempt that failed with `code`; logs the reason."""
+  if code not in RETRYABLE_EXIT_CODES:
+    if max_restarts:
+      _log(f"{cause}, a permanent exit: no restart, the job ends with {code}")
+    return False
+  if restarts >= max_restarts:
+    if max_restarts:
+      _log(f"{cause}, retryable, but all {max_restarts} restart(s) are used "
+           f"(--max_restarts={max_restarts}): the job ends with {code}")
+    return False
+  _log(f"restart {restarts + 1} of at most {max_restarts}: {cause}, a retryable exit; "
+       "relaunching every process, which resumes from the newest checkpoint")
+  return True
+
+
+def _log(message: str) -> None:
+  print(f"[launcher] {message}", flush=True)
+
+
+def check_flags(num_workers: int, max_restarts: int, evaluator: bool, trainer_args,
+                environ) -> str:
+  """'' when the launcher's flags are usable, else the message to exit 2 with."""
+  if num_workers < 1:
+    return f"--workers must be >= 1, got {num_workers}."
+  if max_restarts < 0:
+    return (f"--max_restarts must be >= 0, got {max_restarts}: give how many times to relaunch "
+            "the job after a retryable exit (0: never).")
+  if evaluator and not _finds_checkpoints(trainer_args, environ):
+    return ("--evaluator needs the trainer's --model_dir (or --checkpoint_dir) after `--`: the "
+            "evaluator reads the workers' checkpoints there, e.g. python -m trainer.launcher "
+            "--workers=2 --evaluator -- --model_dir=runs/mnist-cluster")
+  return ""
+
+
+def _finds_checkpoints(trainer_args, environ) -> bool:
+  """The trainer flags (or Vertex AI's variables) name the checkpoint dir; a --flagfile may, and
+  the evaluator checks that itself."""
+  for arg in trainer_args:
+    if arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] in (*CHECKPOINT_FLAGS,
+                                                                     "flagfile"):
+      return True
+  return any(environ.get(name) for name in ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR"))
+
+
+def _define_flags() -> None:
+  """Flags exist only when the launcher is the program (importing it defines none)."""
+  flags.DEFINE_integer("workers", 2, "Number of worker processes.")
+  flags.DEFINE_integer("threads_per_worker", 0,
+                       "Intra-op threads per worker (0: the cores this process may use, after "
+                       "affinity and the container's CPU quota, divided by --workers).")
+  flags.DEFINE_float("shutdown_grace_s", 30.0,
+                     "After Ctrl-C, SIGTERM or a worker's failure, seconds the other workers get "
+                     "to checkpoint before SIGKILL.")
+  flags.DEFINE_boolean("evaluator", False,
+                       "Also start a side-car evaluator (TF_CONFIG task type evaluator) that "
+                       "evaluates each new checkpoint; needs --model_dir or --checkpoint_dir in the "
+                       "trainer flags.")
+  flags.DEFINE_integer("max_restarts", 0,
+                       "Relaunch the whole job after a retryable exit (143, or a process killed by "
+                       "SIGKILL: 137) at most this many times; it resumes from the newest "
+                       "checkpoint. Any other failure ends the job at once with its code.")
 
 
 def main(argv):
-  if FLAGS.workers < 1:
-    sys.stderr.write(f"FATAL --workers must be >= 1, got {FLAGS.workers}.\n")
+  problem = check_flags(FLAGS.workers, FLAGS.max_restarts, FLAGS.evaluator, argv[1:], os.environ)
+  if problem:
+    sys.stderr.write(f"FATAL {problem}\n")
     sys.exit(2)
-  sys.exit(launch(FLAGS.workers, argv[1:], FLAGS.threads_per_worker, FLAGS.shutdown_grace_s))
+  sys.exit(launch(FLAGS.workers, argv[1:], FLAGS.threads_per_worker, FLAGS.shutdown_grace_s,
+                  evaluator=FLAGS.evaluator, max_restarts=FLAGS.max_restarts))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

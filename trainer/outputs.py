@@ -11,6 +11,9 @@ from trainer import run_lock
 from trainer import storage
 
 EXPORT_MARKER = "_COMPLETE"
+# checkpoint_dir/final.json: the step of a finished run's last checkpoint, written by the chief
+# after it (the side-car evaluator exits once it has evaluated that step).
+FINAL_MARKER = "final.json"
 
 
 class RunOutputs:
@@ -47,6 +50,8 @@ class RunOutputs:
       from trainer import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
       checkpoint_lib.remove_crash_leftovers(self.paths.local_checkpoint_dir,
                                             self.paths.local_model_dir)
+      # A finished run's marker is stale once this run may train further.
+      remove_final_step(self.paths)
       restarts.record_start(self.paths.checkpoint_dir, self._config.max_job_restarts,
                             start_step)
 
@@ -73,6 +78,7 @@ class RunOutputs:
     if not self.is_chief:
       return
     write_metrics(self.paths, metrics)
+    write_final_step(self.paths, metrics["global_step"], self._config)
     self.writer.flush()
     publish_logs(self.paths)
     report_hypertune(metrics, self._environ)
@@ -173,6 +179,48 @@ def publish_logs(paths: RunPaths) -> None:
 def write_metrics(paths: RunPaths, metrics: dict) -> None:
   storage.write_text(storage.join(paths.model_dir, "metrics.json"),
                      json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def write_final_step(paths: RunPaths, step: int, config) -> None:
+  """Marks `step` as the run's last checkpoint, with the step budget that made it the last.
+
+  The budget (--train_steps, --epochs) tells a marker left by an earlier run with another
+  budget from this run's: an evaluator may start before the chief removes it (begin()).
+  """
+  storage.write_text(storage.join(paths.checkpoint_dir, FINAL_MARKER), json.dumps(
+      {"step": int(step), **_budget(config)}, sort_keys=True) + "\n")
+
+
+def final_step(paths: RunPaths, config):
+  """The finished run's last step from its marker, or None while training has not finished.
+
+  A marker written under another step budget, or unreadable, is not this run's: None.
+  """
+  path = storage.join(paths.checkpoint_dir, FINAL_MARKER)
+  try:
+    marker = json.loads(storage.read_text(path))
+  except FileNotFoundError:
+    return None
+  except (ValueError, UnicodeDecodeError):
+    logging.warning("%s is unreadable; treating training as unfinished.", path)
+    return None
+  if not isinstance(marker, dict) or type(marker.get("step")) is not int:
+    logging.warning("%s has no integer step; treating training as unfinished.", path)
+    return None
+  if {k: marker.get(k) for k in _budget(config)} != _budget(config):
+    return None  # an earlier run's, with another --train_steps/--epochs
+  return marker["step"]
+
+
+def remove_final_step(paths: RunPaths) -> None:
+  try:
+    storage.remove(storage.join(paths.checkpoint_dir, FINAL_MARKER))
+  except FileNotFoundError:
+    pass
+
+
+def _budget(config) -> dict:
+  return {"train_steps": config.train_steps, "epochs": config.epochs}
 
 
 def publish_export(paths: RunPaths, local_export: str) -> str:

@@ -24,9 +24,14 @@ def main(argv):
   logs.keep_to_our_own(flags.FLAGS.verbosity)
   try:
     config = config_lib.config_from_flags()
-    cluster_lib.check_strategy(config.strategy, cluster_lib.parse_cluster(os.environ),
-                               config.num_cpu_devices)
+    cluster = cluster_lib.parse_cluster(os.environ)
+    cluster_lib.check_strategy(config.strategy, cluster, config.num_cpu_devices)
     gpu.check_collective_implementation(config.collective_implementation)
+    if cluster.is_evaluator:
+      check_evaluator_finds_checkpoints(flags.FLAGS, os.environ)
+      from trainer import evaluator  # TensorFlow loads only after flags and TF_CONFIG are good.
+      evaluator.run(config)
+      return
     from trainer import train  # TensorFlow loads only after flags and TF_CONFIG are good.
     train.train_and_evaluate(config)
   except errors.TrainerError as e:
@@ -39,6 +44,18 @@ def main(argv):
       logging.flush()
       os._exit(e.exit_code)
     sys.exit(e.exit_code)
+
+
+def check_evaluator_finds_checkpoints(flag_values, environ) -> None:
+  """The evaluator reads the training job's checkpoints, so it must be told where they are: the
+  default --model_dir is a relative path on this machine, which no trainer elsewhere writes."""
+  if any(flag_values[name].present for name in ("model_dir", "checkpoint_dir")):
+    return
+  if any(environ.get(name) for name in ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR")):
+    return  # Vertex AI gives every replica, the evaluator's included, the job's directories
+  raise errors.ConfigError(
+      "TF_CONFIG makes this process the evaluator, but it has no checkpoint dir: pass the "
+      "training job's --model_dir (or --checkpoint_dir), the same flags as its workers.")
 
 
 if __name__ == "__main__":
