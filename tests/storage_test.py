@@ -418,3 +418,12 @@ def test_write_if_generation_creates_once(proxy, gcs_root):
   generation = storage.generation(path)
   assert storage.write_if_generation(path, b"c", generation)
   assert storage.read_bytes(path) == b"c" and storage.generation(path) != generation
+
+
+def test_read_json_missing_or_unreadable_gives_the_default(root):
+  path = storage.join(root, "state.json")
+  assert storage.read_json(path, {"a": 1}) == {"a": 1}
+  storage.write_bytes(path, b"\xff\xfe not json")
+  assert storage.read_json(path, []) == []
+  storage.write_text(path, '{"starts": [1]}')
+  assert storage.read_json(path, None) == {"starts": [1]}

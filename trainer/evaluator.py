@@ -229,14 +229,8 @@ class _Evaluator:
 
 def _read_history(paths) -> list:
   """The history an earlier evaluator of this run wrote, so a restarted one extends it."""
-  path = storage.join(paths.model_dir, HISTORY_FILE)
-  try:
-    history = json.loads(storage.read_text(path)).get("history", [])
-  except FileNotFoundError:
-    return []
-  except (ValueError, AttributeError, UnicodeDecodeError):
-    logging.warning("%s is unreadable; starting a new history.", path)
-    return []
+  found = storage.read_json(storage.join(paths.model_dir, HISTORY_FILE), {})
+  history = found.get("history", []) if isinstance(found, dict) else []
   return [e for e in history if isinstance(e, dict) and isinstance(e.get("step"), int)]
 
 

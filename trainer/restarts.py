@@ -48,11 +48,6 @@ def record_finish(checkpoint_dir: str) -> None:
 
 
 def _read(path: str) -> list:
-  try:
-    starts = json.loads(storage.read_text(path)).get("starts", [])
-  except FileNotFoundError:
-    return []
-  except (ValueError, AttributeError, UnicodeDecodeError):
-    logging.warning("%s is unreadable; counting restarts from this start.", path)
-    return []
+  found = storage.read_json(path, {})
+  starts = found.get("starts", []) if isinstance(found, dict) else []
   return [s for s in starts if isinstance(s, dict)] if isinstance(starts, list) else []

@@ -110,6 +110,17 @@ def read_text(path: str) -> str:
   return read_bytes(path).decode("utf-8")
 
 
+def read_json(path: str, default):
+  """The JSON in path; `default` when it is missing, or unreadable (logged: never fatal)."""
+  try:
+    return json.loads(read_text(path))
+  except FileNotFoundError:
+    return default
+  except (ValueError, UnicodeDecodeError):
+    _LOG.warning("%s is unreadable; starting afresh.", path)
+    return default
+
+
 def write_bytes(path: str, data: bytes) -> None:
   """Replaces path with data: atomically for local paths, under a generation check for gs://."""
   if not is_gcs(path):
