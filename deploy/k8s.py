@@ -30,7 +30,9 @@ from typing import Optional, Sequence
 from absl import app
 from absl import flags
 
+from deploy import option_flags
 from deploy import trainer_args
+from deploy.option_flags import option
 
 # The training operator finds the TensorFlow container and its gRPC port by these names.
 CONTAINER_NAME = "tensorflow"
@@ -78,28 +80,47 @@ class ManifestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Everything the manifest depends on; built from flags (or directly by tests)."""
+  """Everything the manifest depends on; built from flags (or directly by tests).
 
-  image: str
-  model_dir: str
-  workers: int = 2
-  gpus_per_worker: int = 1
-  chief: bool = False
-  evaluator: bool = False  # one Evaluator replica beside the --workers training pods
-  name: str = DEFAULT_NAME
-  namespace: str = ""
-  backoff_limit: int = 3
-  termination_grace_s: int = 0  # 0: the trainer's --preemption_grace_s plus a margin
-  max_job_restarts: int = DEFAULT_MAX_JOB_RESTARTS
-  active_deadline_s: int = DEFAULT_ACTIVE_DEADLINE_S
-  ttl_after_finished_s: int = DEFAULT_TTL_AFTER_FINISHED_S
-  gang_scheduling: bool = False
-  gke_accelerator: str = ""
-  service_account: str = ""
-  gcp_service_account: str = ""
-  cpu: str = "4"
-  memory: str = "16Gi"
-  trainer_args: tuple = ()
+  Each field is also a command-line flag with the help text given here (deploy/option_flags.py).
+  """
+
+  image: str = option(help="Image built from deploy/Dockerfile.")
+  model_dir: str = option(help="gs:// directory for checkpoints, logs and export.")
+  workers: int = option(2, "Training processes (pods), the Chief included.")
+  gpus_per_worker: int = option(1, "nvidia.com/gpu limit per pod (0: CPU only).")
+  chief: bool = option(False, "Make one of the --workers a Chief replica.")
+  evaluator: bool = option(
+      False, "Add an Evaluator replica, a side-car that evaluates each new checkpoint (sets "
+      "cleanPodPolicy None so it finishes the last one).")
+  name: str = option(DEFAULT_NAME, "TFJob name (also the pods' instance label).")
+  namespace: str = option("", "Namespace (default: kubectl's current one).")
+  backoff_limit: int = option(
+      3, "runPolicy.backoffLimit; counts nothing under restartPolicy ExitCode (see "
+      "--max_job_restarts and --active_deadline_s).")
+  termination_grace_s: int = option(
+      0, "Pod grace period; 0: the trainer's --preemption_grace_s + 30.")
+  max_job_restarts: int = option(
+      DEFAULT_MAX_JOB_RESTARTS, "Passed to the trainer: after this many restarts without a "
+      "finished run the chief exits 7 and the job fails (0: no cap).")
+  active_deadline_s: int = option(
+      DEFAULT_ACTIVE_DEADLINE_S, "runPolicy.activeDeadlineSeconds: the job fails this long "
+      "after it started, restarts included.")
+  ttl_after_finished_s: int = option(
+      DEFAULT_TTL_AFTER_FINISHED_S, "runPolicy.ttlSecondsAfterFinished: delete the finished job "
+      "after this.")
+  gang_scheduling: bool = option(
+      False, "runPolicy.schedulingPolicy.minAvailable = --workers (needs the operator's "
+      "--gang-scheduler-name).")
+  gke_accelerator: str = option(
+      "", "GKE GPU type for the pods' nodeSelector, e.g. nvidia-tesla-t4.")
+  service_account: str = option("", "Kubernetes service account (Workload Identity).")
+  gcp_service_account: str = option(
+      "", "Google service account email: also emit the --service_account ServiceAccount "
+      "annotated for Workload Identity.")
+  cpu: str = option("4", "CPU request per pod.")
+  memory: str = option("16Gi", "Memory request and limit per pod.")
+  trainer_args: tuple = ()  # after `--` on the command line, not a flag
 
   def __post_init__(self):
     validate(self)
@@ -315,50 +336,14 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
   """Defined only when run as a program, so tests can import this module next to others."""
-  flags.DEFINE_integer("workers", 2, "Training processes (pods), the Chief included.")
-  flags.DEFINE_integer("gpus_per_worker", 1, "nvidia.com/gpu limit per pod (0: CPU only).")
-  flags.DEFINE_string("image", None, "Image built from deploy/Dockerfile.")
-  flags.DEFINE_string("model_dir", None, "gs:// directory for checkpoints, logs and export.")
-  flags.DEFINE_boolean("chief", False, "Make one of the --workers a Chief replica.")
-  flags.DEFINE_boolean("evaluator", False,
-                       "Add an Evaluator replica, a side-car that evaluates each new checkpoint "
-                       "(sets cleanPodPolicy None so it finishes the last one).")
-  flags.DEFINE_string("name", DEFAULT_NAME, "TFJob name (also the pods' instance label).")
-  flags.DEFINE_string("namespace", "", "Namespace (default: kubectl's current one).")
-  flags.DEFINE_integer("backoff_limit", 3,
-                       "runPolicy.backoffLimit; counts nothing under restartPolicy ExitCode "
-                       "(see --max_job_restarts and --active_deadline_s).")
-  flags.DEFINE_integer("termination_grace_s", 0,
-                       "Pod grace period; 0: the trainer's --preemption_grace_s + 30.")
-  flags.DEFINE_integer("max_job_restarts", DEFAULT_MAX_JOB_RESTARTS,
-                       "Passed to the trainer: after this many restarts without a finished run "
-                       "the chief exits 7 and the job fails (0: no cap).")
-  flags.DEFINE_integer("active_deadline_s", DEFAULT_ACTIVE_DEADLINE_S,
-                       "runPolicy.activeDeadlineSeconds: the job fails this long after it "
-                       "started, restarts included.")
-  flags.DEFINE_integer("ttl_after_finished_s", DEFAULT_TTL_AFTER_FINISHED_S,
-                       "runPolicy.ttlSecondsAfterFinished: delete the finished job after this.")
-  flags.DEFINE_boolean("gang_scheduling", False,
-                       "runPolicy.schedulingPolicy.minAvailable = --workers (needs the operator's "
-                       "--gang-scheduler-name).")
-  flags.DEFINE_string("gke_accelerator", "",
-                      "GKE GPU type for the pods' nodeSelector, e.g. nvidia-tesla-t4.")
-  flags.DEFINE_string("service_account", "", "Kubernetes service account (Workload Identity).")
-  flags.DEFINE_string("gcp_service_account", "",
-                      "Google service account email: also emit the --service_account "
-                      "ServiceAccount annotated for Workload Identity.")
-  flags.DEFINE_string("cpu", "4", "CPU request per pod.")
-  flags.DEFINE_string("memory", "16Gi", "Memory request and limit per pod.")
+  option_flags.define_flags(Options)
   flags.DEFINE_boolean("network_policy", False,
                        "Emit a List with the job's NetworkPolicy before the TFJob.")
 
 
 def _options_from_flags(extra_args: Sequence[str]) -> Options:
-  names = [f.name for f in dataclasses.fields(Options) if f.name != "trainer_args"]
-  values = {name: FLAGS[name].value for name in names}
-  values["image"] = values["image"] or ""
-  values["model_dir"] = values["model_dir"] or ""
-  return Options(**values, trainer_args=tuple(extra_args))
+  return Options(**option_flags.values_from_flags(Options, FLAGS, error=ManifestError),
+                 trainer_args=tuple(extra_args))
 
 
 def main(argv: Sequence[str]) -> Optional[int]:

@@ -26,7 +26,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from deploy import option_flags
 from deploy import trainer_args
+from deploy.option_flags import option
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # setup.py's project name as setuptools spells it in sdist file names.
@@ -83,40 +85,60 @@ class SpecError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  """Everything a job spec depends on; built from flags (or directly by tests)."""
+  """Everything a job spec depends on; built from flags (or directly by tests).
 
-  output_dir: str
-  region: str = "us-central1"
-  staging_bucket: str = ""
-  package_uri: str = ""
-  image_uri: str = ""
-  executor_image_uri: str = ""
-  allow_cross_region_image: bool = False
-  display_name: str = "mnist-dist"
-  machine_type: str = "n1-standard-8"
-  accelerator_type: str = ""  # "": the machine's own GPU (A2, A3, G2), NVIDIA_TESLA_T4 on N1
-  gpus_per_machine: int = 4
-  workers: int = 2
-  gpus_per_worker: int = 1
-  evaluator: bool = False  # multi_worker: worker pool 3, one evaluator replica
-  timeout_s: int = 24 * 3600
-  restart_job_on_worker_restart: bool = True
-  disable_retries: bool = False
-  max_job_restarts: int = DEFAULT_MAX_JOB_RESTARTS
-  spot: bool = False
-  flex_start: bool = False
-  max_wait_s: int = 0
-  service_account: str = ""
-  network: str = ""
-  tensorboard: str = ""
-  enable_web_access: bool = False
-  max_trial_count: int = 16
-  parallel_trial_count: int = 4
-  max_failed_trial_count: int = 4
-  lr_min: float = 1e-4
-  lr_max: float = 3e-2
-  batch_sizes: tuple = (64, 128, 256, 512)
-  trainer_args: tuple = ()
+  Each field is also a command-line flag with the help text given here (deploy/option_flags.py).
+  """
+
+  output_dir: str = option(help="gs:// prefix; each job writes under OUTPUT_DIR/<job>.")
+  region: str = option("us-central1", "Vertex AI region the job runs in.")
+  staging_bucket: str = option("", "gs:// bucket the sdist is uploaded to (package mode).")
+  package_uri: str = option("", "gs:// URI of an already uploaded sdist (no upload).")
+  image_uri: str = option("", "Image built from deploy/Dockerfile: container mode.")
+  executor_image_uri: str = option(
+      "", f"Package mode's prebuilt image, e.g. .../{NEWEST_PREBUILT_TF}:latest (required: none "
+      "has setup.py's TensorFlow).")
+  allow_cross_region_image: bool = option(
+      False, "Accept an Artifact Registry image stored outside --region.")
+  display_name: str = option("mnist-dist", "Prefix of the jobs' display names.")
+  machine_type: str = option("n1-standard-8", "Compute Engine machine type.")
+  accelerator_type: str = option(
+      "", "Vertex AI AcceleratorType name for N1 machines (default NVIDIA_TESLA_T4); A2, A3, G2 "
+      "machines bring their own.")
+  gpus_per_machine: int = option(4, "GPUs of the multi_gpu job (0: CPU-only, one replica per "
+                                 "vCPU).")
+  workers: int = option(2, "multi_worker: machines, chief included.")
+  gpus_per_worker: int = option(1, "multi_worker: GPUs each (0: CPU-only).")
+  evaluator: bool = option(
+      False, "multi_worker: add worker pool 3, a side-car evaluator that evaluates each new "
+      "checkpoint (same machine and arguments as the workers).")
+  timeout_s: int = option(24 * 3600, "scheduling.timeout: the job (or each trial) fails after "
+                          "this, restarts included.")
+  restart_job_on_worker_restart: bool = option(
+      True, "Restart all workers when one restarts (preemption recovery).")
+  disable_retries: bool = option(
+      False, "scheduling.disableRetries: no retries after internal errors (also turns off "
+      "--restart_job_on_worker_restart).")
+  max_job_restarts: int = option(
+      DEFAULT_MAX_JOB_RESTARTS, "Passed to the trainer: after this many restarts without a "
+      "finished run the chief exits 7 (0: no cap).")
+  spot: bool = option(False, "Use Spot VMs (cheaper, preemptible).")
+  flex_start: bool = option(False, "FLEX_START: queue for GPUs with Dynamic Workload Scheduler.")
+  max_wait_s: int = option(0, "--flex_start: scheduling.maxWaitDuration (0: Vertex AI's "
+                           "default).")
+  service_account: str = option("", "Service account the job runs as.")
+  network: str = option("", "VPC (projects/NUM/global/networks/NAME) to peer with.")
+  tensorboard: str = option("", "Vertex AI TensorBoard (projects/P/locations/R/tensorboards/ID) "
+                            "the job streams its logs to.")
+  enable_web_access: bool = option(False, "Interactive shell into the training containers "
+                                   "(jobSpec.enableWebAccess).")
+  max_trial_count: int = option(16, "hp_tuning: trials.")
+  parallel_trial_count: int = option(4, "hp_tuning: trials at once.")
+  max_failed_trial_count: int = option(4, "hp_tuning: failed trials before the study stops.")
+  lr_min: float = option(1e-4, "hp_tuning: lowest learning rate.")
+  lr_max: float = option(3e-2, "hp_tuning: highest learning rate.")
+  batch_sizes: tuple = option((64, 128, 256, 512), "hp_tuning: global batch sizes to try.")
+  trainer_args: tuple = ()  # after `--` on the command line, not a flag
 
   def __post_init__(self):
     validate(self)
@@ -632,77 +654,16 @@ FLAGS = flags.FLAGS
 
 def _define_flags() -> None:
   """Defined only when run as a program, so tests can import this module next to others."""
-  defaults = Options(output_dir="gs://unused")
   flags.DEFINE_enum("job", "one_gpu", JOB_KINDS, "submit: which job to create.")
   flags.DEFINE_boolean("dry_run", False, "submit: print the request body JSON, create nothing.")
   flags.DEFINE_string("out", None, "render: directory for the JSON files.")
   flags.DEFINE_string("project", None, "submit: Google Cloud project ID.")
-  flags.DEFINE_string("region", defaults.region, "Vertex AI region the job runs in.")
-  flags.DEFINE_string("output_dir", None, "gs:// prefix; each job writes under OUTPUT_DIR/<job>.")
-  flags.DEFINE_string("staging_bucket", "", "gs:// bucket the sdist is uploaded to (package mode).")
-  flags.DEFINE_string("package_uri", "", "gs:// URI of an already uploaded sdist (no upload).")
-  flags.DEFINE_string("image_uri", "", "Image built from deploy/Dockerfile: container mode.")
-  flags.DEFINE_string("executor_image_uri", "",
-                      f"Package mode's prebuilt image, e.g. .../{NEWEST_PREBUILT_TF}:latest "
-                      "(required: none has setup.py's TensorFlow).")
-  flags.DEFINE_boolean("allow_cross_region_image", False,
-                       "Accept an Artifact Registry image stored outside --region.")
-  flags.DEFINE_string("display_name", defaults.display_name, "Prefix of the jobs' display names.")
-  flags.DEFINE_string("machine_type", defaults.machine_type, "Compute Engine machine type.")
-  flags.DEFINE_string("accelerator_type", defaults.accelerator_type,
-                      "Vertex AI AcceleratorType name for N1 machines (default NVIDIA_TESLA_T4); "
-                      "A2, A3, G2 machines bring their own.")
-  flags.DEFINE_integer("gpus_per_machine", defaults.gpus_per_machine,
-                       "GPUs of the multi_gpu job (0: CPU-only, one replica per vCPU).")
-  flags.DEFINE_integer("workers", defaults.workers, "multi_worker: machines, chief included.")
-  flags.DEFINE_integer("gpus_per_worker", defaults.gpus_per_worker,
-                       "multi_worker: GPUs each (0: CPU-only).")
-  flags.DEFINE_boolean("evaluator", False,
-                       "multi_worker: add worker pool 3, a side-car evaluator that evaluates "
-                       "each new checkpoint (same machine and arguments as the workers).")
-  flags.DEFINE_integer("timeout_s", defaults.timeout_s,
-                       "scheduling.timeout: the job (or each trial) fails after this, restarts "
-                       "included.")
-  flags.DEFINE_boolean("restart_job_on_worker_restart", True,
-                       "Restart all workers when one restarts (preemption recovery).")
-  flags.DEFINE_boolean("disable_retries", False,
-                       "scheduling.disableRetries: no retries after internal errors (also turns "
-                       "off --restart_job_on_worker_restart).")
-  flags.DEFINE_integer("max_job_restarts", defaults.max_job_restarts,
-                       "Passed to the trainer: after this many restarts without a finished run "
-                       "the chief exits 7 (0: no cap).")
-  flags.DEFINE_boolean("spot", False, "Use Spot VMs (cheaper, preemptible).")
-  flags.DEFINE_boolean("flex_start", False, "FLEX_START: queue for GPUs with Dynamic Workload "
-                       "Scheduler.")
-  flags.DEFINE_integer("max_wait_s", 0, "--flex_start: scheduling.maxWaitDuration (0: Vertex "
-                       "AI's default).")
-  flags.DEFINE_string("service_account", "", "Service account the job runs as.")
-  flags.DEFINE_string("network", "", "VPC (projects/NUM/global/networks/NAME) to peer with.")
-  flags.DEFINE_string("tensorboard", "", "Vertex AI TensorBoard (projects/P/locations/R/"
-                      "tensorboards/ID) the job streams its logs to.")
-  flags.DEFINE_boolean("enable_web_access", False, "Interactive shell into the training "
-                       "containers (jobSpec.enableWebAccess).")
-  flags.DEFINE_integer("max_trial_count", defaults.max_trial_count, "hp_tuning: trials.")
-  flags.DEFINE_integer("parallel_trial_count", defaults.parallel_trial_count,
-                       "hp_tuning: trials at once.")
-  flags.DEFINE_integer("max_failed_trial_count", defaults.max_failed_trial_count,
-                       "hp_tuning: failed trials before the study stops.")
-  flags.DEFINE_float("lr_min", defaults.lr_min, "hp_tuning: lowest learning rate.")
-  flags.DEFINE_float("lr_max", defaults.lr_max, "hp_tuning: highest learning rate.")
-  flags.DEFINE_list("batch_sizes", [str(b) for b in defaults.batch_sizes],
-                    "hp_tuning: global batch sizes to try.")
+  option_flags.define_flags(Options)
 
 
 def _options_from_flags(extra_args: Sequence[str]) -> Options:
-  names = [f.name for f in dataclasses.fields(Options) if f.name not in ("batch_sizes",
-                                                                         "trainer_args")]
-  values = {name: FLAGS[name].value for name in names}
-  values["output_dir"] = values["output_dir"] or ""
-  try:
-    values["batch_sizes"] = tuple(int(b) for b in FLAGS.batch_sizes)
-  except ValueError:
-    raise SpecError(f"--batch_sizes must be integers, got {FLAGS.batch_sizes}.") from None
-  return Options(**values, trainer_args=tuple(extra_args))
+  return Options(**option_flags.values_from_flags(Options, FLAGS, error=SpecError),
+                 trainer_args=tuple(extra_args))
 
 
 def _mode(o: Options) -> str:
