@@ -92,3 +92,26 @@ def test_profile_of_a_run_that_stops_early_is_discarded(monkeypatch):
   profile.stop(_result(8))
   profile.close()  # e.g. preempted at step 8
   assert fake.calls == [("start", "/l"), ("stop", False)]
+
+
+@pytest.mark.parametrize("period, first, expected", [
+    (10, 0, [10, 20, 30]),  # --eval_every_steps alone: as before
+    (5, 22, [22, 27]),  # late and dense
+    (0, 17, [17]),  # --first_eval_step alone: one evaluation during training
+    (0, 0, []),  # only the final evaluation
+])
+def test_evaluation_schedule(period, first, expected):
+  schedule = actions.Every(period, first)
+  assert [s for s in range(31) if schedule.is_due(s)] == expected
+  nexts, step = [], 0
+  while (step := schedule.next_after(step)) is not None and step <= 30:
+    nexts.append(step)
+  assert nexts == expected
+
+
+def test_chunks_end_at_every_scheduled_evaluation():
+  chunker, step, ends = actions.Chunker([20], 20, 60, schedules=[actions.Every(4, 45)]), 0, []
+  while step < 60:
+    step += chunker.next_size(step)
+    ends.append(step)
+  assert ends == [20, 40, 45, 49, 53, 57, 60]

@@ -55,8 +55,13 @@ def test_resolve_steps():
   assert config_lib.resolve_steps(config_lib.Config(epochs=2), 469) == 938
   assert config_lib.resolve_steps(config_lib.Config(train_steps=7), 469) == 7
   assert config_lib.resolve_steps(config_lib.Config(train_steps=938, epochs=2), 469) == 938
-  with pytest.raises(errors.ConfigError, match="contradicts --epochs=2"):
+  with pytest.raises(errors.ConfigError, match="contradicts --epochs=2 "):
     config_lib.resolve_steps(config_lib.Config(train_steps=900, epochs=2), 469)
+  # Fractional epochs: a started step runs whole.
+  assert config_lib.resolve_steps(config_lib.Config(epochs=1.5), 235) == 353
+  assert config_lib.resolve_steps(config_lib.Config(epochs=0.5), 470) == 235
+  with pytest.raises(errors.ConfigError, match="--epochs must be at most"):
+    config_lib.Config(epochs=1e300)
 
 
 def _parse(argv):
@@ -75,7 +80,7 @@ def test_config_from_flags_and_env():
   c2 = config_lib.config_from_flags(_parse(["--model_dir=/tmp/x"]),
                                     environ={"AIP_MODEL_DIR": "gs://b/model"})
   assert c2.model_dir == "/tmp/x", "an explicit flag wins over the environment"
-  assert c2.epochs == 2
+  assert c2.epochs == 1.5, "the default recipe: 1.5 epochs"
 
 
 def test_kernel_and_pool_sizes_follow_model_widths_unless_given():

@@ -1,6 +1,9 @@
-"""Shared fixtures: MNIST prepared once per session, tiny configs, and a subprocess runner."""
+"""Shared fixtures: MNIST (real or a tiny synthetic one) prepared once per session, tiny configs,
+and a subprocess runner."""
 
+import gzip
 import os
+import struct
 import subprocess
 import sys
 
@@ -17,6 +20,45 @@ def tfds_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds"))
   data.prepare("mnist", path)
   return path
+
+
+SYNTHETIC_SIZES = {"train": 1200, "test": 300}
+
+
+@pytest.fixture(scope="session")
+def synthetic_tfds_dir(tmp_path_factory):
+  """A tiny MNIST-shaped dataset prepared as TFDS `mnist` (4 record files per split) in a second
+  or two, for tests of the data path that need no real digits: class c is a bright c-th row band
+  on noise, so it is learnable, and every image differs."""
+  from trainer import data
+  source = tmp_path_factory.mktemp("synthetic-idx")
+  rng = __import__("numpy").random.default_rng(0)
+  for prefix, split in (("train", "train"), ("t10k", "test")):
+    count = SYNTHETIC_SIZES[split]
+    labels = (rng.permutation(count) % 10).astype("uint8")
+    images = rng.integers(0, 60, size=(count, 28, 28), dtype="uint8")
+    for i, label in enumerate(labels):
+      images[i, 2 + 2 * label:4 + 2 * label, :] = 255
+    _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", 0x0803, images)
+    _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 0x0801, labels)
+  path = str(tmp_path_factory.mktemp("synthetic-tfds"))
+  builder = data._builder("mnist", path)
+  builder.URL = str(source) + "/"  # data.prepare would insist on the canonical files' hashes
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.image_classification import mnist
+  canonical = mnist._TRAIN_EXAMPLES, mnist._TEST_EXAMPLES  # the builder's fixed split sizes
+  mnist._TRAIN_EXAMPLES, mnist._TEST_EXAMPLES = SYNTHETIC_SIZES["train"], SYNTHETIC_SIZES["test"]
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
+  finally:
+    mnist._TRAIN_EXAMPLES, mnist._TEST_EXAMPLES = canonical
+  return path
+
+
+def _write_idx(path, magic: int, array) -> None:
+  with gzip.open(path, "wb") as f:
+    f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
+    f.write(array.tobytes())
 
 
 @pytest.fixture

@@ -341,11 +341,10 @@ def test_lock_wait_is_bounded(tmp_path):
     pass  # released: taken at once
 
 
-@pytest.mark.slow
-def test_decoded_splits_are_cached_by_the_record_files_hash(tfds_dir, tmp_path):
+def test_decoded_splits_are_cached_by_the_record_files_hash(synthetic_tfds_dir, tmp_path):
   """A second load reads the kept arrays (same values); changed record bytes miss the cache."""
   copy = str(tmp_path / "tfds")
-  shutil.copytree(tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
+  shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
   builder = data.prepare("mnist", copy)
   assert data._decoded_from_cache(builder, "test") == (None, None)
   first = data._load_split(builder, "test", 0)
@@ -361,3 +360,23 @@ def test_decoded_splits_are_cached_by_the_record_files_hash(tfds_dir, tmp_path):
     f.write(b"\0")  # any change to the records
   assert data._decoded_paths(builder, "test") != before
   assert data._decoded_from_cache(builder, "test") == (None, None)
+
+
+def test_synthetic_dataset_loads_in_both_modes(synthetic_tfds_dir):
+  """The fast tier's dataset goes through the real loaders: arrays in memory, record files to
+  stream, and the size auto mode decides on from the metadata alone."""
+  from conftest import SYNTHETIC_SIZES
+  from trainer import config as config_lib
+  config = config_lib.Config(epochs=1, data_dir=synthetic_tfds_dir)
+  builder = data.prepare("mnist", synthetic_tfds_dir)
+  splits = data.load(config, builder)
+  assert splits.train_images.shape == (SYNTHETIC_SIZES["train"], 28, 28, 1)
+  assert splits.test_images.shape == (SYNTHETIC_SIZES["test"], 28, 28, 1)
+  assert splits.num_classes == 10 and set(np.unique(splits.train_labels)) == set(range(10))
+  assert data.choose_input_mode(config, builder) == "in_memory"
+  expected_mb = SYNTHETIC_SIZES["train"] * (28 * 28 + 4) / 2 ** 20  # image bytes + int32 label
+  assert data.decoded_train_mb(builder) == pytest.approx(expected_mb)
+  source = data.record_source(builder)
+  assert len(source.files) == 4 and sum(source.counts) == SYNTHETIC_SIZES["train"]
+  image, label = source.decode(tf.data.TFRecordDataset(source.files[0]).take(1).get_single_element())
+  assert image.shape == (28, 28, 1) and 0 <= int(label) < 10

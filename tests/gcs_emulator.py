@@ -133,6 +133,15 @@ class Emulator:
     """The object's metadata dict, or None."""
     return _object_metadata(self.host, bucket, name)
 
+  def downloads(self, bucket: str) -> collections.Counter:
+    """{object name: times its bytes were served} so far, from the emulator's request log."""
+    # pread: seeking would move the offset the emulator writes at (the file is shared).
+    fd = self._log.fileno()
+    text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
+    pattern = re.compile(rf'"GET /download/storage/v1/b/{re.escape(bucket)}/o/([^?\s]+)\S* '
+                         r'HTTP/[\d.]+" 200')
+    return collections.Counter(urllib.parse.unquote(m) for m in pattern.findall(text))
+
 
 FAULT_MODES = ("503", "reset", "reset_mid_body", "drop_response", "truncate_response")
 

@@ -169,3 +169,16 @@ def test_missing_record_file_exits_3_naming_it(tmp_path, tiny):
     train.train_and_evaluate(config)
   assert raised.value.exit_code == errors.EXIT_DATA
   assert not os.path.exists(os.path.join(config.model_dir, "checkpoints"))
+
+
+def test_files_read_by_matches_the_plan():
+  """What a worker fetches of a bucket is exactly what its pipelines read."""
+  for num_files, pipelines in [(4, 2), (5, 2), (8, 4), (6, 4), (2, 4), (1, 2)]:
+    plan = stream.plan_epoch([3] * num_files, pipelines, 4)
+    for p in range(pipelines):
+      assert stream.files_read_by(num_files, pipelines, [p]) == plan.files_of(p, num_files)
+    everyone = stream.files_read_by(num_files, pipelines, range(pipelines))
+    assert everyone == list(range(num_files))
+  assert stream.files_read_by(5, 2, [1]) == [1, 3]
+  assert stream.files_read_by(5, 2, [0]) == [0, 2, 4]
+  assert stream.files_read_by(2, 4, [3]) == [0, 1], "record-level: every pipeline, every file"

@@ -146,3 +146,12 @@ def test_every_run_reports_its_phases(tiny, caplog):
   assert line and f"total {metrics['wall_seconds']:.1f} s" in line[-1]
   written = json.load(open(os.path.join(tiny().model_dir, "metrics.json")))
   assert written["phase_seconds"] == phases
+
+
+@pytest.mark.slow
+def test_late_dense_evaluations_run_at_their_steps(tiny, caplog):
+  with caplog.at_level("INFO"):
+    train.train_and_evaluate(tiny(train_steps=20, eval_every_steps=4, first_eval_step=13))
+  evaluated = [int(m) for r in caplog.records
+               for m in re.findall(r"^eval at step (\d+): test_accuracy", r.getMessage())]
+  assert evaluated == [13, 17]

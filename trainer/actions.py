@@ -34,19 +34,47 @@ class Chunker:
   """Chunk sizes that end exactly at every action's boundary and at the last step.
 
   Periodic boundaries (every N steps) come as `periods`, single steps (a profile's edges) as
-  `boundaries`.
+  `boundaries`, offset periodic ones (an evaluation schedule) as `schedules` (Every).
   """
 
-  def __init__(self, periods, max_steps: int, total_steps: int, boundaries=()):
+  def __init__(self, periods, max_steps: int, total_steps: int, boundaries=(), schedules=()):
     self._periods = [p for p in periods if p > 0]
     self._boundaries = sorted(boundaries)
+    self._schedules = schedules
     self._max = max_steps
     self._total = total_steps
 
   def next_size(self, step: int) -> int:
     ends = [self._total, step + self._max] + [(step // p + 1) * p for p in self._periods]
     ends += [b for b in self._boundaries if b > step][:1]
+    ends += [n for n in (s.next_after(step) for s in self._schedules) if n is not None]
     return min(ends) - step
+
+
+@dataclasses.dataclass(frozen=True)
+class Every:
+  """The steps first, first + period, first + 2 * period, ... (first 0: period, 2 * period, ...;
+  period 0: first alone; both 0: none)."""
+
+  period: int
+  first: int = 0
+
+  def is_due(self, step: int) -> bool:
+    start = self.first or self.period
+    if start <= 0 or step < start:
+      return False
+    return step == start if self.period <= 0 else (step - start) % self.period == 0
+
+  def next_after(self, step: int):
+    """The first due step after `step`, or None."""
+    start = self.first or self.period
+    if start <= 0:
+      return None
+    if step < start:
+      return start
+    if self.period <= 0:
+      return None
+    return start + ((step - start) // self.period + 1) * self.period
 
 
 def due(step: int, period: int) -> bool:
@@ -163,17 +191,18 @@ class LogProgress:
 
 
 class EvaluateOnTest:
-  """The chief evaluates on the test split every `period` steps (0: only after training)."""
+  """The chief evaluates on the test split at the steps of `schedule` (an Every; the final
+  evaluation after training is not one of them)."""
 
-  def __init__(self, eval_model, model, writer, period: int):
+  def __init__(self, eval_model, model, writer, schedule: Every):
     self._eval_model = eval_model
     self._model = model
     self._writer = writer
-    self._period = period
+    self._schedule = schedule
     self._started = time.time()
 
   def __call__(self, result: ChunkResult) -> None:
-    if not due(result.step, self._period):
+    if not self._schedule.is_due(result.step):
       return
     metrics = self._eval_model.evaluate(self._model.get_weights())
     logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (%.1fs into training)",

@@ -16,6 +16,8 @@ LR_SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALINGS = ("linear", "none")
 PADDINGS = ("same", "valid")
 _MAX_WAIT_S = 7 * 24 * 3600.0
+# Keeps epochs x steps per epoch an integer TensorFlow's int64 step counter holds.
+_MAX_EPOCHS = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,7 @@ class Config:
   mnist_source_dir: str = ""
   global_batch_size: int = 256
   train_steps: Optional[int] = None
-  epochs: Optional[int] = None
+  epochs: Optional[float] = None  # may be fractional: 1.5 epochs of 235 steps = 353 steps
   learning_rate: float = 0.01
   lr_schedule: str = "onecycle"
   lr_scaling: str = "linear"
@@ -48,6 +50,7 @@ class Config:
   log_every_steps: int = 100
   steps_per_loop: int = 20
   eval_every_steps: int = 0
+  first_eval_step: int = 0
   seed: int = 42
   deterministic: bool = False
   strategy: str = "auto"
@@ -71,7 +74,7 @@ class Config:
   # The side-car evaluator gives up (exit 143) after this long without a new checkpoint.
   evaluator_timeout_s: float = 3600.0
   # The default recipe (after tuomaso/train_mnist_fast: no dropout, Adam with short memories,
-  # one-cycle; >= 99% test accuracy in 2 epochs). 2x2 pixel blocks are folded into channels so
+  # one-cycle; >= 99% test accuracy in 1.5 epochs). 2x2 pixel blocks are folded into channels so
   # both convolutions see deep 14x14 inputs: CPU kernels run those near half of peak, where a
   # 1-channel 28x28 convolution runs at a fifth (bench/README.md has the measurements).
   model_widths: tuple = (32, 48)
@@ -92,6 +95,11 @@ class Config:
   in_memory_limit_mb: int = 2048
   shuffle_buffer: int = 10000  # stream mode: examples per input pipeline's shuffle buffer
   num_shards: int = 0  # record files per split when the dataset is prepared (0: TFDS's choice)
+  # --dataset=image_folder:DIR only: resize every image to image_size x image_size (0: keep the
+  # size, which must then be the same for all), and the share of images held out for testing
+  # when DIR has no train/ and test/ sub-folders.
+  image_size: int = 0
+  eval_fraction: float = 0.1
   train_examples: int = 0  # 0 = the whole train split; tests use small subsets
   eval_examples: int = 0  # 0 = the whole test split
   export: bool = True
@@ -126,6 +134,16 @@ def validate(c: Config) -> None:
     raise errors.ConfigError("--model_dir is empty: give a local path or a gs:// URI.")
   if not c.dataset:
     raise errors.ConfigError("--dataset is empty: use e.g. --dataset=mnist.")
+  if c.dataset.startswith("image_folder:") and not c.dataset[len("image_folder:"):].strip():
+    raise errors.ConfigError(
+        f"--dataset={c.dataset} names no folder: use --dataset=image_folder:DIR (local or "
+        "gs://), DIR holding one sub-folder of JPEG/PNG images per class.")
+  if c.image_size < 0:
+    raise errors.ConfigError(f"--image_size must be >= 0 (0: keep the images' size), got "
+                             f"{c.image_size}.")
+  if not 0.0 < c.eval_fraction < 1.0:
+    raise errors.ConfigError(f"--eval_fraction must be in (0, 1), e.g. 0.1, got "
+                             f"{c.eval_fraction}.")
   _positive("global_batch_size", c.global_batch_size)
   if c.train_steps is None and c.epochs is None:
     raise errors.ConfigError("Set --train_steps or --epochs.")
@@ -133,6 +151,9 @@ def validate(c: Config) -> None:
     _positive("train_steps", c.train_steps)
   if c.epochs is not None:
     _positive("epochs", c.epochs)
+    if c.epochs > _MAX_EPOCHS:
+      raise errors.ConfigError(f"--epochs must be at most {_MAX_EPOCHS:g}, got {c.epochs:g}; "
+                               "for longer runs set --train_steps.")
   _positive("learning_rate", c.learning_rate)
   _positive("reference_batch_size", c.reference_batch_size)
   _positive("checkpoint_every_steps", c.checkpoint_every_steps)
@@ -151,7 +172,8 @@ def validate(c: Config) -> None:
     if getattr(c, name) > _MAX_WAIT_S:
       raise errors.ConfigError(f"--{name} must be at most {_MAX_WAIT_S:.0f} (a week), got "
                                f"{getattr(c, name)}.")
-  for name in ("num_cpu_devices", "warmup_steps", "eval_every_steps", "train_examples",
+  for name in ("num_cpu_devices", "warmup_steps", "eval_every_steps", "first_eval_step",
+               "train_examples",
                "eval_examples", "inject_nan_at_step", "max_job_restarts", "num_shards"):
     if getattr(c, name) < 0:
       raise errors.ConfigError(f"--{name} must be >= 0, got {getattr(c, name)}.")
@@ -232,17 +254,17 @@ def resolve_steps(c: Config, steps_per_epoch: int) -> int:
   """Total training steps; --train_steps and --epochs must agree when both are given."""
   if c.epochs is None:
     return c.train_steps
-  from_epochs = c.epochs * steps_per_epoch
+  from_epochs = math.ceil(c.epochs * steps_per_epoch - 1e-9)  # a started step is run whole
   if c.train_steps is not None and c.train_steps != from_epochs:
     raise errors.ConfigError(
-        f"--train_steps={c.train_steps} contradicts --epochs={c.epochs} "
-        f"({c.epochs} x {steps_per_epoch} steps per epoch = {from_epochs}); give only one.")
+        f"--train_steps={c.train_steps} contradicts --epochs={c.epochs:g} "
+        f"({c.epochs:g} x {steps_per_epoch} steps per epoch = {from_epochs}); give only one.")
   return from_epochs
 
 
 # ---- Command-line flags: one flag per Config field, same name. ----
 
-_DEFAULTS = Config(epochs=2)
+_DEFAULTS = Config(epochs=1.5)
 _HELP = {
     "model_dir": "Where checkpoints, summaries, metrics.json and export/ go (local or gs://). "
                  "Defaults to $AIP_MODEL_DIR when set.",
@@ -253,13 +275,16 @@ _HELP = {
     "data_dir": "TFDS data directory (local or gs://); MNIST is prepared here on first use from "
                 "--mnist_source_dir, the vendored files or (installed package) a bounded "
                 "download; exit 3 without network.",
-    "dataset": "TFDS image-classification dataset name, e.g. mnist or fashion_mnist.",
+    "dataset": "TFDS image-classification dataset name, e.g. mnist or fashion_mnist, or "
+               "image_folder:DIR for your own JPEG/PNG images (DIR local or gs://, one "
+               "sub-folder per class; prepared once into --data_dir).",
     "mnist_source_dir": "Directory (local or gs://) with the four MNIST .gz files (default: the "
                         "vendored copy; an installed package downloads them once, exit 3 "
                         "without network).",
     "global_batch_size": "Batch size summed over all replicas; must divide by the replica count.",
     "train_steps": "Total optimizer steps (alternative to --epochs; both must agree).",
-    "epochs": "Passes over the training split (default 2 when --train_steps is not set).",
+    "epochs": "Passes over the training split, may be fractional (default 1.5 when "
+              "--train_steps is not set).",
     "learning_rate": "Peak learning rate at --reference_batch_size.",
     "lr_schedule": "onecycle (warmup then cosine/linear down), cosine (with warmup) or constant.",
     "lr_scaling": "linear: scale the learning rate by global_batch_size/reference_batch_size.",
@@ -274,6 +299,9 @@ _HELP = {
     "log_every_steps": "Logging and summary period in steps.",
     "steps_per_loop": "Steps run inside one tf.function call (fewer host round trips).",
     "eval_every_steps": "Evaluate on the test split every N steps (0: only at the end).",
+    "first_eval_step": "Evaluate first at this step, then every --eval_every_steps (0: first "
+                       "at --eval_every_steps). Late and dense evaluations find the step a "
+                       "target accuracy is reached without slowing the early steps.",
     "seed": "Seed for initialization and data order.",
     "deterministic": "Op determinism and fixed seeds: resumed runs match uninterrupted ones.",
     "strategy": "Distribution strategy; auto picks from TF_CONFIG and the visible GPUs.",
@@ -317,6 +345,11 @@ _HELP = {
     "shuffle_buffer": "Stream mode: examples in each input pipeline's shuffle buffer.",
     "num_shards": "Record files per split when --data_dir is prepared here (0: TFDS's choice); "
                   "stream mode wants at least one per worker.",
+    "image_size": "--dataset=image_folder:DIR: resize every image to NxN pixels (0: keep the "
+                  "size, which must then be the same for every image).",
+    "eval_fraction": "--dataset=image_folder:DIR: share of the images held out as the test "
+                     "split, chosen by a hash of each file's path (the same every run); unused "
+                     "when DIR has train/ and test/ sub-folders.",
     "train_examples": "Use only the first N training examples (0: all).",
     "eval_examples": "Evaluate on only the first N test examples (0: all).",
     "export": "Export a SavedModel to model_dir/export after training.",
@@ -342,8 +375,10 @@ def define_flags(flag_values=flags.FLAGS) -> None:
       continue
     default = getattr(_DEFAULTS, field.name)
     help_text = _HELP[field.name]
-    if field.name in ("train_steps", "epochs"):
+    if field.name == "train_steps":
       flags.DEFINE_integer(field.name, None, help_text, **fv)
+    elif field.name == "epochs":
+      flags.DEFINE_float(field.name, None, help_text, **fv)
     elif field.name in _PER_BLOCK:
       flags.DEFINE_list(field.name, [str(w) for w in default], help_text, **fv)
     elif field.name in _CHOICES:

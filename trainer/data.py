@@ -58,6 +58,7 @@ class Splits:
   test_images: np.ndarray
   test_labels: np.ndarray
   num_classes: int
+  class_names: tuple = ()  # label i's name (exported next to the SavedModel)
 
   @property
   def image_shape(self) -> tuple:
@@ -174,12 +175,20 @@ def _is_staged(local: str, path: str) -> bool:
     return False
 
 
+def is_record_file(path: str) -> bool:
+  """A TFDS record file (a split's examples), as opposed to the metadata next to it."""
+  name = os.path.basename(path)
+  return ".tfrecord" in name or ".array_record" in name
+
+
 def stage(path: str, what: str) -> str:
   """A local copy of a gs:// directory (data inputs are read locally); local paths pass through.
 
   Under a file lock (workers may share the cache), the copy is downloaded into a temporary
   directory next to it, marked with the source URI last and renamed into place. A directory
-  without that marker (an interrupted copy) is downloaded again, never used.
+  without that marker (an interrupted copy) is downloaded again, never used. Record files are
+  left out: fetch_records gets each when something is about to read it (a stream-mode worker
+  reads only its own).
   """
   from trainer import storage
   if not storage.is_gcs(path):
@@ -196,7 +205,7 @@ def stage(path: str, what: str) -> str:
     try:
       try:
         with storage.for_flag(what):  # a missing bucket names this flag, not --model_dir
-          storage.download_dir(path, partial)
+          storage.download_dir(path, partial, keep=lambda rel: not is_record_file(rel))
       except FileNotFoundError:
         raise errors.DataError(
             f"{what}={path} holds no files: upload the data there first.") from None
@@ -207,6 +216,47 @@ def stage(path: str, what: str) -> str:
       shutil.rmtree(partial, ignore_errors=True)  # only after a failure: the rename moved it
   logging.info("Staged %s into %s", path, local)
   return local
+
+
+def fetch_records(builder, data_dir: str, split: str, indices=None) -> list:
+  """Fetches the split's record files (those at `indices`; all when None) from the gs://
+  data_dir into its staged copy, where the builder reads them; returns the paths fetched.
+
+  Under a lock per staged copy, each file is downloaded to a temporary name, checked against
+  the object and renamed into place (storage.fetch_file): a file under its own name is whole
+  and is never fetched again, and an interrupted fetch's temporary file is deleted, never
+  read. A local data_dir holds its files already: nothing to do.
+  """
+  from trainer import storage
+  if not storage.is_gcs(data_dir):
+    return []
+  paths = [str(p) for p in builder.info.splits[split].filepaths]
+  wanted = [paths[i] for i in (range(len(paths)) if indices is None else indices)]
+  if all(os.path.isfile(p) for p in wanted):
+    return []
+  root = staged_dir(data_dir)
+  fetched = []
+  with _lock(root, "records"):
+    for path in wanted:
+      if os.path.isfile(path):
+        continue  # cached, or fetched by another process while this one waited
+      # The staged copy mirrors data_dir: the same relative path names the object.
+      remote = storage.join(data_dir, *os.path.relpath(path, root).split(os.sep))
+      storage.remove_partials(path)
+      try:
+        with storage.for_flag("--data_dir"):
+          storage.fetch_file(remote, path)
+      except FileNotFoundError:
+        raise errors.DataError(
+            f"Record file {remote} is missing, though the {builder.name} metadata in "
+            f"--data_dir={data_dir} lists it: upload the whole prepared dataset folder again "
+            "(`gcloud storage cp -r`), or point --data_dir at a complete copy.") from None
+      fetched.append(path)
+  logging.info("Fetched %d %s record file(s) from %s (%s); %d of %d are read here.",
+               len(fetched), split, data_dir,
+               ", ".join(os.path.basename(p) for p in fetched) or "none: cached",
+               len(wanted), len(paths))
+  return fetched
 
 
 def _no_mnist_download(url: str, reason: str) -> errors.DataError:
@@ -325,7 +375,8 @@ def _mnist_source(data_dir: str, mnist_source_dir: str) -> str:
   return download_mnist(os.path.join(data_dir, "downloads", "mnist-raw"))
 
 
-def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards: int = 0):
+def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards: int = 0,
+            image_size: int = 0, eval_fraction: float = 0.1):
   """Returns a prepared TFDS builder; TFDS never downloads MNIST itself.
 
   MNIST is built from local files: --mnist_source_dir, the vendored copy, or in an installed
@@ -334,11 +385,15 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards:
   four MNIST files. Without network, a download that is needed fails with DataError (exit 3).
   num_shards (0: TFDS's choice) sets how many record files each split gets when it is prepared
   here; stream mode shards by file, so it wants at least one per input pipeline.
+  image_folder:DIR datasets are prepared by trainer/image_folder.py (image_size, eval_fraction).
   """
   data_dir = stage(data_dir, "--data_dir")
   if mnist_source_dir:
     mnist_source_dir = stage(mnist_source_dir, "--mnist_source_dir")
   check_writable(data_dir)
+  from trainer import image_folder
+  if image_folder.is_image_folder(dataset):
+    return image_folder.prepare(dataset, data_dir, image_size, eval_fraction, num_shards)
   builder = _builder(dataset, data_dir)
   with _lock(data_dir, dataset):
     if builder.is_prepared():
@@ -427,13 +482,16 @@ def load(config, builder=None, with_train: bool = True) -> Splits:
   """
   if builder is None:
     builder = prepare(config.dataset, config.data_dir, config.mnist_source_dir,
-                      config.num_shards)
+                      config.num_shards, config.image_size, config.eval_fraction)
   train_images = train_labels = None
   if with_train:
+    fetch_records(builder, config.data_dir, "train")  # gs:// data: every file, as before
     train_images, train_labels = _load_split(builder, "train", config.train_examples)
+  fetch_records(builder, config.data_dir, "test")
   test_images, test_labels = _load_split(builder, "test", config.eval_examples)
+  label = builder.info.features["label"]
   return Splits(train_images, train_labels, test_images, test_labels,
-                num_classes=builder.info.features["label"].num_classes)
+                num_classes=label.num_classes, class_names=tuple(label.names))
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -575,8 +633,15 @@ def decoded_train_mb(builder, limit: int = 0) -> float:
   return num_train_examples(builder, limit) * (int(np.prod(shape)) + 4) / 2 ** 20
 
 
-def record_source(builder, split: str = "train"):
-  """The split's record files, examples per file and decoder, for stream mode."""
+def record_source(builder, split: str = "train", data_dir: str = "", num_pipelines: int = 1,
+                  pipeline_ids=(0,)):
+  """The split's record files, examples per file and decoder, for stream mode.
+
+  Only the files that the input pipelines `pipeline_ids` (of num_pipelines) read need be here:
+  of a gs:// data_dir, just those are fetched (every file when there are fewer files than
+  pipelines, since then every pipeline reads every file).
+  """
+  from trainer import storage
   from trainer import stream
   info = builder.info.splits[split]
   features = builder.info.features
@@ -585,7 +650,13 @@ def record_source(builder, split: str = "train"):
     example = features.deserialize_example(record)
     return example["image"], example["label"]
 
-  for path in info.filepaths:
+  mine = stream.files_read_by(len(info.filepaths), num_pipelines, pipeline_ids)
+  if storage.is_gcs(data_dir) and len(info.filepaths) < num_pipelines:
+    logging.info("Stream mode: %d %s record file(s) for %d input pipelines, so every pipeline "
+                 "reads every file and this worker fetches them all.", len(info.filepaths),
+                 split, num_pipelines)
+  fetch_records(builder, data_dir, split, mine)
+  for path in (info.filepaths[i] for i in mine):
     if not os.path.isfile(str(path)):
       raise errors.DataError(
           f"Record file {path} of the prepared {builder.name} {split} split is missing: prepare "

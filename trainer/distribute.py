@@ -243,3 +243,19 @@ def num_input_pipelines(runtime: Runtime) -> int:
   if runtime.kind == "mirrored" and not any("GPU" in d.upper() for d in devices):
     return runtime.num_replicas
   return runtime.num_workers
+
+
+def local_pipeline_ids(runtime: Runtime) -> tuple:
+  """The ids (of num_input_pipelines) of the input pipelines this process builds, known before
+  building any: under MultiWorkerMirroredStrategy one, from the InputContext the strategy
+  itself hands input_iterator; otherwise all of them, since one process holds every pipeline."""
+  if runtime.kind != "multi_worker_mirrored":
+    return tuple(range(num_input_pipelines(runtime)))
+  ids = []
+
+  def probe(ctx):
+    ids.append(ctx.input_pipeline_id)
+    return tf.data.Dataset.range(1)
+
+  runtime.strategy.distribute_datasets_from_function(probe)
+  return tuple(sorted(set(ids)))

@@ -183,7 +183,7 @@ class _Evaluator:
   def __init__(self, config, paths):
     self._paths = paths
     builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir,
-                           config.num_shards)
+                           config.num_shards, config.image_size, config.eval_fraction)
     splits = data.load(config, builder, with_train=False)
     self._eval_model = step_lib.EvalModel(config, splits)
     # The same model as the chief's, built once; each checkpoint's weights are restored into it.

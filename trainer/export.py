@@ -1,11 +1,15 @@
 """Exports the trained model as a SavedModel with a uint8-images serving signature."""
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 
 import tensorflow as tf
+
+# Next to saved_model.pb: a JSON list, label i's name at index i.
+CLASS_NAMES = "class_names.json"
 
 
 class _Serving(tf.Module):
@@ -24,9 +28,11 @@ class _Serving(tf.Module):
             "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
 
-def export_saved_model(eval_model, weights, image_shape, export_dir: str) -> str:
+def export_saved_model(eval_model, weights, image_shape, export_dir: str,
+                       class_names=()) -> str:
   """Exports `weights` in eval_model's float32 copy, atomically: a crash never leaves a partial
-  export under export_dir's name."""
+  export under export_dir's name. class_names (label i's name), when given, go into
+  export_dir/CLASS_NAMES for trainer.predict."""
   eval_model.load(weights)
   model = eval_model.model
   parent = os.path.dirname(os.path.abspath(export_dir))
@@ -35,6 +41,9 @@ def export_saved_model(eval_model, weights, image_shape, export_dir: str) -> str
   try:
     module = _Serving(model, image_shape)
     tf.saved_model.save(module, staging, signatures={"serving_default": module.serve})
+    if class_names:
+      with open(os.path.join(staging, CLASS_NAMES), "w") as f:
+        json.dump(list(class_names), f, indent=1)
     old = None
     if os.path.exists(export_dir):
       old = export_dir + ".old"

@@ -4,6 +4,7 @@ import base64
 import contextlib
 import contextvars
 import functools
+import hashlib
 import http.client
 import logging
 import os
@@ -238,10 +239,15 @@ def crc32c_bytes(data: bytes) -> str:
 
 
 def crc32c_file(path: str) -> str:
-  checksum = google_crc32c.Checksum()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(COPY_BUFFER), b""):
-      checksum.update(block)
+    return checksum_of(f, "crc32c")
+
+
+def checksum_of(f, kind: str) -> str:
+  """The base64 crc32c or md5 of the rest of the open binary file f, as GCS metadata has it."""
+  checksum = google_crc32c.Checksum() if kind == "crc32c" else hashlib.md5()
+  for block in iter(lambda: f.read(COPY_BUFFER), b""):
+    checksum.update(block)
   return base64.b64encode(checksum.digest()).decode("ascii")
 
 

@@ -64,13 +64,15 @@ class RunOutputs:
   def previous_train_stats(self) -> dict:
     return previous_train_stats(self.paths)
 
-  def export(self, eval_model, weights, image_shape) -> None:
-    """The chief exports `weights` (a SavedModel) and publishes it, when --export is on."""
+  def export(self, eval_model, weights, image_shape, class_names=()) -> None:
+    """The chief exports `weights` (a SavedModel, with the class names) and publishes it, when
+    --export is on."""
     if not (self.is_chief and self._config.export):
       return
     from trainer import export  # TensorFlow's SavedModel code, only when exporting
     local_export = export.export_saved_model(
-        eval_model, weights, image_shape, os.path.join(self.paths.local_model_dir, "export"))
+        eval_model, weights, image_shape, os.path.join(self.paths.local_model_dir, "export"),
+        class_names)
     publish_export(self.paths, local_export)
 
   def finish(self, metrics: dict) -> None:

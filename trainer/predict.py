@@ -57,15 +57,16 @@ def check_paths(paths) -> None:
 
 
 def load_images(paths, image_shape):
-  """Decodes PNGs to uint8 [N, H, W, C], resizing when needed."""
+  """Decodes PNGs (or JPEGs) to uint8 [N, H, W, C], resizing when needed."""
   import tensorflow as tf
   height, width, channels = image_shape
   out = []
   for path in paths:
     try:
-      image = tf.io.decode_png(tf.io.read_file(path), channels=channels)
+      image = tf.io.decode_image(tf.io.read_file(path), channels=channels,
+                                 expand_animations=False)
     except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
-      raise errors.DataError(f"Cannot read PNG {path}: {e.message}") from None
+      raise errors.DataError(f"Cannot read PNG or JPEG {path}: {e.message}") from None
     if image.shape[:2] != (height, width):
       image = tf.cast(tf.image.resize(image, (height, width)), tf.uint8)
     out.append(image)
@@ -98,6 +99,26 @@ def predict(model_dir: str, paths) -> list:
   return classify(find_export(model_dir), paths)
 
 
+def class_names(export_dir: str) -> list:
+  """Label i's name at index i, from the export's class_names.json ([] when it has none)."""
+  import json
+  path = os.path.join(export_dir, "class_names.json")  # export.CLASS_NAMES, without TensorFlow
+  try:
+    with open(path) as f:
+      names = json.load(f)
+  except FileNotFoundError:
+    return []
+  except ValueError:
+    raise errors.DataError(f"{path} is not valid JSON: export the model again.") from None
+  return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def describe(cls: int, names) -> str:
+  """'class 3', or 'class 3 (cat)' when the class has a name other than its number."""
+  name = names[cls] if cls < len(names) else ""
+  return f"class {cls}" + (f" ({name})" if name and name != str(cls) else "")
+
+
 def classify(export_dir: str, paths) -> list:
   """predict() for an export directory find_export() returned."""
   import tensorflow as tf
@@ -123,8 +144,9 @@ def main(argv):
       sample_root = (os.path.join(os.getcwd(), "samples") if storage.is_gcs(FLAGS.model_dir)
                      else os.path.join(FLAGS.model_dir, "samples"))
       paths += write_samples(sample_root, FLAGS.samples)
+    names = class_names(export_dir)
     for path, cls, probability in classify(export_dir, paths):
-      print(f"{path}\tclass {cls}\tp={probability:.4f}")
+      print(f"{path}\t{describe(cls, names)}\tp={probability:.4f}")
   except errors.TrainerError as e:
     sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n")
     sys.exit(e.exit_code)

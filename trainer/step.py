@@ -118,7 +118,11 @@ class EvalModel:
       self.model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
     finally:
       keras.mixed_precision.set_global_policy(policy)
-    self._predict = tf.function(lambda x: self.model(x, training=False))
+    # With the CPU split into single-threaded devices (trainer/distribute.py), one batch would
+    # run on one core: its parts are independent branches of the graph, which TensorFlow's
+    # inter-op threads run side by side.
+    self._parts = max(1, tf.config.threading.get_inter_op_parallelism_threads())
+    self._sums = tf.function(self._batch_sums)
 
   def load(self, weights) -> None:
     """Takes `weights` (a list as Keras' get_weights() gives) into the float32 copy."""
@@ -130,14 +134,28 @@ class EvalModel:
     splits = self._splits
     loss_total, correct, count = 0.0, 0, 0
     for images, labels in data.eval_batches(splits.test_images, splits.test_labels, batch_size):
-      logits = tf.cast(self._predict(images), tf.float32)
-      loss_total += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
-          labels, logits, from_logits=True)))
-      correct += int(tf.reduce_sum(tf.cast(
-          tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32)))
+      batch_loss, batch_correct = self._sums(images, labels)
+      loss_total += float(batch_loss)
+      correct += int(batch_correct)
       count += int(labels.shape[0])
     return {"test_accuracy": correct / count, "test_loss": loss_total / count,
             "test_examples": count}
+
+  def _batch_sums(self, images, labels):
+    """(summed loss, correct predictions) of one batch, computed in `self._parts` parts."""
+    parts = min(self._parts, int(images.shape[0]))
+    logits = tf.concat([tf.cast(self.model(part, training=False), tf.float32)
+                        for part in tf.split(images, _part_sizes(images.shape[0], parts))], 0)
+    loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                                      from_logits=True))
+    correct = tf.reduce_sum(tf.cast(
+        tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32))
+    return loss, correct
+
+
+def _part_sizes(total: int, parts: int) -> list:
+  """`parts` sizes that sum to total and differ by at most one."""
+  return [total // parts + (i < total % parts) for i in range(parts)]
 
 
 def weights_fingerprint(model) -> str:

@@ -262,15 +262,19 @@ def _safe_local_path(local_dir: str, rel: str) -> str:
   return os.path.join(local_dir, *parts)
 
 
-def download_dir(remote_dir: str, local_dir: str, marker: str | None = None) -> list[str]:
+def download_dir(remote_dir: str, local_dir: str, marker: str | None = None,
+                 keep=None) -> list[str]:
   """Copies every file under remote_dir (local or gs://) into local_dir; returns relative paths.
 
   With a marker name, a remote_dir without it is refused as incomplete, and the marker is
-  fetched last so that an interrupted download never looks complete either.
+  fetched last so that an interrupted download never looks complete either. `keep`, when
+  given, limits the download to the relative paths for which keep(path) is true.
   """
   files = sorted(_remote_files(remote_dir))
   if not files:
     raise FileNotFoundError(f"nothing to download under {remote_dir}")
+  if keep is not None:
+    files = [rel for rel in files if rel == marker or keep(rel)]
   if marker:
     if marker not in files:
       raise FileNotFoundError(f"{remote_dir} has no {marker}: its upload did not finish")
@@ -280,6 +284,52 @@ def download_dir(remote_dir: str, local_dir: str, marker: str | None = None) -> 
     _get_file(join(remote_dir, *rel.split("/")), _safe_local_path(local_dir, rel))
   _LOG.info("downloaded %d files from %s to %s", len(files), remote_dir, local_dir)
   return files
+
+
+def fetch_file(src: str, dst: str) -> int:
+  """Copies the gs:// object src to the local file dst, whole or not at all; returns its size.
+
+  The bytes land under a temporary name next to dst (see remove_partials) and are renamed to
+  dst only once their size and CRC32C (MD5 if the object has none) match the object's, so a
+  file under dst's name is always complete. FileNotFoundError when src does not exist.
+  """
+  bucket, name = split_gcs(src)
+  with gcs.errors_of(src):
+    blob = gcs.get_blob(bucket, name)
+    if blob is None:
+      raise FileNotFoundError(src)
+
+    def write(f):
+      gcs.download_into(bucket, name, f)
+      f.flush()
+      size = os.fstat(f.fileno()).st_size
+      f.seek(0)
+      kind, expected = ("crc32c", blob.crc32c) if blob.crc32c else ("md5", blob.md5_hash)
+      actual = gcs.checksum_of(f, kind) if expected else None
+      if size != blob.size or actual != expected:
+        raise errors.StorageError(
+            f"{src} changed while it was downloaded ({size} bytes, {kind} {actual}; the object "
+            f"has {blob.size} bytes, {kind} {expected}): is it being rewritten? Rerun once its "
+            f"upload has finished.")
+
+    _atomic_write_local(dst, write)
+  return blob.size
+
+
+def remove_partials(path: str) -> int:
+  """Deletes the temporary files that interrupted writes of the local `path` left; their count.
+
+  Only safe while no other process writes `path` (callers hold a lock): a live write's file
+  would go too.
+  """
+  parent, base = os.path.split(os.path.abspath(path))
+  removed = 0
+  for name in os.listdir(parent) if os.path.isdir(parent) else ():
+    if name.startswith(f".{base}.") and name.endswith(".tmp"):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(parent, name))
+        removed += 1
+  return removed
 
 
 def is_complete(directory: str, marker: str, verify_files: bool = False) -> bool:

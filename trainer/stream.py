@@ -69,9 +69,18 @@ class EpochPlan:
     return tuple(self.steps * self.batch - n for n in self.examples)
 
   def files_of(self, pipeline_id: int, num_files: int) -> list:
-    if not self.by_file:
-      return list(range(num_files))
-    return list(range(pipeline_id, num_files, self.num_pipelines))
+    return files_read_by(num_files, self.num_pipelines, [pipeline_id])
+
+
+def files_read_by(num_files: int, num_pipelines: int, pipeline_ids) -> list:
+  """Indices of the files that the pipelines `pipeline_ids` (of num_pipelines) read, sorted.
+
+  Pipeline p reads files p, p + P, ... (file-level sharding); with fewer files than pipelines,
+  every pipeline reads every file (record-level sharding). A worker fetches just these.
+  """
+  if num_files < num_pipelines:
+    return list(range(num_files))
+  return sorted({i for p in pipeline_ids for i in range(p, num_files, num_pipelines)})
 
 
 def plan_epoch(counts, num_pipelines: int, per_pipeline_batch: int) -> EpochPlan:
@@ -129,7 +138,8 @@ def find_damaged(files, max_seconds: float = 120.0) -> str:
   """The first of `files` that does not read back whole (a record's checksum or length), or "".
 
   TensorFlow's error for a damaged record names its offset, not its file; this reads the files
-  again to name it, for at most max_seconds (a huge dataset is not scanned in full).
+  again to name it, for at most max_seconds (a huge dataset is not scanned in full). Files not
+  here are skipped: of a bucket, a worker fetches only those it reads.
   """
   deadline = time.monotonic() + max_seconds
   for path in files:
@@ -139,4 +149,6 @@ def find_damaged(files, max_seconds: float = 120.0) -> str:
           return ""
     except tf.errors.DataLossError:
       return path
+    except tf.errors.NotFoundError:
+      continue
   return ""

@@ -133,15 +133,17 @@ def _load_data(config, runtime) -> tuple:
   """(splits, stream source or None, steps per epoch, total steps), in the input mode chosen
   here; the step budget is checked from the metadata, before anything is decoded."""
   builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir,
-                         config.num_shards)
+                         config.num_shards, config.image_size, config.eval_fraction)
   mode = data.choose_input_mode(config, builder)
   num_train = data.num_train_examples(builder, config.train_examples)
   data.check_batch_fits(config.global_batch_size, num_train)
   data.check_divisible(config.global_batch_size, runtime.num_replicas)
   source = None
   if mode == "stream":
-    source = data.record_source(builder)
     pipelines = distribute.num_input_pipelines(runtime)
+    # Of gs:// data, only the files this worker's pipelines read are fetched.
+    source = data.record_source(builder, "train", config.data_dir, pipelines,
+                                distribute.local_pipeline_ids(runtime))
     stream.warn_if_record_sharded(source, pipelines)
     steps_per_epoch = stream.plan_epoch(source.counts, pipelines,
                                         config.global_batch_size // pipelines).steps
@@ -170,9 +172,9 @@ def _train(run: _Run) -> dict:
   progress, boundary_actions, profiler = _actions(run, profile)
   # Every worker ends its chunks at the same steps (each chunk ends in a collective vote).
   chunker = actions_lib.Chunker(
-      [config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps],
-      config.steps_per_loop, run.total_steps,
-      boundaries=actions_lib.profile_boundaries(profile))
+      [config.log_every_steps, config.checkpoint_every_steps], config.steps_per_loop,
+      run.total_steps, boundaries=actions_lib.profile_boundaries(profile),
+      schedules=[_eval_schedule(config)])
   if profiler:
     profiler.start_at(step)  # a profile from step 1, or a run resumed inside the range
   try:
@@ -199,6 +201,10 @@ def _train_input(run: _Run, start_step: int):
                                total_steps=run.total_steps)
 
 
+def _eval_schedule(config: config_lib.Config) -> actions_lib.Every:
+  return actions_lib.Every(config.eval_every_steps, config.first_eval_step)
+
+
 def _profile_range(run: _Run):
   """--profile_steps as (first, last), or None; also checked against a run set in epochs."""
   profile = config_lib.profile_range(run.config)
@@ -223,7 +229,7 @@ def _actions(run: _Run, profile) -> tuple:
              saver]
   if run.runtime.is_chief:
     ordered.append(actions_lib.EvaluateOnTest(run.eval_model, run.train_step.model,
-                                              run.outputs.writer, config.eval_every_steps))
+                                              run.outputs.writer, _eval_schedule(config)))
   profiler = None
   if profile and run.runtime.is_chief:
     # Into the local log dir (a gs:// one's mirror, published with the other logs), beside the
@@ -269,7 +275,7 @@ def _finish(run: _Run, train_stats: dict) -> dict:
   if runtime.is_chief:
     metrics.update(run.eval_model.evaluate(weights))
     run.phases.end("evaluate")
-    run.outputs.export(run.eval_model, weights, run.splits.image_shape)
+    run.outputs.export(run.eval_model, weights, run.splits.image_shape, run.splits.class_names)
     run.phases.end("export")
     metrics.update(run.phases.as_metrics())
     run.outputs.finish(metrics)

@@ -1,0 +1,397 @@
+"""--dataset=image_folder:DIR: JPEG/PNG images, one folder per class, prepared as TFDS records."""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+from trainer import data
+from trainer import errors
+
+PREFIX = "image_folder:"
+# The prepared dataset's TFDS name and version; the folder, not the version, tells datasets apart.
+NAME = "image_folder"
+VERSION = "1.0.0"
+# Part of the preparation key: a change in how folders are prepared re-prepares every folder.
+FORMAT = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Written last into a prepared dataset's directory; holds the source DIR.
+PREPARED_MARKER = ".prepared-from"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8"
+# PNG colour type -> channels as stored (gray, RGB, palette -> RGB, gray+alpha, RGBA).
+PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def prepare(dataset: str, data_dir: str, image_size: int = 0, eval_fraction: float = 0.1,
+            num_shards: int = 0):
+  """A read-only TFDS builder of the folder `dataset` names, prepared first when needed.
+
+  The prepared copy lives in data_dir/image_folder/KEY, KEY a hash of the folder's path, its
+  files' names, sizes and modification stamps, image_size and eval_fraction: a changed folder
+  gets a new KEY, so it is prepared again, never read stale. It is written under a lock into a
+  temporary directory, marked last and renamed into place, so an interrupted preparation is
+  never used. Bad data raises DataError naming the file or folder, before any training.
+  """
+  source = source_dir(dataset)
+  files = _fingerprint(source)
+  key = _key(source, files, image_size, eval_fraction)
+  root = os.path.join(data_dir, NAME)
+  target = os.path.join(root, key)
+  os.makedirs(root, exist_ok=True)
+  with data._lock(root, key):  # pylint: disable=protected-access
+    if not _is_prepared(target, source):
+      _prepare_into(source, files, target, image_size, eval_fraction, num_shards)
+  return _read_builder(target)
+
+
+def is_image_folder(dataset: str) -> bool:
+  return dataset.startswith(PREFIX)
+
+
+def source_dir(dataset: str) -> str:
+  """DIR of image_folder:DIR (local, ~ expanded, or gs://)."""
+  from trainer import storage
+  path = dataset[len(PREFIX):].strip()
+  if not path:
+    raise errors.ConfigError(
+        f"--dataset={dataset!r} names no folder: use --dataset=image_folder:DIR with DIR a local "
+        "or gs:// folder holding one sub-folder of images per class.")
+  if storage.is_gcs(path):
+    return path.rstrip("/")
+  return os.path.abspath(os.path.expanduser(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+  """One image file of the folder."""
+
+  rel: str  # path under DIR with "/" separators: CLASS/FILE or SPLIT/CLASS/FILE
+  label: int
+  split: str  # "train" or "test"
+
+
+# ---------------------------------------------------------------- preparation key
+
+
+def _fingerprint(source: str) -> tuple:
+  """((relative path, size, stamp), ...) of every file under source, sorted; stamp is the
+  modification time (local) or generation and CRC32C (gs://). DataError when there is none."""
+  from trainer import storage
+  files = _gcs_files(source) if storage.is_gcs(source) else _local_files(source)
+  if not files:
+    raise errors.DataError(
+        f"--dataset=image_folder:{source} is empty: put one sub-folder of JPEG/PNG images per "
+        "class in it (e.g. DIR/cat/1.jpg, DIR/dog/2.jpg).")
+  return tuple(sorted(files))
+
+
+def _local_files(source: str) -> list:
+  if not os.path.isdir(source):
+    what = "is not a folder" if os.path.exists(source) else "does not exist"
+    raise errors.DataError(
+        f"--dataset=image_folder:{source}: {source} {what}. Give the folder holding one "
+        "sub-folder of images per class (local or gs://).")
+  files = []
+  for parent, _, names in os.walk(source, followlinks=True):
+    for name in names:
+      path = os.path.join(parent, name)
+      stat = os.stat(path)
+      rel = os.path.relpath(path, source).replace(os.sep, "/")
+      files.append((rel, stat.st_size, str(stat.st_mtime_ns)))
+  return files
+
+
+def _gcs_files(source: str) -> list:
+  from trainer import gcs
+  from trainer import storage
+  bucket, name = storage.split_gcs(source)
+  prefix = gcs.dir_prefix(name)
+  with storage.for_flag("--dataset"), gcs.errors_of(source):
+    blobs, _ = gcs.list_objects(bucket, prefix)
+  # Names ending in "/" are folder placeholders that consoles create, not files.
+  return [(b.name[len(prefix):], int(b.size), f"{b.generation}-{b.crc32c}")
+          for b in blobs if not b.name.endswith("/")]
+
+
+def _key(source: str, files: tuple, image_size: int, eval_fraction: float) -> str:
+  blob = json.dumps({"format": FORMAT, "source": source, "files": files,
+                     "image_size": image_size, "eval_fraction": eval_fraction})
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_prepared(target: str, source: str) -> bool:
+  try:
+    with open(os.path.join(target, PREPARED_MARKER)) as f:
+      return f.read() == source
+  except OSError:
+    return False
+
+
+def _read_builder(target: str):
+  import tensorflow_datasets as tfds
+  return tfds.builder_from_directory(os.path.join(target, NAME, VERSION))
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def _prepare_into(source: str, files: tuple, target: str, image_size: int,
+                  eval_fraction: float, num_shards: int) -> None:
+  """Writes the prepared dataset to target; the caller holds the lock on it."""
+  parent, key = os.path.split(target)
+  partial_prefix = f".{key}.partial-"
+  data._remove_partials(parent, partial_prefix)  # pylint: disable=protected-access
+  partial = tempfile.mkdtemp(dir=parent, prefix=partial_prefix)
+  try:
+    local = _local_copy(source, files, partial)
+    try:
+      class_names, images = scan(local, eval_fraction)
+      shape = _common_shape(local, images, image_size)
+      logging.info("Preparing %s: %d images of %d classes as %dx%dx%d into %s", source,
+                   len(images), len(class_names), *shape, target)
+      _write(local, class_names, images, shape, partial, num_shards)
+    except errors.DataError as e:
+      # Name the files where the user keeps them, not in the temporary copy of a gs:// folder.
+      raise errors.DataError(str(e).replace(local, source)) from None
+    if local == source and tuple(sorted(_local_files(source))) != files:
+      raise errors.DataError(
+          f"--dataset=image_folder:{source} changed while it was being prepared: run again "
+          "once nothing writes to it.")
+    for leftover in ("copy", "downloads"):  # the gs:// copy and TFDS's empty download dir
+      shutil.rmtree(os.path.join(partial, leftover), ignore_errors=True)
+    with open(os.path.join(partial, PREPARED_MARKER), "w") as f:
+      f.write(source)
+    data._replace_dir(partial, target, partial_prefix)  # pylint: disable=protected-access
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)  # only after a failure: the rename moved it
+  logging.info("Prepared %s into %s", source, target)
+
+
+def _local_copy(source: str, files: tuple, partial: str) -> str:
+  """source itself when local; a gs:// folder is downloaded into partial/copy first."""
+  from trainer import storage
+  if not storage.is_gcs(source):
+    return source
+  local = os.path.join(partial, "copy")
+  with storage.for_flag("--dataset"):
+    storage.download_dir(source, local)
+  copied = {(rel, os.path.getsize(os.path.join(local, *rel.split("/")))) for rel, _, _ in files}
+  if copied != {(rel, size) for rel, size, _ in files}:
+    raise errors.DataError(
+        f"--dataset=image_folder:{source} changed while it was being copied: run again once "
+        "nothing writes to it.")
+  return local
+
+
+def scan(root: str, eval_fraction: float) -> tuple:
+  """(class names, [_Image]) of the local folder root; DataError for anything that is not
+  one sub-folder of images per class (a file is never skipped without a word).
+
+  With train/ and test/ sub-folders, those are the splits; otherwise the test split is the
+  images whose relative path hashes below eval_fraction, the same ones every run.
+  """
+  folders = _subfolders(root)
+  if {"train", "test"} <= set(folders):
+    extra = sorted(set(folders) - {"train", "test"})
+    if extra:
+      raise errors.DataError(
+          f"{root} has train/ and test/ sub-folders and also {', '.join(extra)}: with train/ "
+          "and test/, every class folder goes inside both; move or remove the others.")
+    train = _class_images(os.path.join(root, "train"), "train/")
+    test = _class_images(os.path.join(root, "test"), "test/")
+    class_names = sorted(train)
+    _check_classes(os.path.join(root, "train"), class_names)
+    unknown = sorted(set(test) - set(train))
+    if unknown:
+      raise errors.DataError(
+          f"{root}/test has class folder(s) {', '.join(unknown)} that {root}/train lacks: "
+          "every test class needs training images; add them or remove those folders.")
+    labels = {name: i for i, name in enumerate(class_names)}
+    images = [_Image(rel, labels[name], split)
+              for split, by_class in (("train", train), ("test", test))
+              for name, rels in sorted(by_class.items()) for rel in rels]
+  else:
+    by_class = _class_images(root, "")
+    class_names = sorted(by_class)
+    _check_classes(root, class_names)
+    images = [_Image(rel, i, _split_of(rel, eval_fraction))
+              for i, name in enumerate(class_names) for rel in by_class[name]]
+  _check_splits(root, images, eval_fraction)
+  return class_names, images
+
+
+def _subfolders(directory: str) -> list:
+  return sorted(n for n in os.listdir(directory)
+                if not n.startswith(".") and os.path.isdir(os.path.join(directory, n)))
+
+
+def _class_images(directory: str, rel_prefix: str) -> dict:
+  """{class folder name: [relative paths of its images]}; DataError for an empty class folder,
+  a nested folder, a non-image file, or an image outside any class folder."""
+  by_class = {}
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if name.startswith("."):
+      continue  # hidden (.DS_Store, .ipynb_checkpoints): not data
+    if os.path.isdir(path):
+      by_class[name] = _images_in(path, f"{rel_prefix}{name}/")
+    elif name.lower().endswith(IMAGE_SUFFIXES):
+      raise errors.DataError(
+          f"Image {path} is not inside a class folder: move it into {directory}/CLASS_NAME/.")
+    else:
+      logging.warning("Ignoring %s: only the sub-folders of %s hold data.", path, directory)
+  return by_class
+
+
+def _images_in(folder: str, rel_prefix: str) -> list:
+  rels = []
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if name.startswith("."):
+      continue  # hidden files (.DS_Store, editors' backups) are not data
+    if os.path.isdir(path):
+      raise errors.DataError(
+          f"{path} is a folder inside the class folder {folder}: classes are one level deep; "
+          "move its images up into the class folder or remove it.")
+    if not name.lower().endswith(IMAGE_SUFFIXES):
+      raise errors.DataError(
+          f"{path} is not a JPEG or PNG file (.jpg, .jpeg, .png): convert it or remove it.")
+    rels.append(rel_prefix + name)
+  if not rels:
+    raise errors.DataError(
+        f"Class folder {folder} holds no images: add JPEG/PNG images to it or remove it.")
+  return rels
+
+
+def _check_classes(directory: str, class_names: list) -> None:
+  if not class_names:
+    raise errors.DataError(
+        f"{directory} has no class folders: put one sub-folder of JPEG/PNG images per class in "
+        "it (e.g. DIR/cat/1.jpg, DIR/dog/2.jpg).")
+  if len(class_names) == 1:
+    raise errors.DataError(
+        f"{directory} has only one class folder ({class_names[0]}): a classifier needs at least "
+        "two; add a sub-folder of images for each other class.")
+
+
+def _split_of(rel: str, eval_fraction: float) -> str:
+  """test for the fraction of paths whose hash falls below eval_fraction: independent of the
+  listing order and of the other files, so adding images never moves existing ones."""
+  digest = hashlib.sha256(rel.encode()).digest()
+  return "test" if int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction else "train"
+
+
+def _check_splits(root: str, images: list, eval_fraction: float) -> None:
+  for split in ("train", "test"):
+    if not any(image.split == split for image in images):
+      raise errors.DataError(
+          f"{root}: none of its {len(images)} images falls in the {split} split "
+          f"(--eval_fraction={eval_fraction}): add images, change --eval_fraction, or give DIR "
+          "train/ and test/ sub-folders.")
+
+
+def _common_shape(root: str, images: list, image_size: int) -> tuple:
+  """(height, width, channels) every image is stored with, from the file headers alone.
+
+  Channels are 1 when every image is grayscale, else 3 (RGB; alpha is dropped). Without
+  image_size every image must already have the same height and width.
+  """
+  first = None
+  gray = True
+  for image in images:
+    path = os.path.join(root, *image.rel.split("/"))
+    height, width, channels = header_shape(path)
+    gray = gray and channels in (1, 2)
+    if image_size:
+      continue
+    if first is None:
+      first = (path, height, width)
+    elif (height, width) != first[1:]:
+      raise errors.DataError(
+          f"Images differ in size: {first[0]} is {first[1]}x{first[2]}, {path} is "
+          f"{height}x{width}. Pass --image_size=N to resize every image to NxN.")
+  if image_size:
+    return image_size, image_size, 1 if gray else 3
+  return first[1], first[2], 1 if gray else 3
+
+
+def header_shape(path: str) -> tuple:
+  """(height, width, channels) from a PNG or JPEG header; DataError for anything else."""
+  import tensorflow as tf
+  try:
+    with open(path, "rb") as f:
+      contents = f.read()
+  except OSError as e:
+    raise errors.DataError(f"Cannot read image {path} ({e.strerror}): fix its permissions or "
+                           "remove it.") from None
+  if contents.startswith(PNG_SIGNATURE) and contents[12:16] == b"IHDR" and len(contents) > 25:
+    width = int.from_bytes(contents[16:20], "big")
+    height = int.from_bytes(contents[20:24], "big")
+    if contents[25] in PNG_CHANNELS and height and width:
+      return height, width, PNG_CHANNELS[contents[25]]
+  elif contents.startswith(JPEG_SIGNATURE):
+    try:
+      return tuple(int(d) for d in tf.image.extract_jpeg_shape(contents).numpy())
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+      pass
+  raise errors.DataError(f"Image {path} is corrupt or not a JPEG/PNG (unreadable header): "
+                         "replace it with a valid image or remove it.")
+
+
+def _write(root: str, class_names: list, images: list, shape: tuple, out_dir: str,
+           num_shards: int) -> None:
+  """Stores the images as a TFDS dataset (record files and metadata) under out_dir."""
+  import tensorflow_datasets as tfds
+  from trainer import logs
+  if not logs.verbose():
+    tfds.disable_progress_bar()  # one log line per phase, not a progress bar per split
+  features = tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=shape),
+      "label": tfds.features.ClassLabel(names=class_names),
+  })
+  splits = {split: _examples(root, [i for i in images if i.split == split], shape)
+            for split in ("train", "test")}
+  try:
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=NAME, version=VERSION, features=features, split_datasets=splits,
+        data_dir=out_dir, disable_shuffling=False,
+        download_config=tfds.download.DownloadConfig(num_shards=num_shards or None))
+  except errors.TrainerError:
+    raise
+  except Exception as e:  # TFDS raises many types; all mean the folder cannot be prepared.
+    raise errors.DataError(f"Could not prepare {root} into {out_dir}: {e}") from e
+
+
+def _op_message(error) -> str:
+  """A TensorFlow op error's own words, without the function and op names around them."""
+  text = re.sub(r"\{\{.*?\}\}", "", error.message)
+  return re.sub(r"\s*\[Op:.*$", "", text, flags=re.S).strip()
+
+
+def _examples(root: str, images: list, shape: tuple):
+  """(key, example) per image; TFDS orders the examples by a hash of the key."""
+  for image in images:
+    path = os.path.join(root, *image.rel.split("/"))
+    yield image.rel, {"image": decode(path, shape), "label": image.label}
+
+
+def decode(path: str, shape: tuple):
+  """The image at path as a uint8 array of shape (resized when its size differs)."""
+  import numpy as np
+  import tensorflow as tf
+  height, width, channels = shape
+  try:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError,
+          tf.errors.DataLossError) as e:
+    raise errors.DataError(f"Image {path} is corrupt ({_op_message(e)}): replace it with a "
+                           "valid JPEG/PNG or remove it.") from None
+  if tuple(image.shape[:2]) != (height, width):
+    image = tf.image.resize(image, (height, width), antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  return np.asarray(image)
