@@ -1,7 +1,9 @@
-"""Measurements that run inside one fresh TensorFlow process: `python -m bench.probes --probe=...`.
+"""What runs inside a measurement's own process: `python -m bench.probes --probe=NAME ...`.
 
-Each probe writes one JSON object to --out; bench.run starts them as subprocesses so no
-measurement inherits another's threads, caches or traced functions.
+Each probe prints its result as a line `result {json}` (the Keras reference also prints one
+`epoch_end {json}` line per epoch, with the wall-clock time the evaluation's result was known).
+bench.run starts every probe as a fresh subprocess, so none inherits another's threads, caches or
+traced functions.
 """
 
 import json
@@ -11,51 +13,76 @@ import time
 from absl import app
 from absl import flags
 
-from bench import harness
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("probe", None, ["keras_time_to_99", "keras_throughput", "input_pipeline",
-                                  "hardware"], "Which measurement to run.")
-flags.DEFINE_string("out", None, "Where to write the JSON result.")
-flags.DEFINE_string("data_dir", "bench/.cache/tfds", "Prepared TFDS directory.")
-flags.DEFINE_integer("seed", 1, "Random seed (keras_time_to_99).")
-flags.DEFINE_integer("max_epochs", 15, "Epoch cap for keras_time_to_99.")
-flags.DEFINE_float("threshold", 0.99, "Test accuracy that counts as reached.")
-flags.DEFINE_integer("steps", 300, "Steps per timed epoch (keras_throughput).")
-flags.DEFINE_integer("timed_epochs", 2, "Epochs timed after one warm-up epoch (keras_throughput).")
-flags.DEFINE_integer("batches", 3000, "Batches drawn from the input pipeline (input_pipeline).")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-
-BATCH = 128
+BATCH = 128  # the keras.io recipe's batch
+# The keras.io convnet, layer for layer, as trainer flags (same_model_throughput_ratio).
+SAME_MODEL = {"model_widths": (32, 64), "kernel_sizes": (3, 3), "pool_sizes": (2, 2),
+              "conv_padding": "valid", "space_to_depth": 1, "batch_norm": False, "dropout": 0.5,
+              "dense_units": 0}
 
 
-def _splits():
-  from trainer import config as config_lib
-  from trainer import data
-  return data.load(config_lib.Config(model_dir="unused", data_dir=FLAGS.data_dir, epochs=1))
+def model_flags(model: dict) -> list:
+  """A model dict as trainer flags; explicit, so changed trainer defaults cannot leak in."""
+  def value(v):
+    if isinstance(v, tuple):
+      return ",".join(str(x) for x in v)
+    return str(v).lower() if isinstance(v, bool) else str(v)
+  return [f"--{k}={value(v)}" for k, v in model.items()]
 
 
-def _as_float(images):
-  # The keras.io recipe: float32 in [0, 1] with a trailing channel axis.
+def _emit(tag: str, value: dict) -> None:
+  print(f"{tag} {json.dumps(value)}", flush=True)
+
+
+def reference() -> dict:
+  """keras.io "Simple MNIST convnet" as a whole process, data from an .npz on local disk as
+  keras.datasets.mnist.load_data reads it; the test set is evaluated after every epoch (instead
+  of the recipe's validation_split, so it trains on all 60,000 images like ours) and training
+  stops at the first epoch-end evaluation >= --threshold, or after --max_epochs (15 in the
+  recipe)."""
   import numpy as np
-  x = images.astype(np.float32) / 255.0
-  return x.reshape(x.shape[0], 28, 28, 1) if x.ndim == 3 else x
+  import keras
+  with np.load(FLAGS.npz) as f:
+    x_train, y_train, x_test, y_test = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
+  keras.utils.set_random_seed(FLAGS.seed)
+  x_train = np.expand_dims(x_train.astype("float32") / 255, -1)
+  x_test = np.expand_dims(x_test.astype("float32") / 255, -1)
+  y_train = keras.utils.to_categorical(y_train, 10)
+  y_test = keras.utils.to_categorical(y_test, 10)
+  model = keras_io_model()
+  model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+  timer = _epoch_timer(FLAGS.threshold)
+  model.fit(x_train, y_train, batch_size=BATCH, epochs=FLAGS.max_epochs,
+            validation_data=(x_test, y_test), callbacks=[timer], verbose=0)
+  return {"epochs": timer.epochs}
 
 
-def _epoch_timer_class():
+def keras_io_model():
+  """The keras.io convnet: valid padding, dropout 0.5, softmax output."""
+  import keras
+  from keras import layers
+  return keras.Sequential([
+      keras.Input(shape=(28, 28, 1)),
+      layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
+      layers.MaxPooling2D(pool_size=(2, 2)),
+      layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
+      layers.MaxPooling2D(pool_size=(2, 2)),
+      layers.Flatten(),
+      layers.Dropout(0.5),
+      layers.Dense(10, activation="softmax"),
+  ])
+
+
+def _epoch_timer(threshold=None):
+  """A callback timing each epoch's training (epoch start to validation start) and stamping its
+  end; only epoch-level hooks, so Keras keeps dispatching batches asynchronously."""
   import keras
 
   class EpochTimer(keras.callbacks.Callback):
-    """Training seconds per epoch: epoch start to validation start (or epoch end).
 
-    Only epoch-level hooks, so Keras keeps dispatching batches asynchronously.
-    """
-
-    def __init__(self, threshold=None):
+    def __init__(self):
       super().__init__()
-      self.threshold, self.epochs, self._t0, self._train = threshold, [], 0.0, None
+      self.epochs, self._t0, self._train = [], 0.0, None
 
     def on_epoch_begin(self, epoch, logs=None):
       self._t0, self._train = time.perf_counter(), None
@@ -66,156 +93,148 @@ def _epoch_timer_class():
     def on_epoch_end(self, epoch, logs=None):
       train = self._train if self._train is not None else time.perf_counter() - self._t0
       accuracy = (logs or {}).get("val_accuracy")
-      self.epochs.append({"epoch": epoch + 1, "train_s": train, "val_accuracy": accuracy})
-      if self.threshold is not None and accuracy is not None and accuracy >= self.threshold:
+      self.epochs.append({"epoch": epoch + 1, "train_s": train, "val_accuracy": accuracy,
+                          "time": time.time()})
+      _emit("epoch_end", self.epochs[-1])
+      if threshold is not None and accuracy is not None and accuracy >= threshold:
         self.model.stop_training = True
 
-  return EpochTimer
+  return EpochTimer()
 
 
-def _reset_optimizer(optimizer):
-  """Back to a never-stepped optimizer: zero step counter and moments, learning rate kept."""
-  for v in optimizer.variables:
-    if "learning_rate" not in v.path:
-      v.assign(v.numpy() * 0)
-
-
-def keras_time_to_99(splits) -> dict:
-  """The keras.io recipe, evaluated on the test set after every epoch, warm-up excluded."""
-  import keras
-  keras.utils.set_random_seed(FLAGS.seed)
-  x, xt = _as_float(splits.train_images), _as_float(splits.test_images)
-  y = keras.utils.to_categorical(splits.train_labels, 10)
-  yt = keras.utils.to_categorical(splits.test_labels, 10)
-  model = harness.keras_io_model()
-  model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
-  initial = model.get_weights()
-  # Traces the train and test functions (full and ragged last batch) before the clock starts.
-  model.fit(x[:BATCH + 96], y[:BATCH + 96], batch_size=BATCH, epochs=1, verbose=0)
-  model.evaluate(xt[:BATCH + 16], yt[:BATCH + 16], batch_size=BATCH, verbose=0)
-  model.set_weights(initial)
-  _reset_optimizer(model.optimizer)
-  timer = _epoch_timer_class()(FLAGS.threshold)
-  model.fit(x, y, batch_size=BATCH, epochs=FLAGS.max_epochs, validation_data=(xt, yt),
-            callbacks=[timer], verbose=0)
-  return _time_to_threshold(timer.epochs, FLAGS.threshold, len(x))
-
-
-def _time_to_threshold(epochs, threshold, num_examples) -> dict:
-  cumulative, reached = 0.0, None
-  for e in epochs:
-    cumulative += e["train_s"]
-    e["cumulative_train_s"] = cumulative
-    if reached is None and e["val_accuracy"] >= threshold:
-      reached = e
-  steady = [e["train_s"] for e in epochs[1:]] or [epochs[0]["train_s"]]
-  return {"epochs": epochs, "reached": reached is not None,
-          "time_to_threshold_s": reached["cumulative_train_s"] if reached else None,
-          "epochs_to_threshold": reached["epoch"] if reached else None,
-          "final_accuracy": epochs[-1]["val_accuracy"],
-          "best_accuracy": max(e["val_accuracy"] for e in epochs),
-          "images_per_sec": num_examples / (sum(steady) / len(steady))}
-
-
-def keras_throughput(splits) -> dict:
-  """Plain `fit` on the trainer's own model built from harness.SAME_MODEL, steady state."""
-  import keras
+def _config(**fields):
   from trainer import config as config_lib
+  return config_lib.Config(model_dir="unused", data_dir=FLAGS.data_dir, epochs=1, **fields)
+
+
+def keras_throughput() -> dict:
+  """Plain `fit` on the trainer's own model with SAME_MODEL's layers; the first epoch (tracing)
+  is left out."""
+  import keras
+  from trainer import data
   from trainer import model as model_lib
+  splits = data.load(_config())
   keras.utils.set_random_seed(FLAGS.seed)
-  config = config_lib.Config(epochs=1, **harness.SAME_MODEL)
-  model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
+  model = model_lib.build_model(_config(**SAME_MODEL), splits.image_shape, splits.num_classes)
   model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"])
-  n = FLAGS.steps * FLAGS.batch_size
-  timer = _epoch_timer_class()()
-  model.fit(_as_float(splits.train_images[:n]), splits.train_labels[:n],
-            batch_size=FLAGS.batch_size, epochs=1 + FLAGS.timed_epochs, callbacks=[timer],
-            verbose=0)
-  timed = timer.epochs[1:]
-  seconds = sum(e["train_s"] for e in timed)
-  return {"images_per_sec": n * len(timed) / seconds, "timed_steps": FLAGS.steps * len(timed),
-          "timed_seconds": seconds, "first_epoch_s": timer.epochs[0]["train_s"],
-          "jit_compile": bool(model.jit_compile)}
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  n = FLAGS.steps * BATCH
+  timer = _epoch_timer()
+  model.fit(splits.train_images[:n].astype("float32") / 255, splits.train_labels[:n],
+            batch_size=BATCH, epochs=3, callbacks=[timer], verbose=0)
+  seconds = sum(e["train_s"] for e in timer.epochs[1:])
+  return {"images_per_sec": 2 * n / seconds}
 
 
-def input_pipeline(splits) -> dict:
-  """Our training input function alone, drained in-graph and from Python."""
+def pipeline() -> dict:
+  """The trainer's training input function alone (--mode in_memory or stream), one pipeline at
+  the default global batch, drained inside one graph (as the training loop consumes it)."""
   import tensorflow as tf
   from trainer import data
-  n = FLAGS.batches
-  fn = data.train_dataset_fn(splits.train_images, splits.train_labels, FLAGS.batch_size,
-                             seed=42, total_steps=2 * n + 100)
-  ds = fn(tf.distribute.InputContext())
+  from trainer import stream
+  config = _config()
+  batch, n = config.global_batch_size, FLAGS.batches
+  if FLAGS.mode == "stream":
+    builder = data.prepare(config.dataset, config.data_dir)
+    fn = stream.train_dataset_fn(data.record_source(builder), batch, seed=1,
+                                 shuffle_buffer=config.shuffle_buffer, total_steps=n + 200)
+  else:
+    splits = data.load(config)
+    fn = data.train_dataset_fn(splits.train_images, splits.train_labels, batch, seed=1,
+                               total_steps=n + 200)
+  iterator = iter(fn(tf.distribute.InputContext()))
 
-  def drain_in_graph(batches):
-    # Summing the pixels forces every gather and cast to run.
-    return ds.take(batches).reduce(tf.constant(0.0), lambda acc, b: acc + tf.reduce_sum(b[0]))
+  @tf.function
+  def drain(k):  # as the training loop does: next() inside one graph; summing forces the work
+    total = 0.0
+    for _ in tf.range(k):
+      total += tf.reduce_sum(next(iterator)[0])
+    return total
 
-  drain_in_graph(50)
+  drain(tf.constant(50)).numpy()  # traces, and fills stream mode's shuffle buffer
   tic = time.perf_counter()
-  drain_in_graph(n).numpy()
-  graph_s = time.perf_counter() - tic
-  eager_s = _drain_eagerly(ds, n)
-  return {"batches": n, "batch_size": FLAGS.batch_size,
-          "graph_images_per_sec": n * FLAGS.batch_size / graph_s,
-          "eager_images_per_sec": n * FLAGS.batch_size / eager_s}
+  drain(tf.constant(n)).numpy()
+  return {"images_per_sec": n * batch / (time.perf_counter() - tic), "batches": n,
+          "batch": batch}
 
 
-def _drain_eagerly(ds, n) -> float:
-  iterator = iter(ds)
-  for _ in range(50):
-    next(iterator)
-  tic = time.perf_counter()
-  for _ in range(n):
-    next(iterator)
-  return time.perf_counter() - tic
-
-
-def _matmul_gflops(dtype, n=2048, reps=10) -> float:
-  import tensorflow as tf
-  a = tf.random.normal([n, n], dtype=tf.float32)
-  a = tf.cast(a, dtype)
-  matmul = tf.function(lambda m: tf.linalg.matmul(m, m))
-  matmul(a).numpy()
-  tic = time.perf_counter()
-  for _ in range(reps):
-    out = matmul(a)
-  out.numpy()
-  return 2 * n ** 3 * reps / (time.perf_counter() - tic) / 1e9
-
-
-def hardware(splits) -> dict:
-  """Analytic FLOPs of the models we time, and what a large matmul achieves on this CPU."""
+def hardware() -> dict:
+  """Analytic training FLOPs per image of the default model, and the best fp32 matmul rate."""
   import tensorflow as tf
   from bench import flops
-  from trainer import config as config_lib
   from trainer import model as model_lib
-  shape, classes = splits.image_shape, splits.num_classes
-  default = model_lib.build_model(config_lib.Config(epochs=1), shape, classes)
-  same = model_lib.build_model(config_lib.Config(epochs=1, **harness.SAME_MODEL), shape, classes)
-  heavy = model_lib.build_model(config_lib.Config(epochs=1, **harness.COMPUTE_BOUND_MODEL),
-                                shape, classes)
-  return {"default_model": flops.model_flops(default),
-          "same_model": flops.model_flops(same),
-          "compute_bound_model": flops.model_flops(heavy),
-          "keras_io_model": flops.model_flops(harness.keras_io_model()),
-          "matmul_fp32_gflops": _matmul_gflops(tf.float32),
-          "matmul_bf16_gflops": _matmul_gflops(tf.bfloat16)}
+  model = model_lib.build_model(_config(), (28, 28, 1), 10)
+  rates = {}
+  for n in (1024, 2048, 3072):
+    a = tf.random.normal([n, n])
+    matmul = tf.function(lambda m: tf.linalg.matmul(m, m))
+    matmul(a).numpy()
+    reps = max(2, int(4e10 / (2 * n ** 3)))
+    best = 0.0
+    for _ in range(3):
+      tic = time.perf_counter()
+      for _ in range(reps):
+        out = matmul(a)
+      out.numpy()
+      best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - tic) / 1e9)
+    rates[str(n)] = best
+  return {"default_model": flops.model_flops(model), "matmul_gflops": rates,
+          "matmul_best_gflops": max(rates.values())}
 
 
-_PROBES = {"keras_time_to_99": keras_time_to_99, "keras_throughput": keras_throughput,
-           "input_pipeline": input_pipeline, "hardware": hardware}
+def prepare() -> dict:
+  """--mode mnist: MNIST as TFDS in --data_dir with 4 train files (stream mode reads one per
+  pipeline) plus mnist.npz for the reference; --mode synth: the --multiples synthetic datasets,
+  and the decoded-split cache of the --in_memory ones, so no measured run decodes."""
+  import numpy as np
+  from trainer import data
+  if FLAGS.mode == "mnist":
+    data.prepare("mnist", FLAGS.data_dir, num_shards=4)
+    splits = data.load(_config())
+    if not os.path.exists(FLAGS.npz):
+      np.savez_compressed(FLAGS.npz + ".tmp.npz", x_train=splits.train_images[..., 0],
+               y_train=splits.train_labels.astype(np.uint8), x_test=splits.test_images[..., 0],
+               y_test=splits.test_labels.astype(np.uint8))
+      os.replace(FLAGS.npz + ".tmp.npz", FLAGS.npz)
+  else:
+    from bench import synth
+    for multiple in FLAGS.multiples:
+      name = synth.name_for(multiple)
+      synth.write(FLAGS.data_dir, name, int(multiple) * synth.MNIST_TRAIN)
+      if multiple in FLAGS.in_memory:
+        data.load(_config(dataset=name))
+  with open(FLAGS.marker, "w"):
+    pass
+  return {}
+
+
+_PROBES = {"reference": reference, "keras_throughput": keras_throughput, "pipeline": pipeline,
+           "hardware": hardware, "prepare": prepare}
+
+
+def _define_flags() -> None:
+  """Flags exist only when this module is the entry point (importing it defines none)."""
+  flags.DEFINE_enum("probe", None, list(_PROBES), "Which measurement to run.")
+  flags.DEFINE_string("data_dir", "", "Prepared TFDS directory.")
+  flags.DEFINE_string("npz", "", "MNIST as keras.datasets.mnist's .npz (reference, prepare).")
+  flags.DEFINE_string("mode", "", "pipeline: in_memory or stream; prepare: mnist or synth.")
+  flags.DEFINE_integer("seed", 1, "Random seed.")
+  flags.DEFINE_integer("max_epochs", 15, "reference: epoch cap (the recipe's 15).")
+  flags.DEFINE_float("threshold", 0.99, "reference: test accuracy that stops training.")
+  flags.DEFINE_integer("steps", 150, "keras_throughput: steps per epoch (3 epochs, 2 timed).")
+  flags.DEFINE_integer("batches", 1000, "pipeline: batches drained.")
+  flags.DEFINE_list("multiples", [], "prepare --mode=synth: dataset sizes in MNIST train splits.")
+  flags.DEFINE_list("in_memory", [], "prepare --mode=synth: multiples to decode ahead.")
+  flags.DEFINE_string("marker", "", "prepare: a file written once everything is prepared.")
+  flags.mark_flag_as_required("probe")
 
 
 def main(argv):
   del argv
-  result = _PROBES[FLAGS.probe](_splits())
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=2)
+  _emit("result", _PROBES[FLAGS.probe]())
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["probe", "out"])
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  _define_flags()
   app.run(main)

@@ -1,87 +1,81 @@
-"""Runs measurements in fresh subprocesses and records how busy the rest of the machine was."""
+"""Runs one measurement as a fresh subprocess and reads what it left: wall time from fork to
+exit, peak RSS, how busy the rest of the machine was, and the trainer's log and metrics.json."""
 
+import datetime
 import json
 import os
 import re
-import resource
 import shutil
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_EVAL_LINE = re.compile(r"eval at step (\d+): test_accuracy ([\d.]+) test_loss ([\d.naninf]+) "
-                        r"\(([\d.]+)s into training\)")
+# absl's prefix: I1203 10:39:38.237121 140162449767296 train.py:276] (local time, no year)
+_ABSL_TIME = re.compile(r"[IWEF](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) ")
+_EVAL = re.compile(r"eval at step (\d+): test_accuracy ([\d.]+)")
 
 
-def parse_eval_lines(log: str) -> list:
-  """[(step, test_accuracy, seconds into training)] from the trainer's eval log lines."""
-  return [(int(m.group(1)), float(m.group(2)), float(m.group(4)))
-          for m in _EVAL_LINE.finditer(log)]
-
-
-def first_reaching(evals: list, threshold: float):
-  """The first (step, accuracy, seconds) whose accuracy reaches threshold, else None."""
-  for point in evals:
-    if point[1] >= threshold:
-      return point
+def absl_time(line: str, near: float):
+  """The epoch time of an absl log line's prefix (the year taken from `near`), else None."""
+  m = _ABSL_TIME.search(line)
+  if not m:
+    return None
+  month, day, hour, minute, second, micro = (int(g) for g in m.groups())
+  year = datetime.datetime.fromtimestamp(near).year
+  for y in (year, year - 1, year + 1):  # a run across New Year
+    t = datetime.datetime(y, month, day, hour, minute, second, micro).timestamp()
+    if abs(t - near) < 180 * 86400:
+      return t
   return None
+
+
+def eval_points(log: str, started: float) -> list:
+  """[(step, test_accuracy, seconds since `started`)] of the trainer's 'eval at step' lines."""
+  points = []
+  for line in log.splitlines():
+    m = _EVAL.search(line)
+    t = absl_time(line, started) if m else None
+    if m:
+      points.append((int(m.group(1)), float(m.group(2)),
+                     None if t is None else t - started))
+  return points
+
+
+def json_lines(log: str, tag: str) -> list:
+  """Objects a probe printed as lines 'TAG {json}'."""
+  prefix = tag + " "
+  return [json.loads(l[len(prefix):]) for l in log.splitlines() if l.startswith(prefix)]
+
+
+def last_line(log: str) -> str:
+  lines = [l for l in log.strip().splitlines() if l.strip()]
+  return lines[-1][:300] if lines else "no output"
 
 
 def _busy_jiffies() -> int:
   with open("/proc/stat") as f:
     parts = [int(v) for v in f.readline().split()[1:]]
-  # idle and iowait are the only fields that are not CPU work (steal is work done for others).
-  return sum(parts) - parts[3] - parts[4]
+  return sum(parts) - parts[3] - parts[4]  # all but idle and iowait
 
 
-def _children_cpu_s() -> float:
-  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return usage.ru_utime + usage.ru_stime
+def _cores() -> int:
+  return len(os.sched_getaffinity(0))
 
 
-def others_busy_fraction(window_s: float = 1.0) -> float:
-  """Share of all cores busy over a short window while we run nothing (so: other processes)."""
+def others_busy(window_s: float) -> float:
+  """Share of all cores busy over window_s while we run nothing (so: other processes)."""
   before = _busy_jiffies()
   time.sleep(window_s)
-  busy_s = (_busy_jiffies() - before) / os.sysconf("SC_CLK_TCK")
-  return busy_s / (window_s * len(os.sched_getaffinity(0)))
+  return (_busy_jiffies() - before) / os.sysconf("SC_CLK_TCK") / (window_s * _cores())
 
 
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 2.0) -> float:
-  """Waits (up to max_wait_s) until other processes leave the CPU idle; returns seconds waited."""
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 0.5) -> float:
+  """Waits up to max_wait_s for other processes to leave the CPU idle; returns seconds waited."""
   tic = time.monotonic()
-  while time.monotonic() - tic < max_wait_s:
-    if others_busy_fraction(window_s) <= threshold:
-      break
+  while time.monotonic() - tic < max_wait_s and others_busy(window_s) > threshold:
+    pass
   return time.monotonic() - tic
-
-
-class CpuMonitor:
-  """Fraction of the machine used by processes other than our children during a block."""
-
-  def __enter__(self):
-    self._wall = time.monotonic()
-    self._busy = _busy_jiffies()
-    self._ours = _children_cpu_s()
-    self._load = os.getloadavg()[0]
-    return self
-
-  def __exit__(self, *exc):
-    wall = time.monotonic() - self._wall
-    busy_s = (_busy_jiffies() - self._busy) / os.sysconf("SC_CLK_TCK")
-    ours_s = _children_cpu_s() - self._ours
-    cores = len(os.sched_getaffinity(0))
-    self.wall_s = wall
-    self.ours_cpu_fraction = ours_s / (wall * cores) if wall else 0.0
-    self.others_cpu_fraction = max(0.0, (busy_s - ours_s) / (wall * cores)) if wall else 0.0
-    self.loadavg = (self._load, os.getloadavg()[0])
-    return False
-
-  def summary(self) -> dict:
-    return {"wall_s": round(self.wall_s, 2), "ours_cpu": round(self.ours_cpu_fraction, 3),
-            "others_cpu": round(self.others_cpu_fraction, 3),
-            "loadavg_1m": [round(v, 2) for v in self.loadavg]}
 
 
 def child_env() -> dict:
@@ -92,40 +86,55 @@ def child_env() -> dict:
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["PYTHONUNBUFFERED"] = "1"
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-  # The trainer's default; explicit so the reference probes run with the same kernels.
+  # The trainer's default, explicit so the Keras reference runs with the same kernels.
   env.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
   return env
 
 
-def run_module(module: str, args: list, log_path: str, timeout: float,
-               quiet_wait_s: float = 0.0) -> tuple:
-  """Runs `python -m module args`, logging to log_path; returns (returncode, log, cpu summary).
+def run(module: str, args: list, log_path: str, timeout_s: float,
+        quiet_wait_s: float = 0.0) -> dict:
+  """`python -m module args` with its output in log_path.
 
-  Waits up to quiet_wait_s for other processes to go quiet first: on a shared 2-core machine
-  one concurrent test run halves a measurement.
+  Returns returncode ("timeout" when killed), started (time.time() just before the fork),
+  wall_s (fork to exit), max_rss_mb (the child's peak RSS, from wait4; for the launcher that is
+  the launcher process itself), others_cpu (share of the machine other processes used meanwhile)
+  and waited_s (the wait for a quiet machine before it).
   """
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   waited = wait_for_quiet(quiet_wait_s) if quiet_wait_s > 0 else 0.0
-  with open(log_path, "w") as log, CpuMonitor() as cpu:
+  busy0 = _busy_jiffies()
+  with open(log_path, "w") as log:
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", module, *args], env=child_env(), cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
-    try:
-      code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      code = "timeout"
-      _stop(proc)
+    code, usage = _wait(proc, started + timeout_s)
+    wall = time.time() - started
+  busy_s = (_busy_jiffies() - busy0) / os.sysconf("SC_CLK_TCK")
+  ours_s = usage.ru_utime + usage.ru_stime if usage else 0.0
   with open(log_path) as f:
-    return code, f.read(), {**cpu.summary(), "waited_for_quiet_s": round(waited, 1)}
+    text = f.read()
+  return {"returncode": code, "started": started, "wall_s": round(wall, 3),
+          "max_rss_mb": round(usage.ru_maxrss / 1024, 1) if usage else None,
+          "others_cpu": round(max(0.0, busy_s - ours_s) / (wall * _cores()), 3),
+          "waited_s": round(waited, 1), "log": text}
 
 
-def _stop(proc) -> None:
-  # SIGTERM first: the launcher forwards it to its workers, which live in their own sessions.
-  proc.terminate()
-  try:
-    proc.wait(timeout=45)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
+def _wait(proc, deadline: float) -> tuple:
+  """Reaps the child with wait4 (for its rusage), polling so the deadline holds."""
+  while True:
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid:
+      proc.returncode = os.waitstatus_to_exitcode(status)
+      return proc.returncode, usage
+    if time.time() > deadline:
+      proc.terminate()  # the launcher forwards SIGTERM to its workers
+      try:
+        proc.wait(timeout=45)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+      return "timeout", None
+    time.sleep(0.01)
 
 
 def fresh_dir(path: str) -> str:

@@ -378,5 +378,6 @@ def test_synthetic_dataset_loads_in_both_modes(synthetic_tfds_dir):
   assert data.decoded_train_mb(builder) == pytest.approx(expected_mb)
   source = data.record_source(builder)
   assert len(source.files) == 4 and sum(source.counts) == SYNTHETIC_SIZES["train"]
-  image, label = source.decode(tf.data.TFRecordDataset(source.files[0]).take(1).get_single_element())
-  assert image.shape == (28, 28, 1) and 0 <= int(label) < 10
+  images, labels = source.decode(next(iter(tf.data.TFRecordDataset(source.files[0]).batch(5))))
+  assert images.shape == (5, 28, 28, 1) and images.dtype == tf.uint8
+  assert all(0 <= int(label) < 10 for label in labels)

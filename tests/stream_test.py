@@ -24,9 +24,10 @@ def _write(tmp_path, counts):
         next_id += 1
     files.append(path)
 
-  def decode(record):
-    found = tf.io.parse_single_example(record, {"id": tf.io.FixedLenFeature([], tf.int64)})
-    return tf.fill(SHAPE, tf.cast(found["id"] % 256, tf.uint8)), found["id"]
+  def decode(records):
+    ids = tf.io.parse_example(records, {"id": tf.io.FixedLenFeature([], tf.int64)})["id"]
+    pixels = tf.cast(tf.reshape(ids % 256, [-1, 1, 1, 1]), tf.uint8)
+    return tf.broadcast_to(pixels, [tf.shape(ids)[0], *SHAPE]), ids
 
   return stream.RecordSource(files=tuple(files), counts=tuple(counts), image_shape=SHAPE,
                              decode=decode)

@@ -154,4 +154,4 @@ def test_late_dense_evaluations_run_at_their_steps(tiny, caplog):
     train.train_and_evaluate(tiny(train_steps=20, eval_every_steps=4, first_eval_step=13))
   evaluated = [int(m) for r in caplog.records
                for m in re.findall(r"^eval at step (\d+): test_accuracy", r.getMessage())]
-  assert evaluated == [13, 17]
+  assert evaluated == [13, 17, 20], "the schedule's steps, then the final evaluation"

@@ -646,9 +646,17 @@ def record_source(builder, split: str = "train", data_dir: str = "", num_pipelin
   info = builder.info.splits[split]
   features = builder.info.features
 
-  def decode(record):
-    example = features.deserialize_example(record)
-    return example["image"], example["label"]
+  image_shape = tuple(features["image"].shape)
+
+  def decode(records):
+    # TFDS stores the image encoded (PNG or JPEG) under "image" and the class under "label".
+    parsed = tf.io.parse_example(records, {"image": tf.io.FixedLenFeature([], tf.string),
+                                           "label": tf.io.FixedLenFeature([], tf.int64)})
+    images = tf.map_fn(
+        lambda encoded: tf.io.decode_image(encoded, channels=image_shape[-1],
+                                           expand_animations=False),
+        parsed["image"], fn_output_signature=tf.TensorSpec(image_shape, tf.uint8))
+    return images, parsed["label"]
 
   mine = stream.files_read_by(len(info.filepaths), num_pipelines, pipeline_ids)
   if storage.is_gcs(data_dir) and len(info.filepaths) < num_pipelines:
@@ -663,4 +671,4 @@ def record_source(builder, split: str = "train", data_dir: str = "", num_pipelin
           "the dataset again (a new --data_dir, or delete the dataset's folder in it).")
   return stream.RecordSource(files=tuple(str(p) for p in info.filepaths),
                              counts=tuple(int(n) for n in info.shard_lengths),
-                             image_shape=tuple(features["image"].shape), decode=decode)
+                             image_shape=image_shape, decode=decode)

@@ -21,7 +21,8 @@ class RecordSource:
   files: tuple  # paths, in the order the dataset lists them
   counts: tuple  # examples per file
   image_shape: tuple
-  # serialized record -> (uint8 image of image_shape, int label)
+  # serialized records [B] -> (uint8 images [B, *image_shape], int labels [B]): a batch at a
+  # time, after the shuffle, so the buffer holds small encoded records, not decoded images
   decode: Callable = dataclasses.field(compare=False)
 
 
@@ -47,8 +48,15 @@ def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
     ds = epochs[0]
     for more in epochs[1:]:
       ds = ds.concatenate(more)
+    # Skipped batches (a resumed run) are read but never decoded.
     ds = ds.batch(per_replica, drop_remainder=True).skip(offset * local_replicas)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(lambda records, weights: _decoded(source, records, weights),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Without tf.data's autotune thread, whose sleep (up to 60 s) an iterator's deletion waits
+    # out after the last step (data._without_autotune_thread has the same reason).
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
   return dataset_fn
 
@@ -110,7 +118,8 @@ def warn_if_record_sharded(source: RecordSource, num_pipelines: int) -> None:
 
 def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, epoch: int,
            shuffle_buffer: int) -> tf.data.Dataset:
-  """One epoch of one pipeline: plan.steps * per_pipeline examples, padding (weight 0) last."""
+  """One epoch of one pipeline: plan.steps * per_pipeline (record, weight) pairs, padding last
+  (copies of the pipeline's first record with weight 0)."""
   files = [source.files[i] for i in plan.files_of(pipeline_id, len(source.files))]
   order = tf.random.experimental.stateless_shuffle(
       tf.constant(files), seed=[seed, epoch]) if plan.by_file else tf.constant(files)
@@ -119,19 +128,20 @@ def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, e
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if not plan.by_file:
     ds = ds.shard(plan.num_pipelines, pipeline_id)
-  ds = ds.map(lambda record: _weighted(*source.decode(record)),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(lambda record: (record, tf.constant(1.0)))
   if shuffle_buffer > 1:
     shuffle_seed = (seed * 1_000_003 + epoch * 1_009 + pipeline_id) % (2 ** 31)
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-  padding = tf.data.Dataset.from_tensors(
-      (tf.zeros(source.image_shape, tf.float32), tf.constant(0, tf.int32),
-       tf.constant(0.0))).repeat()
+  # A real record, so every batch decodes alike; weight 0, so it trains nothing.
+  padding = tf.data.TFRecordDataset(files[0]).take(1).map(
+      lambda record: (record, tf.constant(0.0))).repeat()
   return ds.concatenate(padding).take(plan.steps * plan.batch)
 
 
-def _weighted(image, label):
-  return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32), tf.constant(1.0)
+def _decoded(source: RecordSource, records, weights):
+  images, labels = source.decode(records)
+  images = tf.ensure_shape(images, [None, *source.image_shape])
+  return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int32), weights
 
 
 def find_damaged(files, max_seconds: float = 120.0) -> str:

@@ -275,6 +275,8 @@ def _finish(run: _Run, train_stats: dict) -> dict:
   if runtime.is_chief:
     metrics.update(run.eval_model.evaluate(weights))
     run.phases.end("evaluate")
+    logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (final)",
+                 metrics["global_step"], metrics["test_accuracy"], metrics["test_loss"])
     run.outputs.export(run.eval_model, weights, run.splits.image_shape, run.splits.class_names)
     run.phases.end("export")
     metrics.update(run.phases.as_metrics())
