@@ -167,10 +167,11 @@ def staged_dir(path: str) -> str:
   return os.path.join(cache, "staged", hashlib.sha256(path.encode()).hexdigest()[:16])
 
 
-def _is_staged(local: str, path: str) -> bool:
+def has_marker(directory: str, marker: str, source: str) -> bool:
+  """Whether directory is a finished copy of source: its marker file, written last, names it."""
   try:
-    with open(os.path.join(local, STAGED_MARKER)) as f:
-      return f.read() == path
+    with open(os.path.join(directory, marker)) as f:
+      return f.read() == source
   except OSError:
     return False
 
@@ -197,7 +198,7 @@ def stage(path: str, what: str) -> str:
   parent, key = os.path.split(local)
   os.makedirs(parent, exist_ok=True)
   with _lock(parent, key):
-    if _is_staged(local, path):
+    if has_marker(local, STAGED_MARKER, path):
       return local
     partial_prefix = f".{key}.partial-"
     _remove_partials(parent, partial_prefix)

@@ -44,7 +44,7 @@ def prepare(dataset: str, data_dir: str, image_size: int = 0, eval_fraction: flo
   target = os.path.join(root, key)
   os.makedirs(root, exist_ok=True)
   with data._lock(root, key):  # pylint: disable=protected-access
-    if not _is_prepared(target, source):
+    if not data.has_marker(target, PREPARED_MARKER, source):
       _prepare_into(source, files, target, image_size, eval_fraction, num_shards)
   return _read_builder(target)
 
@@ -122,14 +122,6 @@ def _key(source: str, files: tuple, image_size: int, eval_fraction: float) -> st
   blob = json.dumps({"format": FORMAT, "source": source, "files": files,
                      "image_size": image_size, "eval_fraction": eval_fraction})
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _is_prepared(target: str, source: str) -> bool:
-  try:
-    with open(os.path.join(target, PREPARED_MARKER)) as f:
-      return f.read() == source
-  except OSError:
-    return False
 
 
 def _read_builder(target: str):
