@@ -531,12 +531,13 @@ def shard_indices(num_examples: int, global_batch_size: int, seed: int, epoch,
   return tf.reshape(indices[:, pipeline_id], [steps * local_replicas, per_replica_batch])
 
 
-def _without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+def without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Turns off tf.data's autotuning thread; AUTOTUNE sizes then stay at tf.data's defaults.
 
   Deleting an iterator waits out that thread's current sleep, which doubles up to 60 s (see
-  distribute.input_iterator). Tuning buys nothing here: the pipeline runs far faster than
-  training needs (bench's input_headroom).
+  distribute.input_iterator), after the last step. Both input modes use it; in memory the
+  pipeline runs far faster than training needs (bench's input_headroom), and stream mode's
+  decoding is bound by the cores training also uses, which tuning cannot add.
   """
   options = tf.data.Options()
   options.autotune.enabled = False
@@ -576,7 +577,7 @@ def train_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
     ds = tf.data.Dataset.range(start_epoch, end_epoch + 1).flat_map(epoch_rows)
     ds = ds.skip(offset * local_replicas)
     ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
+    return without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
 
   return dataset_fn
 
@@ -586,7 +587,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 1000)
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
   ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y),
               num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-  return _without_autotune_thread(ds)
+  return without_autotune_thread(ds)
 
 
 def read_idx(path: str) -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Callable
 
 import tensorflow as tf
 
+from trainer import data
+
 
 @dataclasses.dataclass(frozen=True)
 class RecordSource:
@@ -52,11 +54,7 @@ def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
     ds = ds.batch(per_replica, drop_remainder=True).skip(offset * local_replicas)
     ds = ds.map(lambda records, weights: _decoded(source, records, weights),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # Without tf.data's autotune thread, whose sleep (up to 60 s) an iterator's deletion waits
-    # out after the last step (data._without_autotune_thread has the same reason).
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    return data.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
 
   return dataset_fn
 
