@@ -136,7 +136,9 @@ def pipeline() -> dict:
   batch, n = config.global_batch_size, FLAGS.batches
   if FLAGS.mode == "stream":
     builder = data.prepare(config.dataset, config.data_dir)
-    fn = stream.train_dataset_fn(data.record_source(builder), batch, seed=1,
+    # As in training: the run reads its files whole, so they are decoded once, up front.
+    source = data.record_source(builder, examples_read=(n + 250) * batch)
+    fn = stream.train_dataset_fn(source, batch, seed=1,
                                  shuffle_buffer=config.shuffle_buffer, total_steps=n + 200)
   else:
     splits = data.load(config)

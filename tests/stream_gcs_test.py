@@ -104,13 +104,16 @@ def test_record_sharding_fetches_every_file(env, emulator, uri, tmp_path, caplog
 
 
 def test_load_fetches_what_it_decodes(env, emulator, uri, tmp_path):
-  """Stream mode's test split on every worker; in_memory mode every file, as before."""
+  """Stream mode's test split on the chief alone; in_memory mode every file, as before."""
   from trainer import config as config_lib
   env.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
   builder = data.prepare("mnist", uri)
   config = config_lib.Config(model_dir=str(tmp_path / "run"), data_dir=uri, epochs=1,
                              train_examples=100, eval_examples=100)
   before = emulator.downloads(BUCKET)
+  splits = data.load(config, builder, with_train=False, with_test=False)  # not the chief
+  assert splits.test_images is None and splits.image_shape == (28, 28, 1)
+  assert not emulator.downloads(BUCKET) - before, "a worker that does not evaluate fetches none"
   splits = data.load(config, builder, with_train=False)
   assert splits.test_images.shape == (100, 28, 28, 1)
   assert {n[len("mnist4/"):] for n in emulator.downloads(BUCKET) - before} == set(TEST)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 import shutil
 import socket
 import tempfile
@@ -55,14 +56,11 @@ class Splits:
 
   train_images: np.ndarray | None  # None in stream mode: the train split stays in its files
   train_labels: np.ndarray | None
-  test_images: np.ndarray
-  test_labels: np.ndarray
+  test_images: np.ndarray | None  # None on workers that do not evaluate
+  test_labels: np.ndarray | None
   num_classes: int
+  image_shape: tuple
   class_names: tuple = ()  # label i's name (exported next to the SavedModel)
-
-  @property
-  def image_shape(self) -> tuple:
-    return tuple(self.test_images.shape[1:])
 
 
 def vendored_mnist_dir() -> str:
@@ -157,6 +155,31 @@ def _builder(dataset: str, data_dir: str):
   if "image" not in features or "label" not in features:
     raise errors.ConfigError(f"--dataset={dataset!r} is not an image classification dataset "
                              "(needs 'image' and 'label' features).")
+  return builder
+
+
+def _prepared_builder(dataset: str, data_dir: str):
+  """A read-only builder of the one version of `dataset` prepared in data_dir, or None.
+
+  It reads the prepared metadata alone, where tfds.builder first imports TFDS's whole catalog of
+  dataset modules (about a quarter of a second every run). TFDS lays a prepared dataset out as
+  data_dir/NAME/VERSION/dataset_info.json and renames it into place when complete (a folder
+  being prepared has another name); anything else (several versions, a config, none) takes the
+  full path.
+  """
+  folder = os.path.join(data_dir, dataset)
+  try:
+    versions = [v for v in os.listdir(folder) if re.fullmatch(r"\d+\.\d+\.\d+", v)
+                and os.path.isfile(os.path.join(folder, v, "dataset_info.json"))]
+  except OSError:
+    return None
+  if len(versions) != 1:
+    return None
+  import tensorflow_datasets as tfds  # Heavy import; keep it off module import paths.
+  builder = tfds.builder_from_directory(os.path.join(folder, versions[0]))
+  features = builder.info.features
+  if builder.name != dataset or "image" not in features or "label" not in features:
+    return None
   return builder
 
 
@@ -395,6 +418,9 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards:
   from trainer import image_folder
   if image_folder.is_image_folder(dataset):
     return image_folder.prepare(dataset, data_dir, image_size, eval_fraction, num_shards)
+  prepared = _prepared_builder(dataset, data_dir)
+  if prepared is not None:
+    return prepared
   builder = _builder(dataset, data_dir)
   with _lock(data_dir, dataset):
     if builder.is_prepared():
@@ -476,10 +502,11 @@ def _save_decoded(builder, split: str, images, labels) -> None:
       return
 
 
-def load(config, builder=None, with_train: bool = True) -> Splits:
+def load(config, builder=None, with_train: bool = True, with_test: bool = True) -> Splits:
   """Loads the splits into memory (MNIST is 55 MB decoded; decode once, not every epoch).
 
-  with_train=False (stream mode) loads only the test split.
+  with_train=False (stream mode) leaves the train split in its files; with_test=False (a worker
+  that does not evaluate) leaves the test split unread, and of gs:// data unfetched.
   """
   if builder is None:
     builder = prepare(config.dataset, config.data_dir, config.mnist_source_dir,
@@ -488,11 +515,25 @@ def load(config, builder=None, with_train: bool = True) -> Splits:
   if with_train:
     fetch_records(builder, config.data_dir, "train")  # gs:// data: every file, as before
     train_images, train_labels = _load_split(builder, "train", config.train_examples)
-  fetch_records(builder, config.data_dir, "test")
-  test_images, test_labels = _load_split(builder, "test", config.eval_examples)
+  test_images = test_labels = None
+  if with_test:
+    fetch_records(builder, config.data_dir, "test")
+    test_images, test_labels = _load_split(builder, "test", config.eval_examples)
+  loaded = test_images if test_images is not None else train_images
+  image_shape = tuple(loaded.shape[1:]) if loaded is not None else _fixed_image_shape(builder)
   label = builder.info.features["label"]
   return Splits(train_images, train_labels, test_images, test_labels,
-                num_classes=label.num_classes, class_names=tuple(label.names))
+                num_classes=label.num_classes, image_shape=image_shape,
+                class_names=tuple(label.names))
+
+
+def _fixed_image_shape(builder) -> tuple:
+  shape = tuple(builder.info.features["image"].shape)
+  if any(d is None for d in shape):
+    raise errors.DataError(
+        f"The {builder.name} images vary in size ({shape}); the model needs one size. For your "
+        "own images, --dataset=image_folder:DIR with --image_size resizes them.")
+  return tuple(int(d) for d in shape)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -536,8 +577,7 @@ def without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
 
   Deleting an iterator waits out that thread's current sleep, which doubles up to 60 s (see
   distribute.input_iterator), after the last step. Both input modes use it; in memory the
-  pipeline runs far faster than training needs (bench's input_headroom), and stream mode's
-  decoding is bound by the cores training also uses, which tuning cannot add.
+  pipeline runs far faster than training needs (bench's input_headroom).
   """
   options = tf.data.Options()
   options.autotune.enabled = False
@@ -600,6 +640,11 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def shard_lengths(builder, split: str = "train") -> tuple:
+  """Examples per record file of the split, from the TFDS metadata."""
+  return tuple(int(n) for n in builder.info.splits[split].shard_lengths)
+
+
 def num_train_examples(builder, limit: int = 0) -> int:
   """Size of the train split from the TFDS metadata, without decoding anything."""
   total = builder.info.splits["train"].num_examples
@@ -636,13 +681,16 @@ def decoded_train_mb(builder, limit: int = 0) -> float:
 
 
 def record_source(builder, split: str = "train", data_dir: str = "", num_pipelines: int = 1,
-                  pipeline_ids=(0,)):
+                  pipeline_ids=(0,), examples_read: int = 0):
   """The split's record files, examples per file and decoder, for stream mode.
 
   Only the files that the input pipelines `pipeline_ids` (of num_pipelines) read need be here:
   of a gs:// data_dir, just those are fetched (every file when there are fewer files than
-  pipelines, since then every pipeline reads every file).
+  pipelines, since then every pipeline reads every file). When these pipelines read at least
+  all the examples of those files (examples_read), the files are decoded once, up front, into
+  fixed-length records (trainer/decoded_records.py) instead of at every epoch.
   """
+  from trainer import decoded_records
   from trainer import storage
   from trainer import stream
   info = builder.info.splits[split]
@@ -671,6 +719,7 @@ def record_source(builder, split: str = "train", data_dir: str = "", num_pipelin
       raise errors.DataError(
           f"Record file {path} of the prepared {builder.name} {split} split is missing: prepare "
           "the dataset again (a new --data_dir, or delete the dataset's folder in it).")
-  return stream.RecordSource(files=tuple(str(p) for p in info.filepaths),
-                             counts=tuple(int(n) for n in info.shard_lengths),
-                             image_shape=image_shape, decode=decode)
+  source = stream.RecordSource(files=tuple(str(p) for p in info.filepaths),
+                               counts=shard_lengths(builder, split),
+                               image_shape=image_shape, decode=decode)
+  return decoded_records.decoded_source(source, mine, examples_read)

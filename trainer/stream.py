@@ -7,6 +7,7 @@ runs past the fixed count, so no worker ever waits in a collective for a peer th
 """
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable
@@ -26,6 +27,9 @@ class RecordSource:
   # serialized records [B] -> (uint8 images [B, *image_shape], int labels [B]): a batch at a
   # time, after the shuffle, so the buffer holds small encoded records, not decoded images
   decode: Callable = dataclasses.field(compare=False)
+  # path -> dataset of the file's serialized records (TFRecord files; decoded copies are
+  # fixed-length records: trainer/decoded_records.py)
+  reader: Callable = dataclasses.field(compare=False, default=tf.data.TFRecordDataset)
 
 
 def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
@@ -50,11 +54,14 @@ def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
     ds = epochs[0]
     for more in epochs[1:]:
       ds = ds.concatenate(more)
+    weights = functools.partial(
+        _weights, per_replica=per_replica, batches_per_epoch=plan.steps * local_replicas,
+        real=plan.examples[ctx.input_pipeline_id])
     # Skipped batches (a resumed run) are read but never decoded.
-    ds = ds.batch(per_replica, drop_remainder=True).skip(offset * local_replicas)
-    ds = ds.map(lambda records, weights: _decoded(source, records, weights),
+    ds = ds.batch(per_replica, drop_remainder=True).enumerate().skip(offset * local_replicas)
+    ds = ds.map(lambda index, records: _decoded(source, records, weights(index)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return data.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
+    return _on_one_thread(data.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE)))
 
   return dataset_fn
 
@@ -116,24 +123,41 @@ def warn_if_record_sharded(source: RecordSource, num_pipelines: int) -> None:
 
 def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, epoch: int,
            shuffle_buffer: int) -> tf.data.Dataset:
-  """One epoch of one pipeline: plan.steps * per_pipeline (record, weight) pairs, padding last
-  (copies of the pipeline's first record with weight 0)."""
+  """One epoch of one pipeline: plan.steps * per_pipeline records, the pipeline's
+  plan.examples real ones first, then padding (copies of its first record: _weights gives them
+  weight 0). Nothing runs per record but reading, shuffling and batching: tf.data's per-element
+  function calls cost more than a decoded record's whole journey."""
   files = [source.files[i] for i in plan.files_of(pipeline_id, len(source.files))]
   order = tf.random.experimental.stateless_shuffle(
       tf.constant(files), seed=[seed, epoch]) if plan.by_file else tf.constant(files)
+  # Local files (a bucket's are fetched first): reading them in turn beats parallel reads.
   ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-      tf.data.TFRecordDataset, cycle_length=max(1, min(4, len(files))),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      source.reader, cycle_length=max(1, min(4, len(files))))
   if not plan.by_file:
     ds = ds.shard(plan.num_pipelines, pipeline_id)
-  ds = ds.map(lambda record: (record, tf.constant(1.0)))
   if shuffle_buffer > 1:
     shuffle_seed = (seed * 1_000_003 + epoch * 1_009 + pipeline_id) % (2 ** 31)
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-  # A real record, so every batch decodes alike; weight 0, so it trains nothing.
-  padding = tf.data.TFRecordDataset(files[0]).take(1).map(
-      lambda record: (record, tf.constant(0.0))).repeat()
+  padding = source.reader(files[0]).take(1).repeat()  # real bytes, so every batch decodes alike
   return ds.concatenate(padding).take(plan.steps * plan.batch)
+
+
+def _on_one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """The pipeline on one thread of its own: the training step keeps every core busy, and more
+  input threads only take turns with it (stream mode trained ~10% faster on one; bench's
+  stream_input_headroom shows one thread outruns training many times over)."""
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  return ds.with_options(options)
+
+
+def _weights(batch_index, per_replica: int, batches_per_epoch: int, real: int):
+  """1 for the real examples of the batch, 0 for padding: each epoch of a pipeline holds its
+  `real` examples first, then padding, in batches_per_epoch batches of per_replica."""
+  first = (batch_index % batches_per_epoch) * per_replica
+  positions = first + tf.range(per_replica, dtype=tf.int64)
+  return tf.cast(positions < real, tf.float32)
 
 
 def _decoded(source: RecordSource, records, weights):
@@ -142,15 +166,18 @@ def _decoded(source: RecordSource, records, weights):
   return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int32), weights
 
 
-def find_damaged(files, max_seconds: float = 120.0) -> str:
-  """The first of `files` that does not read back whole (a record's checksum or length), or "".
+def find_damaged(source: RecordSource, max_seconds: float = 120.0) -> str:
+  """The first of the source's record files that does not read back whole (a record's checksum
+  or length), or "" (always for decoded copies, which were checked when they were made).
 
   TensorFlow's error for a damaged record names its offset, not its file; this reads the files
   again to name it, for at most max_seconds (a huge dataset is not scanned in full). Files not
   here are skipped: of a bucket, a worker fetches only those it reads.
   """
+  if source.reader is not tf.data.TFRecordDataset:
+    return ""
   deadline = time.monotonic() + max_seconds
-  for path in files:
+  for path in source.files:
     try:
       for _ in tf.data.TFRecordDataset(path).batch(1024):
         if time.monotonic() > deadline:

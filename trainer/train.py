@@ -88,7 +88,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
         f": {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
   except tf.errors.DataLossError as e:
     # Stream mode reads record files while training: a damaged one surfaces here.
-    damaged = stream.find_damaged(source.files) if source is not None else ""
+    damaged = stream.find_damaged(source) if source is not None else ""
     raise errors.DataError(
         f"A training record file{' ' + damaged if damaged else ''} is damaged "
         f"({_data_loss_detail(e)}). Nothing was "
@@ -141,16 +141,20 @@ def _load_data(config, runtime) -> tuple:
   source = None
   if mode == "stream":
     pipelines = distribute.num_input_pipelines(runtime)
+    per_pipeline = config.global_batch_size // pipelines
+    steps_per_epoch = stream.plan_epoch(data.shard_lengths(builder), pipelines,
+                                        per_pipeline).steps
+    total_steps = config_lib.resolve_steps(config, steps_per_epoch)
+    local_ids = distribute.local_pipeline_ids(runtime)
     # Of gs:// data, only the files this worker's pipelines read are fetched.
-    source = data.record_source(builder, "train", config.data_dir, pipelines,
-                                distribute.local_pipeline_ids(runtime))
+    source = data.record_source(builder, "train", config.data_dir, pipelines, local_ids,
+                                examples_read=total_steps * per_pipeline * len(local_ids))
     stream.warn_if_record_sharded(source, pipelines)
-    steps_per_epoch = stream.plan_epoch(source.counts, pipelines,
-                                        config.global_batch_size // pipelines).steps
   else:
     steps_per_epoch = data.steps_per_epoch(num_train, config.global_batch_size)
-  total_steps = config_lib.resolve_steps(config, steps_per_epoch)
-  splits = data.load(config, builder, with_train=source is None)
+    total_steps = config_lib.resolve_steps(config, steps_per_epoch)
+  # Only the chief evaluates: other workers neither read nor fetch the test split.
+  splits = data.load(config, builder, with_train=source is None, with_test=runtime.is_chief)
   return splits, source, steps_per_epoch, total_steps
 
 

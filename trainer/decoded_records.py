@@ -1,0 +1,146 @@
+"""Stream mode's decoded copies: each record file of a worker decoded once into fixed-length raw records.
+
+Decoding PNG/JPEG records costs more CPU per image than the training step leaves free on a small
+machine, and stream mode would pay it every epoch. When a run reads every record of its files at
+least once anyway (so decoding them up front is never extra work), each file this worker reads is
+decoded once into a file of fixed-length records (label int32, then the image's uint8 pixels),
+beside the record file, and read back with tf.data's FixedLengthRecordDataset: the same records,
+in the same order and count, so the epoch plan, sharding and resume are unchanged. Memory stays
+bounded (a batch at a time); the copy is skipped (decoded while training, as before) when the
+images have no fixed shape, the disk is short of room, or the folder is not writable.
+"""
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import errors
+from trainer import stream
+
+LABEL_BYTES = 4  # int32, in the machine's byte order (written and read on the same machine)
+SUFFIX = ".decoded"
+# Decoded copies may take at most this share of the free space on their disk.
+MAX_DISK_SHARE = 0.5
+
+
+def decoded_source(source: stream.RecordSource, mine, examples_read: int) -> stream.RecordSource:
+  """`source` reading decoded copies of the files with indices `mine`, made here when missing;
+  `source` itself when a copy would not pay (the reason is logged)."""
+  reason = _why_not(source, mine, examples_read)
+  if reason:
+    logging.info("Stream mode decodes records while training: %s.", reason)
+    return source
+  record_bytes = LABEL_BYTES + int(np.prod(source.image_shape))
+  paths = tuple(_decoded_path(path, source.image_shape) for path in source.files)
+  made = 0
+  for i in mine:
+    if _complete(paths[i], source.counts[i] * record_bytes):
+      continue
+    try:
+      _write(source, source.files[i], paths[i], source.counts[i], record_bytes)
+    except OSError as e:  # e.g. the disk filled up meanwhile: nothing is lost but time
+      logging.warning("Stream mode decodes records while training: could not write a decoded "
+                      "copy of %s (%s).", source.files[i], e)
+      return source
+    made += 1
+  logging.info("Stream mode reads decoded copies of %d record file(s) (%d made now).",
+               len(mine), made)
+  return stream.RecordSource(
+      files=paths, counts=source.counts, image_shape=source.image_shape,
+      decode=functools.partial(_decode_raw, image_shape=source.image_shape),
+      reader=functools.partial(tf.data.FixedLengthRecordDataset, record_bytes=record_bytes,
+                               buffer_size=1 << 20))
+
+
+def _why_not(source: stream.RecordSource, mine, examples_read: int) -> str:
+  """Why decoded copies would not pay for this run ("" when they would)."""
+  if any(d is None for d in source.image_shape):
+    return "the images have no fixed shape"
+  examples = sum(source.counts[i] for i in mine)
+  if examples_read < examples:
+    return (f"this run reads {examples_read} examples, fewer than the {examples} in its record "
+            "files, so decoding them all first would cost more")
+  record_bytes = LABEL_BYTES + int(np.prod(source.image_shape))
+  needed = examples * record_bytes
+  folder = os.path.dirname(source.files[mine[0]])
+  if not os.access(folder, os.W_OK):
+    return f"{folder} is not writable"
+  free = shutil.disk_usage(folder).free
+  if needed > MAX_DISK_SHARE * free:
+    return (f"the decoded copies would take {needed / 2**20:.0f} MB, more than "
+            f"{MAX_DISK_SHARE:.0%} of the {free / 2**20:.0f} MB free in {folder}")
+  return ""
+
+
+def _decoded_path(path: str, image_shape) -> str:
+  """Named by what it was made from: a record file replaced (size or time) gets a new copy."""
+  st = os.stat(path) if os.path.exists(path) else None
+  stamp = f"{st.st_size}-{st.st_mtime_ns}" if st else "absent"
+  key = hashlib.sha256(f"{stamp}-{tuple(image_shape)}".encode()).hexdigest()[:12]
+  return f"{path}.{key}{SUFFIX}"
+
+
+def _complete(path: str, size: int) -> bool:
+  """A copy lands whole by rename, so its size tells a complete copy from a stray."""
+  try:
+    return os.path.getsize(path) == size
+  except OSError:
+    return False
+
+
+def _write(source: stream.RecordSource, record_path: str, path: str, count: int,
+           record_bytes: int) -> None:
+  """Decodes record_path a batch at a time into a temporary file, checks the count, renames
+  it into place and removes copies of older versions of the file."""
+  ds = tf.data.TFRecordDataset(record_path).batch(256).map(
+      source.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".decoding-")
+  written = 0
+  try:
+    with os.fdopen(fd, "wb") as f:
+      for images, labels in ds:
+        images, labels = images.numpy(), labels.numpy().astype(np.int32)
+        rows = np.empty((len(labels), record_bytes), np.uint8)
+        rows[:, :LABEL_BYTES] = labels.view(np.uint8).reshape(len(labels), LABEL_BYTES)
+        rows[:, LABEL_BYTES:] = images.reshape(len(labels), -1)
+        f.write(rows.tobytes())
+        written += len(labels)
+    if written != count:
+      raise errors.DataError(
+          f"Record file {record_path} holds {written} examples where the dataset's metadata "
+          f"says {count}: prepare the dataset again (a new --data_dir, or delete the dataset's "
+          "folder in it).")
+    os.replace(tmp, path)
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    raise errors.DataError(
+        f"Record file {record_path} is damaged ({str(e).splitlines()[0][:200]}): prepare the "
+        "dataset again (a new --data_dir, or delete the dataset's folder in it).") from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  _remove_older_copies(record_path, keep=path)
+
+
+def _remove_older_copies(record_path: str, keep: str) -> None:
+  folder, name = os.path.split(record_path)
+  for other in os.listdir(folder):
+    full = os.path.join(folder, other)
+    if other.startswith(name + ".") and other.endswith(SUFFIX) and full != keep:
+      try:
+        os.remove(full)
+      except OSError:
+        pass  # another worker removed it first
+
+
+def _decode_raw(records, image_shape):
+  """Fixed-length records [B] -> (uint8 images [B, *image_shape], int32 labels [B])."""
+  raw = tf.io.decode_raw(records, tf.uint8)
+  labels = tf.bitcast(raw[:, :LABEL_BYTES], tf.int32)
+  images = tf.reshape(raw[:, LABEL_BYTES:], [-1, *image_shape])
+  return images, labels
