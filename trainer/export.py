@@ -18,7 +18,7 @@ class _Serving(tf.Module):
   def __init__(self, model, image_shape):
     super().__init__()
     self.model = model
-    self.serve = tf.function(self._serve, input_signature=[
+    self.serve = tf.function(self._serve, autograph=False, input_signature=[
         tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
 
   def _serve(self, images):

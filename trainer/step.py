@@ -48,7 +48,10 @@ class TrainStep:
                              if getattr(layer, "seed_generator", None) is not None]
     self._grads = tf.function(self._compute_grads, jit_compile=True) if config.xla else (
         self._compute_grads)
-    self.train_chunk = tf.function(self._train_chunk)
+    # Written in graph ops (tf.while_loop, no Python control flow on tensors), so AutoGraph's
+    # conversion of it and of every Keras call under it, about half a second of tracing, is
+    # skipped; the graph computes the same weights.
+    self.train_chunk = tf.function(self._train_chunk, autograph=False)
 
   def _compute_grads(self, images, labels, weights):
     with tf.GradientTape() as tape:
@@ -94,9 +97,13 @@ class TrainStep:
   def _train_chunk(self, iterator, num_steps, stop_vote):
     """num_steps steps in one call; returns summed loss, correct, count and stop votes."""
     self.strategy.run(self._reset)
-    for _ in tf.range(num_steps):
+
+    def body(i):
       self.strategy.run(self._replica_step, args=(next(iterator),))
       self.step.assign_add(1)
+      return (i + 1,)
+
+    tf.while_loop(lambda i: i < num_steps, body, (tf.constant(0, num_steps.dtype),))
     votes = self.strategy.reduce(SUM, self.strategy.run(lambda v: tf.identity(v),
                                                         args=(stop_vote,)), axis=None)
     return (self.loss_sum.read_value(), self.correct.read_value(), self.count.read_value(),
@@ -122,7 +129,7 @@ class EvalModel:
     # run on one core: its parts are independent branches of the graph, which TensorFlow's
     # inter-op threads run side by side.
     self._parts = max(1, tf.config.threading.get_inter_op_parallelism_threads())
-    self._sums = tf.function(self._batch_sums)
+    self._sums = tf.function(self._batch_sums, autograph=False)  # see TrainStep.train_chunk
 
   def load(self, weights) -> None:
     """Takes `weights` (a list as Keras' get_weights() gives) into the float32 copy."""
