@@ -55,7 +55,7 @@ def decoded_source(source: stream.RecordSource, mine, examples_read: int) -> str
       files=paths, counts=source.counts, image_shape=source.image_shape,
       decode=functools.partial(_decode_raw, image_shape=source.image_shape),
       reader=functools.partial(tf.data.FixedLengthRecordDataset, record_bytes=record_bytes,
-                               buffer_size=1 << 20))
+                               buffer_size=1 << 20), decoded=True)
 
 
 def _why_not(source: stream.RecordSource, mine, examples_read: int) -> str:

@@ -30,6 +30,9 @@ class RecordSource:
   # path -> dataset of the file's serialized records (TFRecord files; decoded copies are
   # fixed-length records: trainer/decoded_records.py)
   reader: Callable = dataclasses.field(compare=False, default=tf.data.TFRecordDataset)
+  # Decoded copies cost next to nothing to read: read in turn, on one input thread, so input
+  # never takes turns with the training step. Encoded records are read and decoded in parallel.
+  decoded: bool = False
 
 
 def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
@@ -61,7 +64,8 @@ def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
     ds = ds.batch(per_replica, drop_remainder=True).enumerate().skip(offset * local_replicas)
     ds = ds.map(lambda index, records: _decoded(source, records, weights(index)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _on_one_thread(data.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE)))
+    ds = data.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
+    return _on_one_thread(ds) if source.decoded else ds
 
   return dataset_fn
 
@@ -130,9 +134,10 @@ def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, e
   files = [source.files[i] for i in plan.files_of(pipeline_id, len(source.files))]
   order = tf.random.experimental.stateless_shuffle(
       tf.constant(files), seed=[seed, epoch]) if plan.by_file else tf.constant(files)
-  # Local files (a bucket's are fetched first): reading them in turn beats parallel reads.
+  # Decoded copies (local files) read faster in turn than in parallel.
   ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-      source.reader, cycle_length=max(1, min(4, len(files))))
+      source.reader, cycle_length=max(1, min(4, len(files))),
+      num_parallel_calls=None if source.decoded else tf.data.AUTOTUNE)
   if not plan.by_file:
     ds = ds.shard(plan.num_pipelines, pipeline_id)
   if shuffle_buffer > 1:
@@ -144,8 +149,8 @@ def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, e
 
 def _on_one_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   """The pipeline on one thread of its own: the training step keeps every core busy, and more
-  input threads only take turns with it (stream mode trained ~10% faster on one; bench's
-  stream_input_headroom shows one thread outruns training many times over)."""
+  input threads only take turns with it (reading decoded copies, stream mode trained ~10%
+  faster on one; bench's stream_input_headroom shows one thread outruns training)."""
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
@@ -174,7 +179,7 @@ def find_damaged(source: RecordSource, max_seconds: float = 120.0) -> str:
   again to name it, for at most max_seconds (a huge dataset is not scanned in full). Files not
   here are skipped: of a bucket, a worker fetches only those it reads.
   """
-  if source.reader is not tf.data.TFRecordDataset:
+  if source.decoded:
     return ""
   deadline = time.monotonic() + max_seconds
   for path in source.files:
