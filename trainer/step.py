@@ -103,7 +103,8 @@ class TrainStep:
       self.step.assign_add(1)
       return (i + 1,)
 
-    tf.while_loop(lambda i: i < num_steps, body, (tf.constant(0, num_steps.dtype),))
+    tf.while_loop(lambda i: i < num_steps, body, (tf.constant(0, num_steps.dtype),),
+                  parallel_iterations=1)
     votes = self.strategy.reduce(SUM, self.strategy.run(lambda v: tf.identity(v),
                                                         args=(stop_vote,)), axis=None)
     return (self.loss_sum.read_value(), self.correct.read_value(), self.count.read_value(),
