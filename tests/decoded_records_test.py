@@ -3,6 +3,8 @@
 import os
 import shutil
 
+import subprocess
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,6 +14,21 @@ from trainer import data
 from trainer import decoded_records
 from trainer import errors
 from trainer import stream
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB tmpfs: a real file system that really fills up (needs root, as in CI)."""
+  mount_point = tmp_path / "small_disk"
+  mount_point.mkdir()
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+  try:
+    yield mount_point
+  finally:
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.mark.parametrize("counts, pipelines", [([10, 7, 13, 5], 2), ([11, 3, 8, 20, 1, 9], 4),
@@ -105,3 +122,25 @@ def test_images_without_a_fixed_shape_decode_while_training(tmp_path):
   loose = stream.RecordSource(files=encoded.files, counts=encoded.counts,
                               image_shape=(None, None, 3), decode=encoded.decode)
   assert decoded_records.decoded_source(loose, [0], 10 ** 9) is loose
+
+
+def test_a_disk_that_fills_up_while_copying_decodes_while_training(small_disk, monkeypatch):
+  """A real 1 MiB tmpfs: the record files fit, their decoded copies do not."""
+  encoded = stream_test._write(small_disk, [12000, 12000])
+  monkeypatch.setattr(decoded_records, "MAX_DISK_SHARE", 100.0)  # filled by someone else since
+  assert decoded_records.decoded_source(encoded, [0, 1], 10 ** 9) is encoded
+  leftovers = [f for f in os.listdir(small_disk)
+               if f.startswith(decoded_records.PARTIAL_PREFIX) or
+               f.endswith(decoded_records.SUFFIX)]
+  assert not leftovers
+
+
+def test_partial_copies_of_killed_runs_are_removed(tmp_path):
+  encoded = stream_test._write(tmp_path, [10])
+  stale, fresh = (tmp_path / ".decoding-killed", tmp_path / ".decoding-in-progress")
+  for path in (stale, fresh):
+    path.write_bytes(b"partial")
+  old = os.path.getmtime(stale) - decoded_records.STALE_PARTIAL_S - 60
+  os.utime(stale, (old, old))
+  decoded_records.decoded_source(encoded, [0], 10 ** 9)
+  assert not stale.exists() and fresh.exists(), "another worker's copy in progress is kept"

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +28,10 @@ LABEL_BYTES = 4  # int32, in the machine's byte order (written and read on the s
 SUFFIX = ".decoded"
 # Decoded copies may take at most this share of the free space on their disk.
 MAX_DISK_SHARE = 0.5
+PARTIAL_PREFIX = ".decoding-"
+# A partial copy untouched this long was left by a killed process (one being written is
+# written to continuously); it is removed.
+STALE_PARTIAL_S = 600.0
 
 
 def decoded_source(source: stream.RecordSource, mine, examples_read: int) -> stream.RecordSource:
@@ -38,19 +43,24 @@ def decoded_source(source: stream.RecordSource, mine, examples_read: int) -> str
     return source
   record_bytes = LABEL_BYTES + int(np.prod(source.image_shape))
   paths = tuple(_decoded_path(path, source.image_shape) for path in source.files)
-  made = 0
+  _remove_stale_partials(os.path.dirname(paths[mine[0]]))
+  made = []
   for i in mine:
     if _complete(paths[i], source.counts[i] * record_bytes):
       continue
     try:
       _write(source, source.files[i], paths[i], source.counts[i], record_bytes)
-    except OSError as e:  # e.g. the disk filled up meanwhile: nothing is lost but time
+    except OSError as e:
+      # e.g. the disk filled up meanwhile: the copies made now go too, so the room is left
+      # to the checkpoints; nothing is lost but time.
       logging.warning("Stream mode decodes records while training: could not write a decoded "
                       "copy of %s (%s).", source.files[i], e)
+      for path in made:
+        os.remove(path)
       return source
-    made += 1
+    made.append(paths[i])
   logging.info("Stream mode reads decoded copies of %d record file(s) (%d made now).",
-               len(mine), made)
+               len(mine), len(made))
   return stream.RecordSource(
       files=paths, counts=source.counts, image_shape=source.image_shape,
       decode=functools.partial(_decode_raw, image_shape=source.image_shape),
@@ -100,7 +110,7 @@ def _write(source: stream.RecordSource, record_path: str, path: str, count: int,
   it into place and removes copies of older versions of the file."""
   ds = tf.data.TFRecordDataset(record_path).batch(256).map(
       source.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".decoding-")
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=PARTIAL_PREFIX)
   written = 0
   try:
     with os.fdopen(fd, "wb") as f:
@@ -125,6 +135,17 @@ def _write(source: stream.RecordSource, record_path: str, path: str, count: int,
     if os.path.exists(tmp):
       os.remove(tmp)
   _remove_older_copies(record_path, keep=path)
+
+
+def _remove_stale_partials(folder: str) -> None:
+  now = time.time()
+  for name in os.listdir(folder):
+    path = os.path.join(folder, name)
+    try:
+      if name.startswith(PARTIAL_PREFIX) and now - os.path.getmtime(path) > STALE_PARTIAL_S:
+        os.remove(path)
+    except OSError:
+      pass  # another worker removed it first
 
 
 def _remove_older_copies(record_path: str, keep: str) -> None:
