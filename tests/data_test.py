@@ -356,6 +356,8 @@ def test_decoded_splits_are_cached_by_the_record_files_hash(synthetic_tfds_dir, 
   np.testing.assert_array_equal(again[0], first[0][:100])
   before = data._decoded_paths(builder, "test")
   record = str(builder.info.splits["test"].filepaths[0])
+  modes = {os.stat(p).st_mode & 0o777 for p in (record, *before)}
+  assert len(modes) == 1, "the arrays are as readable as the records they come from"
   with open(record, "ab") as f:
     f.write(b"\0")  # any change to the records
   assert data._decoded_paths(builder, "test") != before

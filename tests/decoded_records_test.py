@@ -144,3 +144,10 @@ def test_partial_copies_of_killed_runs_are_removed(tmp_path):
   os.utime(stale, (old, old))
   decoded_records.decoded_source(encoded, [0], 10 ** 9)
   assert not stale.exists() and fresh.exists(), "another worker's copy in progress is kept"
+
+
+def test_copies_are_as_readable_as_their_record_files(tmp_path):
+  encoded = stream_test._write(tmp_path, [10])
+  os.chmod(encoded.files[0], 0o644)
+  decoded = decoded_records.decoded_source(encoded, [0], 10 ** 9)
+  assert os.stat(decoded.files[0]).st_mode & 0o777 == 0o644

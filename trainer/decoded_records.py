@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 
@@ -126,6 +127,8 @@ def _write(source: stream.RecordSource, record_path: str, path: str, count: int,
           f"Record file {record_path} holds {written} examples where the dataset's metadata "
           f"says {count}: prepare the dataset again (a new --data_dir, or delete the dataset's "
           "folder in it).")
+    # Readable by whoever may read the record file (mkstemp makes it private).
+    os.chmod(tmp, stat.S_IMODE(os.stat(record_path).st_mode))
     os.replace(tmp, path)
   except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
     raise errors.DataError(
