@@ -215,21 +215,6 @@ def test_epochs_and_steps_disagreement_found_before_decoding(tiny, monkeypatch):
     train.train_and_evaluate(tiny(train_steps=7, epochs=1))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """An 8 MiB tmpfs: a real file system that really fills up (needs root, as in CI)."""
-  mount_point = tmp_path / "small_disk"
-  mount_point.mkdir()
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-  if result.returncode:
-    pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-  try:
-    yield mount_point
-  finally:
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def test_full_disk_while_saving_exits_6_and_keeps_the_previous_checkpoint(small_disk, trained_40):
   model_dir = str(small_disk / "run")
   shutil.copytree(trained_40.model_dir, model_dir)

@@ -112,3 +112,20 @@ def tiny_flags(model_dir, data_dir, **overrides):
                 learning_rate=0.05)
   values.update(overrides)
   return [f"--{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+  """A tmpfs of 8 MiB (or the size a test passes with indirect parametrization, e.g. "1m"): a
+  real file system that really fills up (needs root, as in CI)."""
+  size = getattr(request, "param", "8m")
+  mount_point = tmp_path / "small_disk"
+  mount_point.mkdir()
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                           str(mount_point)], capture_output=True, text=True)
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+  try:
+    yield mount_point
+  finally:
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
