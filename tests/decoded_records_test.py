@@ -77,7 +77,7 @@ def test_copies_are_reused_and_remade_when_damaged_or_stale(tmp_path):
   newer = decoded_records.decoded_source(encoded, [0, 1], 10 ** 9)
   assert newer.files[0] != first.files[0]
   assert os.path.isfile(newer.files[0]) and not os.path.exists(first.files[0])
-  assert not [f for f in os.listdir(tmp_path) if f.startswith(".decoding-")]
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_damaged_record_file_is_a_data_error_naming_it(tmp_path):
@@ -89,7 +89,7 @@ def test_damaged_record_file_is_a_data_error_naming_it(tmp_path):
   with pytest.raises(errors.DataError, match=os.path.basename(victim)) as raised:
     decoded_records.decoded_source(encoded, [0, 1], 10 ** 9)
   assert raised.value.exit_code == errors.EXIT_DATA
-  assert not [f for f in os.listdir(tmp_path) if f.startswith(".decoding-")]
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_record_count_other_than_the_metadata_is_a_data_error(tmp_path):
@@ -114,14 +114,16 @@ def test_a_disk_that_fills_up_while_copying_decodes_while_training(small_disk, m
   monkeypatch.setattr(decoded_records, "MAX_DISK_SHARE", 100.0)  # filled by someone else since
   assert decoded_records.decoded_source(encoded, [0, 1], 10 ** 9) is encoded
   leftovers = [f for f in os.listdir(small_disk)
-               if f.startswith(decoded_records.PARTIAL_PREFIX) or
+               if f.endswith(".tmp") or
                f.endswith(decoded_records.SUFFIX)]
   assert not leftovers
 
 
 def test_partial_copies_of_killed_runs_are_removed(tmp_path):
   encoded = stream_test._write(tmp_path, [10])
-  stale, fresh = (tmp_path / ".decoding-killed", tmp_path / ".decoding-in-progress")
+  copy = os.path.basename(decoded_records._decoded_path(encoded.files[0], encoded.image_shape))
+  # atomic_write_local's temp names: one of a killed run, one another worker is writing.
+  stale, fresh = (tmp_path / f".{copy}.killed.tmp", tmp_path / f".{copy}.in-progress.tmp")
   for path in (stale, fresh):
     path.write_bytes(b"partial")
   old = os.path.getmtime(stale) - decoded_records.STALE_PARTIAL_S - 60

@@ -10,7 +10,6 @@ import pathlib
 import re
 import shutil
 import socket
-import stat
 import tempfile
 import time
 import urllib.error
@@ -492,19 +491,11 @@ def _decoded_from_cache(builder, split: str) -> tuple:
 
 def _save_decoded(builder, split: str, images, labels) -> None:
   """Best effort (a read-only data_dir just decodes every run); each file lands whole."""
-  record_file = str(builder.info.splits[split].filepaths[0])
+  from trainer import storage
   for path, array in zip(_decoded_paths(builder, split), (images, labels)):
-    tmp = ""
     try:
-      fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npy.tmp")
-      with os.fdopen(fd, "wb") as f:
-        np.save(f, array)
-      # Readable by whoever may read the record files (mkstemp makes it private).
-      os.chmod(tmp, stat.S_IMODE(os.stat(record_file).st_mode))
-      os.replace(tmp, path)
-    except OSError as e:
-      if tmp and os.path.exists(tmp):
-        os.remove(tmp)  # a full disk keeps no half-written array
+      storage.atomic_write_local(path, lambda f, array=array: np.save(f, array))
+    except OSError as e:  # a full disk keeps no half-written array
       logging.info("Not caching the decoded %s split (%s); it is decoded every run.", split, e)
       return
 

@@ -15,21 +15,19 @@ import hashlib
 import logging
 import os
 import shutil
-import stat
-import tempfile
 import time
 
 import numpy as np
 import tensorflow as tf
 
 from trainer import errors
+from trainer import storage
 from trainer import stream
 
 LABEL_BYTES = 4  # int32, in the machine's byte order (written and read on the same machine)
 SUFFIX = ".decoded"
 # Decoded copies may take at most this share of the free space on their disk.
 MAX_DISK_SHARE = 0.5
-PARTIAL_PREFIX = ".decoding-"
 # A partial copy untouched this long was left by a killed process (one being written is
 # written to continuously); it is removed.
 STALE_PARTIAL_S = 600.0
@@ -44,7 +42,7 @@ def decoded_source(source: stream.RecordSource, mine, examples_read: int) -> str
     return source
   record_bytes = LABEL_BYTES + int(np.prod(source.image_shape))
   paths = tuple(_decoded_path(path, source.image_shape) for path in source.files)
-  _remove_stale_partials(os.path.dirname(paths[mine[0]]))
+  _remove_stale_partials(os.path.dirname(paths[mine[0]]), paths)
   made = []
   for i in mine:
     if _complete(paths[i], source.counts[i] * record_bytes):
@@ -107,45 +105,43 @@ def _complete(path: str, size: int) -> bool:
 
 def _write(source: stream.RecordSource, record_path: str, path: str, count: int,
            record_bytes: int) -> None:
-  """Decodes record_path a batch at a time into a temporary file, checks the count, renames
-  it into place and removes copies of older versions of the file."""
+  """Decodes record_path a batch at a time into `path` (whole, by rename, through the storage
+  boundary), checks the count and removes copies of older versions of the file."""
   ds = tf.data.TFRecordDataset(record_path).batch(256).map(
       source.decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=PARTIAL_PREFIX)
-  written = 0
-  try:
-    with os.fdopen(fd, "wb") as f:
-      for images, labels in ds:
-        images, labels = images.numpy(), labels.numpy().astype(np.int32)
-        rows = np.empty((len(labels), record_bytes), np.uint8)
-        rows[:, :LABEL_BYTES] = labels.view(np.uint8).reshape(len(labels), LABEL_BYTES)
-        rows[:, LABEL_BYTES:] = images.reshape(len(labels), -1)
-        f.write(rows.tobytes())
-        written += len(labels)
+
+  def write(f):
+    written = 0
+    for images, labels in ds:
+      images, labels = images.numpy(), labels.numpy().astype(np.int32)
+      rows = np.empty((len(labels), record_bytes), np.uint8)
+      rows[:, :LABEL_BYTES] = labels.view(np.uint8).reshape(len(labels), LABEL_BYTES)
+      rows[:, LABEL_BYTES:] = images.reshape(len(labels), -1)
+      f.write(rows.tobytes())
+      written += len(labels)
     if written != count:
       raise errors.DataError(
           f"Record file {record_path} holds {written} examples where the dataset's metadata "
           f"says {count}: prepare the dataset again (a new --data_dir, or delete the dataset's "
           "folder in it).")
-    # Readable by whoever may read the record file (mkstemp makes it private).
-    os.chmod(tmp, stat.S_IMODE(os.stat(record_path).st_mode))
-    os.replace(tmp, path)
+
+  try:
+    storage.atomic_write_local(path, write)
   except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
     raise errors.DataError(
         f"Record file {record_path} is damaged ({str(e).splitlines()[0][:200]}): prepare the "
         "dataset again (a new --data_dir, or delete the dataset's folder in it).") from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   _remove_older_copies(record_path, keep=path)
 
 
-def _remove_stale_partials(folder: str) -> None:
+def _remove_stale_partials(folder: str, copies) -> None:
   now = time.time()
+  names = {os.path.basename(copy) for copy in copies}
   for name in os.listdir(folder):
     path = os.path.join(folder, name)
     try:
-      if name.startswith(PARTIAL_PREFIX) and now - os.path.getmtime(path) > STALE_PARTIAL_S:
+      if (any(storage.is_partial_of(name, copy) for copy in names)
+          and now - os.path.getmtime(path) > STALE_PARTIAL_S):
         os.remove(path)
     except OSError:
       pass  # another worker removed it first

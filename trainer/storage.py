@@ -40,8 +40,9 @@ def _fsync_dir(path: str) -> None:
     os.close(fd)
 
 
-def _atomic_write_local(path: str, write_fn) -> None:
-  """write_fn(f) fills a temp file next to path that then replaces path in one rename."""
+def atomic_write_local(path: str, write_fn) -> None:
+  """write_fn(f) fills a temp file next to path (named by is_partial_of) that then replaces
+  path in one rename; if write_fn raises, the temp file is removed and the error goes on."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -60,9 +61,14 @@ def _atomic_write_local(path: str, write_fn) -> None:
   _fsync_dir(parent)
 
 
+def is_partial_of(name: str, target_name: str) -> bool:
+  """Whether file `name` is atomic_write_local's temp file for a file called target_name."""
+  return name.startswith(f".{target_name}.") and name.endswith(".tmp")
+
+
 def _copy_local(src: str, dst: str) -> None:
   with open(src, "rb") as source:
-    _atomic_write_local(dst, lambda f: shutil.copyfileobj(source, f, gcs.COPY_BUFFER))
+    atomic_write_local(dst, lambda f: shutil.copyfileobj(source, f, gcs.COPY_BUFFER))
 
 
 def _local_files(root: str) -> list[str]:
@@ -124,7 +130,7 @@ def read_json(path: str, default):
 def write_bytes(path: str, data: bytes) -> None:
   """Replaces path with data: atomically for local paths, under a generation check for gs://."""
   if not is_gcs(path):
-    _atomic_write_local(path, lambda f: f.write(data))
+    atomic_write_local(path, lambda f: f.write(data))
     return
   data = bytes(data)
   with gcs.errors_of(path):
@@ -151,7 +157,7 @@ def _get_file(src: str, dst: str) -> None:
     return
   bucket, name = split_gcs(src)
   with gcs.errors_of(src):
-    _atomic_write_local(dst, lambda f: gcs.download_into(bucket, name, f))
+    atomic_write_local(dst, lambda f: gcs.download_into(bucket, name, f))
 
 
 def listdir(path: str) -> list[str]:
@@ -312,7 +318,7 @@ def fetch_file(src: str, dst: str) -> int:
             f"has {blob.size} bytes, {kind} {expected}): is it being rewritten? Rerun once its "
             f"upload has finished.")
 
-    _atomic_write_local(dst, write)
+    atomic_write_local(dst, write)
   return blob.size
 
 

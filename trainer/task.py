@@ -28,13 +28,12 @@ def main(argv):
     cluster = cluster_lib.parse_cluster(os.environ)
     cluster_lib.check_strategy(config.strategy, cluster, config.num_cpu_devices)
     gpu.check_collective_implementation(config.collective_implementation)
+    cli.skip_plotting_imports()
     if cluster.is_evaluator:
       check_evaluator_finds_checkpoints(flags.FLAGS, os.environ)
-      cli.skip_plotting_imports()
       from trainer import evaluator  # TensorFlow loads only after flags and TF_CONFIG are good.
       evaluator.run(config)
       return
-    cli.skip_plotting_imports()
     from trainer import train  # TensorFlow loads only after flags and TF_CONFIG are good.
     train.train_and_evaluate(config)
   except errors.TrainerError as e:
