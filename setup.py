@@ -18,6 +18,9 @@ setuptools.setup(
         # TF 2.21 no longer pulls it in; tf.summary needs it.
         "tensorboard>=2.20,<3",
         "numpy>=1.26,<3",
+        # TensorFlow 2.21 accepts ml_dtypes >=0.5.1,<1; importing 0.7.0's extension took 0.7-0.9 s
+        # here against 0.01 s for 0.5.1-0.6.0, on every run's start-up (bench/README.md).
+        "ml_dtypes>=0.5.1,<0.7",
         # Reports the tuning metric inside Vertex AI hyperparameter-tuning trials.
         "cloudml-hypertune>=0.1.0.dev6",
     ],

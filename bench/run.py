@@ -463,9 +463,9 @@ NOTES = [
     "Reference: keras.io 'Simple MNIST convnet' (batch 128, Adam, 15 epochs at most), evaluated "
     "on the test set after every epoch instead of validation_split (so it trains on all 60,000 "
     "images, as ours), stopping at the first evaluation >= 99%. Ours (default_seed runs): "
-    "`python -m trainer.task` with default flags, whose one evaluation, at the end (step 329), "
-    "is its first >= 99% (evaluating also at steps 270 and 300 reached 99% later: "
-    "bench/README.md); the same runs give default_run_wall_s and the rates.",
+    "`python -m trainer.task` with default flags, whose one evaluation, at the end (step 235), "
+    "is its first >= 99% (earlier evaluations cost more than they saved: bench/README.md); "
+    "the same runs give default_run_wall_s and the rates.",
     "Medians count a seed that never reached 99% as infinitely slow.",
     "Every process, the reference included, runs with TF_ENABLE_ONEDNN_OPTS=1 (the trainer's "
     "default), so the ratios compare recipes and loops, not kernel libraries.",

@@ -80,7 +80,7 @@ def test_config_from_flags_and_env():
   c2 = config_lib.config_from_flags(_parse(["--model_dir=/tmp/x"]),
                                     environ={"AIP_MODEL_DIR": "gs://b/model"})
   assert c2.model_dir == "/tmp/x", "an explicit flag wins over the environment"
-  assert c2.epochs == 1.4, "the default recipe: 1.4 epochs"
+  assert c2.epochs == 1.0, "the default recipe: one epoch"
 
 
 def test_kernel_and_pool_sizes_follow_model_widths_unless_given():

@@ -570,6 +570,13 @@ def shard_indices(num_examples: int, global_batch_size: int, seed: int, epoch,
   return tf.reshape(indices[:, pipeline_id], [steps * local_replicas, per_replica_batch])
 
 
+def no_autograph(fn):
+  """fn, for tf.data to trace as it is: tf.data runs AutoGraph on every function it traces, and
+  our input functions branch on Python values only, so converting them (parsing their source,
+  writing a module to a temporary file) is start-up time and nothing else."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
 def without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Turns off tf.data's autotuning thread; AUTOTUNE sizes then stay at tf.data's defaults.
 
@@ -601,11 +608,13 @@ def train_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
     images_t = tf.constant(images)
     labels_t = tf.constant(labels)
 
+    @no_autograph
     def epoch_rows(epoch):
       return tf.data.Dataset.from_tensor_slices(shard_indices(
           num_examples, global_batch_size, seed, epoch, ctx.num_input_pipelines,
           ctx.input_pipeline_id, per_replica))
 
+    @no_autograph
     def gather(index_row):
       valid = index_row >= 0
       safe = tf.maximum(index_row, 0)
@@ -623,7 +632,7 @@ def train_dataset_fn(images: np.ndarray, labels: np.ndarray, global_batch_size: 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int = 1000):
   """Test examples in fixed order, normalized like training."""
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
-  ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y),
+  ds = ds.map(no_autograph(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y)),
               num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
   return without_autotune_thread(ds)
 
@@ -696,6 +705,7 @@ def record_source(builder, split: str = "train", data_dir: str = "", num_pipelin
 
   image_shape = tuple(features["image"].shape)
 
+  @no_autograph
   def decode(records):
     # TFDS stores the image encoded (PNG or JPEG) under "image" and the class under "label".
     parsed = tf.io.parse_example(records, {"image": tf.io.FixedLenFeature([], tf.string),

@@ -62,8 +62,8 @@ def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
         real=plan.examples[ctx.input_pipeline_id])
     # Skipped batches (a resumed run) are read but never decoded.
     ds = ds.batch(per_replica, drop_remainder=True).enumerate().skip(offset * local_replicas)
-    ds = ds.map(lambda index, records: _decoded(source, records, weights(index)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    decode = data.no_autograph(lambda index, records: _decoded(source, records, weights(index)))
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = data.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
     return _on_one_thread(ds) if source.decoded else ds
 
@@ -136,7 +136,7 @@ def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, e
       tf.constant(files), seed=[seed, epoch]) if plan.by_file else tf.constant(files)
   # Decoded copies (local files) read faster in turn than in parallel.
   ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-      source.reader, cycle_length=max(1, min(4, len(files))),
+      data.no_autograph(source.reader), cycle_length=max(1, min(4, len(files))),
       num_parallel_calls=None if source.decoded else tf.data.AUTOTUNE)
   if not plan.by_file:
     ds = ds.shard(plan.num_pipelines, pipeline_id)
