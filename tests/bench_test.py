@@ -219,6 +219,17 @@ def _records():
   return records
 
 
+def test_stream_throughput_ratio_pairs_runs_of_one_seed():
+  records = _records()
+  # A slow stretch that slows both runs of a seed leaves their ratio alone.
+  records["default_seed1"]["summary"]["images_per_sec"] = 4000
+  records["stream_seed1"]["summary"]["images_per_sec"] = 3900
+  records["stream_seed3"]["summary"]["images_per_sec"] = None  # a failed run: no pair
+  paired = bench_run.stream_throughput_ratio(records, {})
+  assert paired["value"] == pytest.approx((3900 / 4000 + 7600 / 8002) / 2)
+  assert "0.97, 0.95" in paired["basis"]
+
+
 def test_rows_from_records():
   records, ctx = _records(), {"nominal_peak": {"gflops": 500.0, "assumption": "x"}}
   row = bench_run.wall_time_to_99_ratio(records, ctx)
