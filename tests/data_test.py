@@ -6,6 +6,7 @@ import http.server
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import urllib.request
@@ -149,6 +150,26 @@ def test_pipelines_run_without_the_autotune_thread():
   assert data.eval_batches(images, labels, 4).options().autotune.enabled is False
   default = tf.data.Dataset.range(3).prefetch(tf.data.AUTOTUNE)
   assert default.options().autotune.enabled is not False  # what the helper exists to change
+
+
+def test_input_functions_are_not_converted_by_autograph(tmp_path, monkeypatch):
+  """tf.data runs AutoGraph on the functions it traces; AutoGraph writes each converted function
+  to a module in the temporary directory. Ours are marked not to be converted (start-up time)."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  generated = lambda: [f for f in os.listdir(tmp_path) if f.startswith("__autograph_generated")]
+  images = np.zeros((10, 2, 2, 1), np.uint8)
+  labels = np.arange(10, dtype=np.int32)
+  next(iter(data.train_dataset_fn(images, labels, 4, 0, 0, 3)(tf.distribute.InputContext())))
+  next(iter(data.eval_batches(images, labels, 4)))
+  assert generated() == []
+
+  def converted(x):  # a function AutoGraph must convert: Python control flow on a tensor
+    if x > 1:
+      return x
+    return -x
+
+  next(iter(tf.data.Dataset.range(3).map(converted)))
+  assert generated(), "the check can fail: a converted function leaves its module there"
 
 
 def test_divisibility_error_prints_the_numbers():

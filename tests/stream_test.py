@@ -1,6 +1,8 @@
 """Stream mode on record files written here: every example once per epoch, equal steps, resume."""
 
 import collections
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -48,6 +50,16 @@ def _epoch_ids(source, pipelines, per_replica, seed=1, start_step=0, steps=None)
       assert images.shape == (per_replica, *SHAPE)
     out[p] = batches
   return out
+
+
+def test_stream_functions_are_not_converted_by_autograph(tmp_path, monkeypatch):
+  """As in memory (data_test): AutoGraph would write a module per converted function here."""
+  source = _write(tmp_path, [5, 6])
+  generated_dir = tmp_path / "tmp"
+  generated_dir.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(generated_dir))
+  _epoch_ids(source, 2, 2)
+  assert not [f for f in os.listdir(generated_dir) if f.startswith("__autograph_generated")]
 
 
 @pytest.mark.parametrize("counts, pipelines", [
