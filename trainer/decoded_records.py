@@ -40,7 +40,7 @@ def decoded_source(source: stream.RecordSource, mine, examples_read: int) -> str
   if reason:
     logging.info("Stream mode decodes records while training: %s.", reason)
     return source
-  record_bytes = LABEL_BYTES + int(np.prod(source.image_shape))
+  record_bytes = _record_bytes(source.image_shape)
   paths = tuple(_decoded_path(path, source.image_shape) for path in source.files)
   _remove_stale_partials(os.path.dirname(paths[mine[0]]), paths)
   made = []
@@ -75,8 +75,7 @@ def _why_not(source: stream.RecordSource, mine, examples_read: int) -> str:
   if examples_read < examples:
     return (f"this run reads {examples_read} examples, fewer than the {examples} in its record "
             "files, so decoding them all first would cost more")
-  record_bytes = LABEL_BYTES + int(np.prod(source.image_shape))
-  needed = examples * record_bytes
+  needed = examples * _record_bytes(source.image_shape)
   folder = os.path.dirname(source.files[mine[0]])
   if not os.access(folder, os.W_OK):
     return f"{folder} is not writable"
@@ -85,6 +84,11 @@ def _why_not(source: stream.RecordSource, mine, examples_read: int) -> str:
     return (f"the decoded copies would take {needed / 2**20:.0f} MB, more than "
             f"{MAX_DISK_SHARE:.0%} of the {free / 2**20:.0f} MB free in {folder}")
   return ""
+
+
+def _record_bytes(image_shape) -> int:
+  """One decoded record: the label, then the image's pixels."""
+  return LABEL_BYTES + int(np.prod(image_shape))
 
 
 def _decoded_path(path: str, image_shape) -> str:

@@ -136,7 +136,7 @@ def _epoch(source: RecordSource, plan: EpochPlan, pipeline_id: int, seed: int, e
       tf.constant(files), seed=[seed, epoch]) if plan.by_file else tf.constant(files)
   # Decoded copies (local files) read faster in turn than in parallel.
   ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-      data.no_autograph(source.reader), cycle_length=max(1, min(4, len(files))),
+      source.reader, cycle_length=max(1, min(4, len(files))),
       num_parallel_calls=None if source.decoded else tf.data.AUTOTUNE)
   if not plan.by_file:
     ds = ds.shard(plan.num_pipelines, pipeline_id)
