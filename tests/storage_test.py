@@ -5,11 +5,14 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import uuid
 
 import gcs_emulator
 import pytest
+from conftest import ROOT
 from google.cloud import storage as gcs_client
 from google.oauth2 import credentials as oauth2_credentials
 
@@ -427,3 +430,31 @@ def test_read_json_missing_or_unreadable_gives_the_default(root):
   assert storage.read_json(path, []) == []
   storage.write_text(path, '{"starts": [1]}')
   assert storage.read_json(path, None) == {"starts": [1]}
+
+
+def test_local_paths_never_load_the_bucket_libraries(tmp_path):
+  """A run on local paths is spared google-cloud-storage's import (a quarter of a second); the
+  first gs:// path loads it. In a fresh interpreter, as a trainer starts."""
+  code = (
+      "import sys\n"
+      "from trainer import storage\n"
+      f"root = {str(tmp_path)!r}\n"
+      "storage.write_text(storage.join(root, 'a', 'b.txt'), 'x')\n"
+      "storage.preflight(root)\n"
+      "assert storage.exists(storage.join(root, 'a', 'b.txt')) and storage.listdir(root) == ['a']\n"
+      "storage.upload_dir(storage.join(root, 'a'), storage.join(root, 'c'), marker='_DONE')\n"
+      "assert storage.is_complete(storage.join(root, 'c'), '_DONE')\n"
+      # (google.cloud itself is a namespace package a .pth file may create at start-up)
+      "loaded = sorted(m for m in sys.modules if m.startswith(('google.cloud.', 'google.api_core',"
+      " 'trainer.gcs')))\n"
+      "assert not loaded, loaded\n"
+      "try:\n"
+      "  storage.exists('gs://no-such-bucket-here/x')\n"
+      "except Exception:\n"
+      "  pass\n"
+      "assert 'google.cloud.storage' in sys.modules and 'trainer.gcs' in sys.modules\n"
+      "print('ok')\n")
+  env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", gcs.RETRY_DEADLINE_ENV: "0"}
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

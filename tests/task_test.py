@@ -2,10 +2,12 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_module, run_without_tf, tiny_flags
+from conftest import ROOT, child_env, run_module, run_without_tf, tiny_flags
 from trainer import errors
 
 
@@ -142,3 +144,27 @@ def test_the_training_log_is_ours_unless_verbosity_asks(tmp_path, tfds_dir):
   verbose = _task(*tiny_flags(str(tmp_path / "run2"), tfds_dir, num_cpu_devices=2,
                               export=False, train_steps=10), "--verbosity=1")
   assert verbose.returncode == 0 and "cross_device_ops" in verbose.stdout
+
+
+@pytest.mark.slow
+def test_a_local_run_loads_no_plotting_or_bucket_libraries(tmp_path, tfds_dir):
+  """Start-up time: Keras would import matplotlib when installed (as it is here, for the
+  notebook test), and storage would import google-cloud-storage; a local run needs neither. The
+  entry point runs as `python -m` does; an exit handler lists what the process loaded (the
+  trainer leaves through os._exit, after the exit handlers)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  assert importlib.util.find_spec("matplotlib") is not None  # else this test proves nothing
+  code = (
+      "import atexit, runpy, sys\n"
+      "atexit.register(lambda: print('LOADED', 'keras' in sys.modules, sorted(\n"
+      "    m for m, module in sys.modules.items() if module is not None and m.startswith(\n"
+      "        ('matplotlib', 'google.api_core', 'google.cloud.storage', 'trainer.gcs')))))\n"
+      "sys.argv[0] = 'trainer.task'\n"
+      "runpy.run_module('trainer.task', run_name='__main__', alter_sys=True)\n")
+  result = subprocess.run(
+      [sys.executable, "-c", code, *tiny_flags(str(tmp_path / "run"), tfds_dir, train_steps=2)],
+      env=child_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:]
+  loaded = [l for l in result.stdout.splitlines() if l.startswith("LOADED ")]
+  assert loaded == ["LOADED True []"], loaded  # Keras is there, the rest is not

@@ -1,4 +1,4 @@
-"""Command-line conventions shared by the entry points: help exits 0, a bad flag exits 2, no plotting imports."""
+"""Conventions shared by the entry points: help exits 0, a bad flag exits 2, no plotting."""
 
 import sys
 
@@ -26,9 +26,9 @@ def parse_flags(argv):
 
 
 def skip_plotting_imports() -> None:
-  """Keeps matplotlib's pyplot out of the process: Keras, which `import tensorflow` loads,
-  imports it when it is installed (keras/src/visualization/plot_image_gallery.py, guarded by
-  `except ImportError`) for plotting helpers the trainer never calls, and it costs ~0.3 s of
-  every start-up. A None entry in sys.modules makes that import fail at once. Call it in an entry
-  point, before TensorFlow loads; a process that already has pyplot keeps it."""
-  sys.modules.setdefault("matplotlib.pyplot", None)
+  """Keeps matplotlib out of the process: Keras, which `import tensorflow` loads, imports pyplot
+  and matplotlib.patches when they are installed (keras/src/visualization/, each guarded by
+  `except ImportError`) for plotting helpers the trainer never calls; that cost ~0.3 s of every
+  start-up. A None entry in sys.modules makes those imports fail at once. Call it in an entry
+  point, before TensorFlow loads; a process that already has matplotlib keeps it."""
+  sys.modules.setdefault("matplotlib", None)

@@ -2,7 +2,6 @@
 
 import base64
 import contextlib
-import contextvars
 import functools
 import hashlib
 import http.client
@@ -23,10 +22,11 @@ from google.cloud.storage import exceptions as gcs_exceptions
 
 from trainer import errors
 from trainer import watchdog
+# The path helpers live apart, so that local paths never load the Google libraries above.
+from trainer.gspath import FLAG, dir_prefix, is_gcs, split_gcs, uri  # noqa: F401
 
 _LOG = logging.getLogger(__name__)
 
-_SCHEME = "gs://"
 EMULATOR_HOST_ENV = "STORAGE_EMULATOR_HOST"
 PROJECT_ENV = "GOOGLE_CLOUD_PROJECT"
 RETRY_DEADLINE_ENV = "TRAINER_STORAGE_RETRY_DEADLINE_S"
@@ -60,40 +60,6 @@ _TRANSIENT_TYPES = (
 )
 _JITTER = random.Random()
 _URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
-
-
-# --------------------------------------------------------------------------- paths
-
-
-def is_gcs(path: str) -> bool:
-  return str(path).startswith(_SCHEME)
-
-
-def split_gcs(uri: str) -> tuple[str, str]:
-  """("bucket", "object/name") of a gs:// URI; the name is "" for the bucket root."""
-  if not is_gcs(uri):
-    raise errors.ConfigError(f"not a gs:// URI: {uri!r}")
-  bucket, _, name = uri[len(_SCHEME):].partition("/")
-  if not bucket:
-    raise errors.ConfigError(f"gs:// URI without a bucket: {uri!r}")
-  return bucket, name
-
-
-def join(base: str, *parts: str) -> str:
-  if not is_gcs(base):
-    return os.path.join(base, *parts)
-  pieces = [base.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
-  return "/".join(pieces)
-
-
-def dir_prefix(name: str) -> str:
-  """The object-name prefix of everything "inside" name ("" for the bucket root)."""
-  name = name.rstrip("/")
-  return name + "/" if name else ""
-
-
-def uri(bucket: str, name: str) -> str:
-  return f"{_SCHEME}{bucket}/{name}"
 
 
 # --------------------------------------------------------------------------- client
@@ -182,20 +148,6 @@ def retry(fn, what: str):
       # Retrying storage is not a silent peer: the collective watchdog allows for it.
       watchdog.storage_retrying(what, remaining)
       time.sleep(delay)
-
-
-# The flag whose path a storage call serves: error messages name it (see `for_flag`).
-FLAG = contextvars.ContextVar("storage_flag", default="--model_dir")
-
-
-@contextlib.contextmanager
-def for_flag(flag: str):
-  """Storage errors raised inside name `flag` (e.g. --data_dir) as the one to fix."""
-  token = FLAG.set(flag)
-  try:
-    yield
-  finally:
-    FLAG.reset(token)
 
 
 def _missing_bucket_message(bucket: str) -> str:

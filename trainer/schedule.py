@@ -48,11 +48,47 @@ def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
   schedule = WarmupSchedule(peak_learning_rate(config), warmup_steps(config, total_steps),
                             total_steps, decay)
   if config.weight_decay:
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=config.weight_decay,
-                                       beta_1=config.adam_beta1, beta_2=config.adam_beta2)
+    optimizer = AdamW(schedule, weight_decay=config.weight_decay, beta_1=config.adam_beta1,
+                      beta_2=config.adam_beta2)
   else:
-    optimizer = keras.optimizers.Adam(schedule, beta_1=config.adam_beta1,
-                                      beta_2=config.adam_beta2)
+    optimizer = Adam(schedule, beta_1=config.adam_beta1, beta_2=config.adam_beta2)
   if keras.mixed_precision.global_policy().name == "mixed_float16":
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   return optimizer
+
+
+class _FusedAdamUpdate:
+  """Keras' Adam update of one variable as TensorFlow's one fused op (ResourceApplyAdam).
+
+  The same formula as keras/src/optimizers/adam.py's update_step (both take the bias correction
+  into the learning rate: tensorflow/core/kernels/training_ops.cc, ApplyAdam), in one op instead
+  of a dozen Keras ops, each traced per variable and per replica: that tracing was about a
+  third of a second of every run's start-up (bench/README.md). Everything else (the
+  all-reduce, the schedule, the step counter, weight decay, loss scaling, the slot variables a
+  checkpoint holds) stays Keras'. AMSGrad and sparse gradients take Keras' own update.
+  """
+
+  def update_step(self, gradient, variable, learning_rate):
+    if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+      return super().update_step(gradient, variable, learning_rate)
+    dtype = variable.dtype
+    step = tf.cast(self.iterations + 1, dtype)
+    index = self._get_variable_index(variable)
+    # Under a tf.distribute update, `variable` is this device's copy, and a slot's handle
+    # resolves to its copy on the same device.
+    momentum, velocity = self._momentums[index].value, self._velocities[index].value
+    return tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=momentum.handle, v=velocity.handle,
+        beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
+        beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+        lr=tf.cast(learning_rate, dtype), beta1=tf.cast(self.beta_1, dtype),
+        beta2=tf.cast(self.beta_2, dtype), epsilon=tf.cast(self.epsilon, dtype),
+        grad=tf.cast(gradient, dtype))
+
+
+class Adam(_FusedAdamUpdate, keras.optimizers.Adam):
+  """keras.optimizers.Adam with the fused update."""
+
+
+class AdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
+  """keras.optimizers.AdamW with the fused update (Keras applies the weight decay first)."""

@@ -13,13 +13,20 @@ import tempfile
 import uuid
 
 from trainer import errors
-from trainer import gcs
-# Path helpers and the knobs callers use, re-exported so callers need only this module.
-from trainer.gcs import RETRY_DEADLINE_ENV, for_flag  # noqa: F401  (re-exported)
-from trainer.gcs import is_gcs, join, split_gcs
+# Path helpers callers use, re-exported so callers need only this module.
+from trainer.gspath import FLAG, for_flag, is_gcs, join, split_gcs  # noqa: F401  (re-exported)
 
 _LOG = logging.getLogger(__name__)
 CACHE_DIR_ENV = "TRAINER_CACHE_DIR"
+_COPY_BUFFER = 1 << 20
+
+
+def _gcs():
+  """The bucket transport (trainer/gcs.py), imported by the first gs:// path: google-cloud-storage
+  and google-api-core take about a quarter of a second to import, which a run on local paths
+  never needs. Python's import lock makes a first use from two threads safe."""
+  from trainer import gcs  # pylint: disable=import-outside-toplevel
+  return gcs
 
 
 def cache_root(environ=None) -> str:
@@ -68,7 +75,7 @@ def is_partial_of(name: str, target_name: str) -> bool:
 
 def _copy_local(src: str, dst: str) -> None:
   with open(src, "rb") as source:
-    atomic_write_local(dst, lambda f: shutil.copyfileobj(source, f, gcs.COPY_BUFFER))
+    atomic_write_local(dst, lambda f: shutil.copyfileobj(source, f, _COPY_BUFFER))
 
 
 def _local_files(root: str) -> list[str]:
@@ -89,6 +96,7 @@ def exists(path: str) -> bool:
   if not is_gcs(path):
     return os.path.exists(path)
   bucket, name = split_gcs(path)
+  gcs = _gcs()
   with gcs.errors_of(path):
     if name.rstrip("/") and gcs.get_blob(bucket, name.rstrip("/")) is not None:
       return True
@@ -99,6 +107,7 @@ def isdir(path: str) -> bool:
   if not is_gcs(path):
     return os.path.isdir(path)
   bucket, name = split_gcs(path)
+  gcs = _gcs()
   with gcs.errors_of(path):
     return gcs.has_children(bucket, name)
 
@@ -108,6 +117,7 @@ def read_bytes(path: str) -> bytes:
   if not is_gcs(path):
     with open(path, "rb") as f:
       return f.read()
+  gcs = _gcs()
   with gcs.errors_of(path):
     return gcs.download_bytes(*split_gcs(path))
 
@@ -133,6 +143,7 @@ def write_bytes(path: str, data: bytes) -> None:
     atomic_write_local(path, lambda f: f.write(data))
     return
   data = bytes(data)
+  gcs = _gcs()
   with gcs.errors_of(path):
     gcs.upload(path, lambda: io.BytesIO(data), len(data), gcs.crc32c_bytes(data))
 
@@ -146,6 +157,7 @@ def _put_file(src: str, dst: str) -> None:
   if not is_gcs(dst):
     _copy_local(src, dst)
     return
+  gcs = _gcs()
   with gcs.errors_of(dst):
     gcs.upload(dst, lambda: open(src, "rb"), os.path.getsize(src), gcs.crc32c_file(src))
 
@@ -156,6 +168,7 @@ def _get_file(src: str, dst: str) -> None:
     _copy_local(src, dst)
     return
   bucket, name = split_gcs(src)
+  gcs = _gcs()
   with gcs.errors_of(src):
     atomic_write_local(dst, lambda f: gcs.download_into(bucket, name, f))
 
@@ -172,6 +185,7 @@ def listdir(path: str) -> list[str]:
     except FileNotFoundError:
       return []
   bucket, name = split_gcs(path)
+  gcs = _gcs()
   prefix = gcs.dir_prefix(name)
   with gcs.errors_of(path):
     blobs, prefixes = gcs.list_objects(bucket, prefix, delimiter="/")
@@ -192,6 +206,7 @@ def remove(path: str) -> None:
     os.remove(path)
     return
   bucket, name = split_gcs(path)
+  gcs = _gcs()
   with gcs.errors_of(path):
     gcs.delete_blob(bucket, name, missing_ok=False)
 
@@ -210,6 +225,7 @@ def rmtree(path: str) -> None:
   bucket, name = split_gcs(path)
   if not name.strip("/"):
     raise errors.ConfigError(f"refusing to delete every object in gs://{bucket}")
+  gcs = _gcs()
   with gcs.errors_of(path):
     blobs, _ = gcs.list_objects(bucket, gcs.dir_prefix(name))
     for blob in blobs:
@@ -254,6 +270,7 @@ def _remote_files(remote_dir: str) -> dict[str, int]:
     return {rel: os.path.getsize(os.path.join(remote_dir, *rel.split("/")))
             for rel in _local_files(remote_dir)}
   bucket, name = split_gcs(remote_dir)
+  gcs = _gcs()
   prefix = gcs.dir_prefix(name)
   with gcs.errors_of(remote_dir):
     blobs, _ = gcs.list_objects(bucket, prefix)
@@ -300,6 +317,7 @@ def fetch_file(src: str, dst: str) -> int:
   file under dst's name is always complete. FileNotFoundError when src does not exist.
   """
   bucket, name = split_gcs(src)
+  gcs = _gcs()
   with gcs.errors_of(src):
     blob = gcs.get_blob(bucket, name)
     if blob is None:
@@ -344,6 +362,7 @@ def is_complete(directory: str, marker: str, verify_files: bool = False) -> bool
     marker_path = join(directory, marker)
     if not is_gcs(marker_path):
       return os.path.isfile(marker_path)
+    gcs = _gcs()
     with gcs.errors_of(marker_path):
       return gcs.get_blob(*split_gcs(marker_path)) is not None
   try:
@@ -370,6 +389,7 @@ def preflight(path: str) -> None:
 
 def _preflight_gcs(path: str) -> None:
   bucket, name = split_gcs(path)
+  gcs = _gcs()
   probe = gcs.uri(bucket, gcs.dir_prefix(name) + f".preflight-{uuid.uuid4().hex}")
   data = b"preflight\n"
   with gcs.errors_of(path):
@@ -394,7 +414,7 @@ def _preflight_local(path: str) -> None:
     os.remove(probe)
   except OSError as exc:
     raise errors.StorageError(
-        f"{path} is not a writable directory ({exc.strerror or exc}): fix {gcs.FLAG.get()} or its "
+        f"{path} is not a writable directory ({exc.strerror or exc}): fix {FLAG.get()} or its "
         f"permissions") from exc
 
 
@@ -404,6 +424,7 @@ def _preflight_local(path: str) -> None:
 def generation(path: str):
   """The gs:// object's generation (changes on every write), or None when it does not exist."""
   bucket, name = split_gcs(path)
+  gcs = _gcs()
   with gcs.errors_of(path):
     blob = gcs.get_blob(bucket, name)
   return None if blob is None else blob.generation
@@ -412,6 +433,7 @@ def generation(path: str):
 def write_if_generation(path: str, data: bytes, expected) -> bool:
   """Writes the gs:// object only if its generation is `expected` (0: absent); False if not."""
   data = bytes(data)
+  gcs = _gcs()
   try:
     with gcs.errors_of(path):
       gcs.upload(path, lambda: io.BytesIO(data), len(data), gcs.crc32c_bytes(data), generation=expected)
