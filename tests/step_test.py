@@ -1,8 +1,11 @@
-"""Tests for trainer.step that need no training: the precision policy and the CPU speed warnings
-of the GPU switches."""
+"""Tests for trainer.step that need no training: the precision policy, the CPU speed warnings
+of the GPU switches, and the evaluation copy's warm-up."""
 
+import numpy as np
 import pytest
 
+from trainer import config as config_lib
+from trainer import data
 from trainer import errors
 from trainer import step
 
@@ -39,3 +42,21 @@ def test_no_bfloat16_warning_for_float16():
   c = config_lib.Config(epochs=1, mixed_precision=True)
   assert step.cpu_speed_warnings(c, False, set(), "mixed_float16") == []
   assert step.cpu_speed_warnings(c, False, set(), "mixed_bfloat16")
+
+
+@pytest.mark.parametrize("test_examples", [2500, 600])
+def test_warm_up_traces_what_evaluation_then_uses(test_examples):
+  """The final evaluation reuses what warm_up (run on a thread during the first chunk) traced
+  and gives the same figures; the last, partial batch is traced when first met."""
+  rng = np.random.default_rng(0)
+  splits = data.Splits(None, None, rng.integers(0, 256, (test_examples, 28, 28, 1), np.uint8),
+                       rng.integers(0, 10, test_examples).astype(np.int32), num_classes=10,
+                       image_shape=(28, 28, 1))
+  config = config_lib.Config(epochs=1, model_widths=(8, 16))
+  cold, warm = step.EvalModel(config, splits), step.EvalModel(config, splits)
+  weights = cold.model.get_weights()
+  warm.warm_up()
+  assert warm._sums.experimental_get_tracing_count() == 1  # pylint: disable=protected-access
+  assert warm.evaluate(weights) == cold.evaluate(weights)
+  batch_sizes = {min(1000, test_examples), test_examples % 1000} - {0}  # 1000s, then the rest
+  assert warm._sums.experimental_get_tracing_count() == len(batch_sizes)  # pylint: disable=protected-access

@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import os
+import threading
 
 import keras
 import numpy as np
@@ -131,6 +132,22 @@ class EvalModel:
     # inter-op threads run side by side.
     self._parts = max(1, tf.config.threading.get_inter_op_parallelism_threads())
     self._sums = tf.function(self._batch_sums, autograph=False)  # see TrainStep.train_chunk
+    self._batches = {}  # batch size -> the test split's dataset
+    self._lock = threading.Lock()  # warm_up() runs on a thread of its own
+
+  def warm_up(self) -> None:
+    """Builds the test input and runs the evaluation of one batch, ahead of the first use.
+
+    The trainer runs this on a thread while its first chunk of steps runs, so that the tracing
+    and first execution (graph optimization, kernel set-up) are not on evaluation's clock; most
+    of both run in TensorFlow without holding Python's lock. A failure here is left for
+    evaluate() to raise where it happens again.
+    """
+    try:
+      for images, labels in self._test_batches().take(1):
+        self._sums(images, labels)
+    except Exception:  # pylint: disable=broad-except
+      logging.debug("Evaluating ahead failed; evaluate() will try again.", exc_info=True)
 
   def load(self, weights) -> None:
     """Takes `weights` (a list as Keras' get_weights() gives) into the float32 copy."""
@@ -139,15 +156,22 @@ class EvalModel:
   def evaluate(self, weights, batch_size=1000) -> dict:
     """Test-split accuracy and loss of `weights` (loaded into the float32 copy first)."""
     self.load(weights)
-    splits = self._splits
     loss_total, correct, count = 0.0, 0, 0
-    for images, labels in data.eval_batches(splits.test_images, splits.test_labels, batch_size):
+    for images, labels in self._test_batches(batch_size):
       batch_loss, batch_correct = self._sums(images, labels)
       loss_total += float(batch_loss)
       correct += int(batch_correct)
       count += int(labels.shape[0])
     return {"test_accuracy": correct / count, "test_loss": loss_total / count,
             "test_examples": count}
+
+  def _test_batches(self, batch_size=1000):
+    """The test split's batches, built once per batch size (one copy of the split)."""
+    with self._lock:
+      if batch_size not in self._batches:
+        self._batches[batch_size] = data.eval_batches(self._splits.test_images,
+                                                      self._splits.test_labels, batch_size)
+      return self._batches[batch_size]
 
   def _batch_sums(self, images, labels):
     """(summed loss, correct predictions) of one batch, computed in `self._parts` parts."""

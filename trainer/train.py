@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import re
+import threading
 import time
 
 import tensorflow as tf
@@ -172,6 +173,9 @@ def _train(run: _Run) -> dict:
                run.total_steps, run.steps_per_epoch, config.global_batch_size,
                run.runtime.num_replicas)
   iterator = distribute.input_iterator(run.runtime, _train_input(run, step))
+  if run.eval_model is not None:
+    # Traced while the first chunk runs (step.EvalModel.warm_up), off the evaluations' clock.
+    threading.Thread(target=run.eval_model.warm_up, name="eval-warm-up", daemon=True).start()
   profile = _profile_range(run)
   progress, boundary_actions, profiler = _actions(run, profile)
   # Every worker ends its chunks at the same steps (each chunk ends in a collective vote).
