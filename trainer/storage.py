@@ -23,8 +23,8 @@ _COPY_BUFFER = 1 << 20
 
 def _gcs():
   """The bucket transport (trainer/gcs.py), imported by the first gs:// path: google-cloud-storage
-  and google-api-core take about a quarter of a second to import, which a run on local paths
-  never needs. Python's import lock makes a first use from two threads safe."""
+  and google-api-core take a quarter of a second to import on their own, which a run on local
+  paths never needs. Python's import lock makes a first use from two threads safe."""
   from trainer import gcs  # pylint: disable=import-outside-toplevel
   return gcs
 
