@@ -149,16 +149,21 @@ def test_the_training_log_is_ours_unless_verbosity_asks(tmp_path, tfds_dir):
 @pytest.mark.slow
 def test_a_local_run_loads_no_plotting_or_bucket_libraries(tmp_path, tfds_dir):
   """Start-up time: Keras would import matplotlib when installed (as it is here, for the
-  notebook test), and storage would import google-cloud-storage; a local run needs neither. The
-  entry point runs as `python -m` does; an exit handler lists what the process loaded (the
-  trainer leaves through os._exit, after the exit handlers)."""
+  notebook test), storage would import google-cloud-storage, and opening prepared data would
+  import TFDS; a local run on prepared, decoded data needs none of them. The entry point runs as
+  `python -m` does; an exit handler lists what the process loaded (the trainer leaves through
+  os._exit, after the exit handlers)."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+  from trainer import config as config_lib  # pylint: disable=import-outside-toplevel
+  from trainer import data  # pylint: disable=import-outside-toplevel
   assert importlib.util.find_spec("matplotlib") is not None  # else this test proves nothing
+  data.load(config_lib.Config(data_dir=tfds_dir, epochs=1))  # decoded once, as a first run does
   code = (
       "import atexit, runpy, sys\n"
       "atexit.register(lambda: print('LOADED', 'keras' in sys.modules, sorted(\n"
       "    m for m, module in sys.modules.items() if module is not None and m.startswith(\n"
-      "        ('matplotlib', 'google.api_core', 'google.cloud.storage', 'trainer.gcs')))))\n"
+      "        ('matplotlib', 'google.api_core', 'google.cloud.storage', 'trainer.gcs',\n"
+      "         'tensorflow_datasets')))))\n"
       "sys.argv[0] = 'trainer.task'\n"
       "runpy.run_module('trainer.task', run_name='__main__', alter_sys=True)\n")
   result = subprocess.run(

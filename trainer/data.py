@@ -161,8 +161,9 @@ def _builder(dataset: str, data_dir: str):
 def _prepared_builder(dataset: str, data_dir: str):
   """A read-only builder of the one version of `dataset` prepared in data_dir, or None.
 
-  It reads the prepared metadata alone, where tfds.builder first imports TFDS's whole catalog of
-  dataset modules (about a quarter of a second every run). TFDS lays a prepared dataset out as
+  It reads the prepared metadata alone (trainer/tfds_metadata.py without TFDS, else TFDS's
+  builder_from_directory), where tfds.builder first imports TFDS's whole catalog of dataset
+  modules (about a quarter of a second every run). TFDS lays a prepared dataset out as
   data_dir/NAME/VERSION/dataset_info.json and renames it into place when complete (a folder
   being prepared has another name); anything else (several versions, a config, none) takes the
   full path.
@@ -175,8 +176,12 @@ def _prepared_builder(dataset: str, data_dir: str):
     return None
   if len(versions) != 1:
     return None
-  import tensorflow_datasets as tfds  # Heavy import; keep it off module import paths.
-  builder = tfds.builder_from_directory(os.path.join(folder, versions[0]))
+  version_dir = os.path.join(folder, versions[0])
+  from trainer import tfds_metadata  # the plain layout, read without importing TFDS
+  builder = tfds_metadata.open_prepared(version_dir)
+  if builder is None:
+    import tensorflow_datasets as tfds  # Heavy import; keep it off module import paths.
+    builder = tfds.builder_from_directory(version_dir)
   features = builder.info.features
   if builder.name != dataset or "image" not in features or "label" not in features:
     return None

@@ -62,8 +62,8 @@ class _FusedAdamUpdate:
 
   The same formula as keras/src/optimizers/adam.py's update_step (both take the bias correction
   into the learning rate: tensorflow/core/kernels/training_ops.cc, ApplyAdam), in one op instead
-  of a dozen Keras ops, each traced per variable and per replica: that tracing was about a
-  third of a second of every run's start-up (bench/README.md). Everything else (the
+  of a dozen Keras ops, each traced, optimized and set up per variable and per replica: 0.1-0.2 s
+  of every run's start-up (bench/README.md). Everything else (the
   all-reduce, the schedule, the step counter, weight decay, loss scaling, the slot variables a
   checkpoint holds) stays Keras'. AMSGrad and sparse gradients take Keras' own update.
   """
