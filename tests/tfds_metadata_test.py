@@ -37,6 +37,7 @@ def _assert_same_as_tfds(version_dir):
   return ours
 
 
+@pytest.mark.slow  # real MNIST is prepared once per process; the fast tier has synthetic data
 def test_mnist_as_tfds_reads_it(tfds_dir):
   ours = _assert_same_as_tfds(_version_dir(tfds_dir, "mnist"))
   assert ours.info.splits["train"].num_examples == 60000
@@ -65,9 +66,9 @@ def test_an_image_folder_with_class_names_as_tfds_reads_it(tmp_path):
     lambda info, features: features["featuresDict"]["features"]["image"]["image"].update(
         dtype="uint16"),
 ])
-def test_another_layout_is_left_to_tfds(tfds_dir, tmp_path, change):
+def test_another_layout_is_left_to_tfds(synthetic_tfds_dir, tmp_path, change):
   version_dir = str(tmp_path / "mnist" / "3.0.1")
-  shutil.copytree(_version_dir(tfds_dir, "mnist"), version_dir,
+  shutil.copytree(_version_dir(synthetic_tfds_dir, "mnist"), version_dir,
                   ignore=shutil.ignore_patterns("*.npy"))
   with open(os.path.join(version_dir, "dataset_info.json")) as f:
     info = json.load(f)
@@ -82,9 +83,9 @@ def test_another_layout_is_left_to_tfds(tfds_dir, tmp_path, change):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "label_names"])
-def test_damaged_metadata_is_left_to_tfds(tfds_dir, tmp_path, damage):
+def test_damaged_metadata_is_left_to_tfds(synthetic_tfds_dir, tmp_path, damage):
   version_dir = str(tmp_path / "mnist" / "3.0.1")
-  shutil.copytree(_version_dir(tfds_dir, "mnist"), version_dir,
+  shutil.copytree(_version_dir(synthetic_tfds_dir, "mnist"), version_dir,
                   ignore=shutil.ignore_patterns("*.npy"))
   info_path = os.path.join(version_dir, "dataset_info.json")
   if damage == "truncated":
