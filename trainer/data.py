@@ -176,12 +176,8 @@ def _prepared_builder(dataset: str, data_dir: str):
     return None
   if len(versions) != 1:
     return None
-  version_dir = os.path.join(folder, versions[0])
-  from trainer import tfds_metadata  # the plain layout, read without importing TFDS
-  builder = tfds_metadata.open_prepared(version_dir)
-  if builder is None:
-    import tensorflow_datasets as tfds  # Heavy import; keep it off module import paths.
-    builder = tfds.builder_from_directory(version_dir)
+  from trainer import tfds_metadata
+  builder = tfds_metadata.open_read_only(os.path.join(folder, versions[0]))
   features = builder.info.features
   if builder.name != dataset or "image" not in features or "label" not in features:
     return None

@@ -125,13 +125,8 @@ def _key(source: str, files: tuple, image_size: int, eval_fraction: float) -> st
 
 
 def _read_builder(target: str):
-  from trainer import tfds_metadata  # the plain layout, read without importing TFDS
-  version_dir = os.path.join(target, NAME, VERSION)
-  prepared = tfds_metadata.open_prepared(version_dir)
-  if prepared is not None:
-    return prepared
-  import tensorflow_datasets as tfds
-  return tfds.builder_from_directory(version_dir)
+  from trainer import tfds_metadata
+  return tfds_metadata.open_read_only(os.path.join(target, NAME, VERSION))
 
 
 # ---------------------------------------------------------------- preparation

@@ -18,6 +18,16 @@ _IMAGE = "tensorflow_datasets.core.features.image_feature.Image"
 _LABEL = "tensorflow_datasets.core.features.class_label_feature.ClassLabel"
 
 
+def open_read_only(version_dir: str):
+  """The dataset prepared in version_dir: read here when its layout is the plain one, else by
+  TFDS's builder_from_directory (which imports TFDS)."""
+  prepared = open_prepared(version_dir)
+  if prepared is not None:
+    return prepared
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  return tfds.builder_from_directory(version_dir)
+
+
 def open_prepared(version_dir: str):
   """A PreparedDataset for the TFDS dataset prepared in version_dir, or None when its metadata
   is not the plain layout described above (or cannot be read)."""
