@@ -62,6 +62,20 @@ def test_stream_functions_are_not_converted_by_autograph(tmp_path, monkeypatch):
   assert not [f for f in os.listdir(generated_dir) if f.startswith("__autograph_generated")]
 
 
+@pytest.mark.parametrize("decoded", [False, True])
+def test_batches_have_a_static_shape(tmp_path, decoded):
+  """As in memory: the training step is traced for [per_replica, ...], not an unknown batch."""
+  source = _write(tmp_path, [5, 6])
+  if decoded:
+    from trainer import decoded_records  # pylint: disable=import-outside-toplevel
+    source = decoded_records.decoded_source(source, [0, 1], 10 ** 9)
+    assert source.decoded
+  fn = stream.train_dataset_fn(source, 6, seed=1, shuffle_buffer=4, total_steps=4)
+  images, labels, weights = fn(tf.distribute.InputContext()).element_spec
+  assert images.shape == (6, *SHAPE)
+  assert labels.shape == weights.shape == (6,)
+
+
 @pytest.mark.parametrize("counts, pipelines", [
     ([10, 7, 13, 5], 2),  # files divisible by pipelines, uneven sizes
     ([10, 7, 13, 5, 9], 2),  # not divisible
