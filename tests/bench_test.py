@@ -267,6 +267,9 @@ def test_plan_runs_only_what_the_rows_need_interleaved():
       "prepare_mnist", "default_seed1", "fixed_cost_r1"]
   assert [j.name for j in bench_run.plan(["stream_rss_growth"], full)] == [
       "prepare_synth", "rss_stream_1x", "rss_stream_10x", "rss_stream_30x"]
+  assert [j.name for j in bench_run.plan(["stream_throughput_ratio"], full)] == [
+      "prepare_mnist", "default_seed1", "stream_seed1", "stream_seed2", "default_seed2",
+      "default_seed3", "stream_seed3"]
   every = bench_run.plan([t.name for t in bench_run.TARGETS], full)
   assert len({j.name for j in every}) == len(every)
   # The whole full run must fit in 15 minutes on a quiet 2-core machine.
