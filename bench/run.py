@@ -427,7 +427,8 @@ def stream_throughput_ratio(records, ctx) -> dict:
   memory = _median(records, "default_seed", "images_per_sec")
   return {"value": report.median_with_failures(pairs) if pairs else math.nan,
           "basis": f"default recipe on MNIST, `--input_mode=stream` / in_memory images/s of the "
-                   f"same seed, run back to back (in turn first): {', '.join(report.fmt(p, 2) for p in pairs)}; "
+                   f"same seed, run back to back (in turn first): "
+                   f"{', '.join(report.fmt(p, 2) for p in pairs)}; "
                    f"median of those (medians of each mode: {report.fmt(stream, 0)} / "
                    f"{report.fmt(memory, 0)} images/s)"}
 
