@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import decoded_records
 from trainer import stream
 
 SHAPE = (4, 4, 1)
@@ -67,7 +68,6 @@ def test_batches_have_a_static_shape(tmp_path, decoded):
   """As in memory: the training step is traced for [per_replica, ...], not an unknown batch."""
   source = _write(tmp_path, [5, 6])
   if decoded:
-    from trainer import decoded_records  # pylint: disable=import-outside-toplevel
     source = decoded_records.decoded_source(source, [0, 1], 10 ** 9)
     assert source.decoded
   fn = stream.train_dataset_fn(source, 6, seed=1, shuffle_buffer=4, total_steps=4)
