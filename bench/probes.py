@@ -161,27 +161,38 @@ def pipeline() -> dict:
 
 
 def hardware() -> dict:
-  """Analytic training FLOPs per image of the default model, and the best fp32 matmul rate."""
+  """Analytic training FLOPs per image of the default model, and the best matmul rates: float32,
+  and bfloat16 where the CPU computes it natively (what `--precision=auto` then trains with)."""
   import tensorflow as tf
   from bench import flops
   from trainer import model as model_lib
+  from trainer import step
   model = model_lib.build_model(_config(), (28, 28, 1), 10)
-  rates = {}
-  for n in (1024, 2048, 3072):
-    a = tf.random.normal([n, n])
-    matmul = tf.function(lambda m: tf.linalg.matmul(m, m))
-    matmul(a).numpy()
-    reps = max(2, int(4e10 / (2 * n ** 3)))
-    best = 0.0
-    for _ in range(3):
-      tic = time.perf_counter()
-      for _ in range(reps):
-        out = matmul(a)
-      out.numpy()
-      best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - tic) / 1e9)
-    rates[str(n)] = best
-  return {"default_model": flops.model_flops(model), "matmul_gflops": rates,
-          "matmul_best_gflops": max(rates.values())}
+  out = {"default_model": flops.model_flops(model)}
+  dtypes = [("", tf.float32)]
+  if step.native_bfloat16(step.cpu_flags()) and step.onednn_enabled():
+    dtypes.append(("bf16_", tf.bfloat16))
+  for prefix, dtype in dtypes:
+    rates = {str(n): _matmul_gflops(tf, n, dtype) for n in (1024, 2048, 3072)}
+    out[f"matmul_{prefix}gflops"] = rates
+    out[f"matmul_{prefix}best_gflops"] = max(rates.values())
+  return out
+
+
+def _matmul_gflops(tf, n: int, dtype) -> float:
+  """The best of 3 timed repetitions of an n x n matmul, enough repetitions for ~40 GFLOP each."""
+  a = tf.cast(tf.random.normal([n, n]), dtype)
+  matmul = tf.function(lambda m: tf.linalg.matmul(m, m))
+  matmul(a).numpy()
+  reps = max(2, int(4e10 / (2 * n ** 3)))
+  best = 0.0
+  for _ in range(3):
+    tic = time.perf_counter()
+    for _ in range(reps):
+      out = matmul(a)
+    out.numpy()
+    best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - tic) / 1e9)
+  return best
 
 
 def prepare() -> dict:

@@ -257,6 +257,24 @@ def test_rows_from_records():
   assert math.isnan(bench_run.two_worker_ratio(records, ctx)["value"])
 
 
+def test_a_bfloat16_default_is_measured_against_the_bfloat16_matmul():
+  records, ctx = _records(), {"nominal_peak": {"gflops": 500.0, "assumption": "x"}}
+  records["hardware"]["result"].update(matmul_bf16_best_gflops=480.0,
+                                       matmul_bf16_gflops={"2048": 480.0})
+  fp32 = bench_run.fraction_of_measured_peak(records, ctx)
+  assert fp32["value"] == pytest.approx(8002 * 19e6 / 1e9 / 250) and "fp32 matmul" in fp32["basis"]
+  for seed in (1, 2, 3):
+    records[f"default_seed{seed}"]["metrics"] = {"precision": "mixed_bfloat16"}
+  bf16 = bench_run.fraction_of_measured_peak(records, ctx)
+  assert bf16["value"] == pytest.approx(8002 * 19e6 / 1e9 / 480)
+  assert "bfloat16 matmul 480.0" in bf16["basis"] and "mixed_bfloat16" in bf16["basis"]
+  assert "mixed_bfloat16" in bench_run.default_run_wall_s(records, ctx)["basis"]
+  # Runs that disagree are named as such, never silently measured against one peak.
+  records["default_seed2"]["metrics"] = {"precision": "float32"}
+  assert bench_run.fraction_of_measured_peak(records, ctx)["details"]["precision"] == (
+      "float32/mixed_bfloat16")
+
+
 def test_plan_runs_only_what_the_rows_need_interleaved():
   full = bench_run.settings(False)
   names = [j.name for j in bench_run.plan(["wall_time_to_99_ratio"], full)]

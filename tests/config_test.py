@@ -38,6 +38,7 @@ def test_config_is_frozen():
     (dict(adam_beta2=-0.1), "--adam_beta2"),
     (dict(num_cpu_devices=2, strategy="one_device"), "--num_cpu_devices"),
     (dict(checkpoint_every_steps=0), "--checkpoint_every_steps"),
+    (dict(precision="bfloat16"), "--precision"),
 ])
 def test_bad_values_name_the_flag(overrides, flag):
   values = dict(epochs=1)
@@ -70,6 +71,25 @@ def _parse(argv):
   config_lib.define_flags(fv)
   fv(["prog", *argv])
   return fv
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "auto"),
+    (["--precision=float32"], "float32"),
+    (["--precision=mixed"], "mixed"),
+    (["--mixed_precision"], "mixed"),  # the old spelling still works
+    (["--nomixed_precision"], "float32"),
+    (["--mixed_precision", "--precision=mixed"], "mixed"),
+])
+def test_precision_flag_and_its_old_spelling(argv, expected):
+  assert config_lib.config_from_flags(_parse(argv), environ={}).precision == expected
+
+
+@pytest.mark.parametrize("argv", [["--mixed_precision", "--precision=float32"],
+                                  ["--nomixed_precision", "--precision=auto"]])
+def test_old_precision_flag_contradicting_the_new_one_is_an_error(argv):
+  with pytest.raises(errors.ConfigError, match="contradicts --precision=.*give only --precision"):
+    config_lib.config_from_flags(_parse(argv), environ={})
 
 
 def test_config_from_flags_and_env():

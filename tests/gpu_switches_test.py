@@ -1,5 +1,6 @@
-"""The GPU switches on 2 CPU replicas: --mixed_precision (bfloat16, and float16 with loss scaling),
---xla and --collective_implementation=nccl's refusal on a machine without GPUs."""
+"""The GPU switches on 2 CPU replicas: --precision (bfloat16, float16 with loss scaling, float32,
+and a resume across policies), --xla and --collective_implementation=nccl's refusal on a machine
+without GPUs."""
 
 import json
 import os
@@ -45,14 +46,16 @@ def test_cli_refuses_nccl_without_gpus_before_tensorflow_loads(tmp_path):
 # name -> (extra flags, extra environment, what the log must say)
 SWITCHES = {
     # A CPU's own mixed precision: bfloat16 has float32's range, so no loss scaling.
-    "mixed_bfloat16": (["--mixed_precision"], {},
+    "mixed_bfloat16": (["--precision=mixed"], {},
                        "Precision policy mixed_bfloat16, no loss scaling."),
-    # A GPU's: float16 with dynamic loss scaling, forced onto the CPU by the test hook.
+    # A GPU's: float16 with dynamic loss scaling, forced onto the CPU by the test hook (and the
+    # flag's old spelling).
     "mixed_float16": (["--mixed_precision"], {step.POLICY_OVERRIDE: "mixed_float16"},
                       "Precision policy mixed_float16, loss scaled dynamically by "
                       "LossScaleOptimizer"),
     # TensorFlow's C++ log (level 0) says when XLA compiled the step.
     "xla": (["--xla"], {"TF_CPP_MIN_LOG_LEVEL": "0"}, "Compiled cluster using XLA!"),
+    "float32": (["--precision=float32"], {}, "Precision policy float32, no loss scaling."),
 }
 
 
@@ -84,6 +87,8 @@ def test_switch_trains_resumes_and_serves_float32(tmp_path, tfds_dir, switch):
   assert f"Restored {ckpt_dir / 'ckpt-30'}" in log
   assert metrics["start_step"] == 30 and metrics["global_step"] == 40
   assert metrics["test_accuracy"] > 0.5, metrics
+  if switch.startswith(("mixed", "float32")):
+    assert metrics["precision"] == switch
   saved = dict(tf.train.list_variables(str(ckpt_dir / "ckpt-40")))
   # The loss scale is part of the checkpoint exactly when float16 scales the loss.
   assert ("optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE" in saved) == (
@@ -98,12 +103,27 @@ def test_switch_trains_resumes_and_serves_float32(tmp_path, tfds_dir, switch):
                                 out["probabilities"].numpy().argmax(axis=1))
 
 
+@pytest.mark.slow
+def test_a_bfloat16_checkpoint_resumes_in_float32_and_back(tmp_path, tfds_dir):
+  """A run preempted on a CPU with bfloat16 and rescheduled onto one without (--precision=auto
+  then picks float32) resumes: variables are float32 under both policies, and no loss scale is
+  saved for bfloat16. Both directions, on the same model_dir."""
+  start = 0
+  for switch, steps in (("mixed_bfloat16", 20), ("float32", 30), ("mixed_bfloat16", 40)):
+    log, metrics = _train(tmp_path, tfds_dir, switch, steps, export=False)
+    assert metrics["precision"] == switch and metrics["global_step"] == steps
+    assert metrics["start_step"] == start
+    assert start == 0 or re.search(rf"Restored \S+ckpt-{start}\b", log), log[-2000:]
+    start = steps
+  assert metrics["test_accuracy"] > 0.5, metrics
+
+
 _OVERFLOW_SCRIPT = """
 import json
 import keras, numpy as np, tensorflow as tf
 from trainer import cluster, config, distribute, step
 c = config.Config(epochs=1, global_batch_size=8, num_cpu_devices=2, model_widths=(4,),
-                  kernel_sizes=(3,), pool_sizes=(2,), mixed_precision=True)
+                  kernel_sizes=(3,), pool_sizes=(2,), precision="mixed")
 rt = distribute.create_runtime(c, cluster.ClusterInfo())
 step.set_precision_and_seeds(c, {step.POLICY_OVERRIDE: "mixed_float16"})
 train_step = step.TrainStep(c, rt, (28, 28, 1), 10, 10)

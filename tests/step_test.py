@@ -12,34 +12,58 @@ from trainer import step
 
 def test_cpu_speed_warnings_name_the_flag():
   from trainer import config as config_lib
-  c = config_lib.Config(epochs=1, xla=True, mixed_precision=True)
+  c = config_lib.Config(epochs=1, xla=True, precision="mixed")
   warnings = step.cpu_speed_warnings(c, has_gpu=False, cpu_flags={"avx2", "fma"})
-  assert any("--xla" in w for w in warnings) and any("--mixed_precision" in w for w in warnings)
-  assert not any("--mixed_precision" in w
+  assert any("--xla" in w for w in warnings) and any("--precision=mixed" in w for w in warnings)
+  assert not any("--precision" in w
                  for w in step.cpu_speed_warnings(c, False, {"avx512_bf16"}))
   assert step.cpu_speed_warnings(c, has_gpu=True, cpu_flags=set()) == []
   assert step.cpu_speed_warnings(config_lib.Config(epochs=1), False, set()) == []
 
 
-@pytest.mark.parametrize("mixed, gpu, environ, expected", [
-    (False, False, {}, "float32"),
-    (False, True, {step.POLICY_OVERRIDE: "mixed_float16"}, "float32"),  # only with the flag
-    (True, False, {}, "mixed_bfloat16"),
-    (True, True, {}, "mixed_float16"),
-    (True, False, {step.POLICY_OVERRIDE: "mixed_float16"}, "mixed_float16"),  # tests' CPU path
+@pytest.mark.parametrize("precision, gpu, environ, cpu_bf16, expected", [
+    ("float32", False, {}, True, "float32"),
+    ("float32", True, {step.POLICY_OVERRIDE: "mixed_float16"}, False, "float32"),  # mixed only
+    ("mixed", False, {}, False, "mixed_bfloat16"),  # asked for: emulated, with a warning
+    ("mixed", False, {}, True, "mixed_bfloat16"),
+    ("mixed", True, {}, False, "mixed_float16"),
+    ("mixed", False, {step.POLICY_OVERRIDE: "mixed_float16"}, True, "mixed_float16"),  # tests
+    ("auto", False, {}, True, "mixed_bfloat16"),  # a CPU with native bfloat16
+    ("auto", False, {}, False, "float32"),  # emulated bfloat16 would be slower
+    ("auto", True, {}, True, "float32"),  # GPUs: float16 needs loss scaling; not chosen alone
+    ("auto", False, {step.POLICY_OVERRIDE: "mixed_float16"}, True, "mixed_bfloat16"),
 ])
-def test_precision_policy(mixed, gpu, environ, expected):
-  assert step.precision_policy(mixed, gpu, environ) == expected
+def test_precision_policy(precision, gpu, environ, cpu_bf16, expected):
+  assert step.precision_policy(precision, gpu, environ, cpu_bf16) == expected
+
+
+def test_native_bfloat16_from_cpu_flags():
+  assert step.native_bfloat16({"avx2", "avx512f", "avx512_bf16"})
+  assert step.native_bfloat16({"amx_bf16", "amx_tile"})
+  assert not step.native_bfloat16({"avx2", "fma", "avx512f", "avx512_vnni"})
+  assert not step.native_bfloat16(set())
+
+
+def test_auto_precision_follows_this_machine():
+  """What `--precision=auto` trains with here: bfloat16 exactly when /proc/cpuinfo lists native
+  bfloat16 and TensorFlow runs oneDNN (TF_ENABLE_ONEDNN_OPTS=0 turns it off)."""
+  import keras
+  native = step.native_bfloat16(step.cpu_flags()) and step.onednn_enabled()
+  try:
+    step.set_precision_and_seeds(config_lib.Config(epochs=1), environ={})
+    assert step.policy_name() == ("mixed_bfloat16" if native else "float32")
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
 
 
 def test_bad_policy_override_names_the_variable():
   with pytest.raises(errors.ConfigError, match=r"\$TRAINER_MIXED_PRECISION_POLICY='float16'"):
-    step.precision_policy(True, False, {step.POLICY_OVERRIDE: "float16"})
+    step.precision_policy("mixed", False, {step.POLICY_OVERRIDE: "float16"}, False)
 
 
 def test_no_bfloat16_warning_for_float16():
   from trainer import config as config_lib
-  c = config_lib.Config(epochs=1, mixed_precision=True)
+  c = config_lib.Config(epochs=1, precision="mixed")
   assert step.cpu_speed_warnings(c, False, set(), "mixed_float16") == []
   assert step.cpu_speed_warnings(c, False, set(), "mixed_bfloat16")
 

@@ -15,6 +15,7 @@ INPUT_MODES = ("auto", "in_memory", "stream")
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALINGS = ("linear", "none")
 PADDINGS = ("same", "valid")
+PRECISIONS = ("auto", "float32", "mixed")
 _MAX_WAIT_S = 7 * 24 * 3600.0
 # Keeps epochs x steps per epoch an integer TensorFlow's int64 step counter holds.
 _MAX_EPOCHS = 1e6
@@ -87,7 +88,9 @@ class Config:
   dense_units: int = 128
   dropout: float = 0.0
   batch_norm: bool = False
-  mixed_precision: bool = False
+  # auto: mixed_bfloat16 on a CPU with native bfloat16 (AVX512_BF16 or AMX, through oneDNN),
+  # else float32; mixed: mixed_float16 on GPUs, mixed_bfloat16 on CPUs (trainer/step.py).
+  precision: str = "auto"
   xla: bool = False
   # in_memory: the train split decoded into RAM (exact global order); stream: its record files
   # read by tf.data, file-sharded per worker; auto: stream when the decoded split would be
@@ -211,6 +214,9 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(
         "--train_examples takes a subset of a split held in memory: use it with "
         "--input_mode=in_memory, or drop it to stream the whole split.")
+  if c.precision not in PRECISIONS:
+    raise errors.ConfigError(
+        f"--precision={c.precision!r}: use one of {', '.join(PRECISIONS)}.")
   if c.conv_padding not in PADDINGS:
     raise errors.ConfigError(
         f"--conv_padding={c.conv_padding!r}: use one of {', '.join(PADDINGS)}.")
@@ -338,7 +344,10 @@ _HELP = {
     "dense_units": "Width of the hidden dense layer (0: none).",
     "dropout": "Dropout rate before the classifier.",
     "batch_norm": "Batch normalization after each convolution.",
-    "mixed_precision": "mixed_float16 on GPUs, mixed_bfloat16 on CPUs.",
+    "precision": "auto: mixed_bfloat16 on a CPU with native bfloat16 (AVX512_BF16 or AMX), "
+                 "float32 elsewhere (GPUs included); mixed: mixed_float16 on GPUs (with loss "
+                 "scaling), mixed_bfloat16 on CPUs; float32. Variables, evaluation and export "
+                 "stay float32.",
     "xla": "Compile the training step with XLA (jit_compile).",
     "input_mode": "auto (stream when the decoded train split exceeds --in_memory_limit_mb), "
                   "in_memory (decode into RAM, exact global order) or stream (read the record "
@@ -364,14 +373,17 @@ _PER_BLOCK = ("model_widths", "kernel_sizes", "pool_sizes")
 TEST_HOOKS = {"inject_nan_at_step": "TRAINER_INJECT_NAN_AT_STEP"}
 _CHOICES = {"strategy": STRATEGIES, "input_mode": INPUT_MODES,
             "collective_implementation": COLLECTIVES, "lr_schedule": LR_SCHEDULES,
-            "lr_scaling": LR_SCALINGS, "conv_padding": PADDINGS}
+            "lr_scaling": LR_SCALINGS, "conv_padding": PADDINGS, "precision": PRECISIONS}
 
 
 def define_flags(flag_values=flags.FLAGS) -> None:
-  """Defines one absl flag per Config field (idempotent, so tests may call it again)."""
+  """Defines one absl flag per Config field (idempotent, so tests may call it again), and the
+  old spelling --[no]mixed_precision."""
   if "global_batch_size" in flag_values:
     return
   fv = {"flag_values": flag_values}
+  flags.DEFINE_boolean("mixed_precision", False, "The old spelling of --precision=mixed "
+                       "(--nomixed_precision: --precision=float32).", **fv)
   for field in dataclasses.fields(Config):
     if field.name in TEST_HOOKS:
       continue
@@ -424,4 +436,11 @@ def config_from_flags(flag_values=flags.FLAGS, environ=os.environ) -> Config:
       values[field] = environ[variable]
   if values["train_steps"] is None and values["epochs"] is None:
     values["epochs"] = _DEFAULTS.epochs
+  if flag_values["mixed_precision"].present:
+    old = "mixed" if flag_values["mixed_precision"].value else "float32"
+    if flag_values["precision"].present and values["precision"] != old:
+      raise errors.ConfigError(
+          f"--{'' if old == 'mixed' else 'no'}mixed_precision contradicts "
+          f"--precision={values['precision']}: give only --precision.")
+    values["precision"] = old
   return Config(**values)

@@ -16,7 +16,7 @@ from trainer import schedule
 
 SUM = tf.distribute.ReduceOp.SUM
 
-# Tests only, like $TRAINER_INJECT_NAN_AT_STEP: the policy --mixed_precision uses instead of the
+# Tests only, like $TRAINER_INJECT_NAN_AT_STEP: the policy --precision=mixed uses instead of the
 # device's, so that mixed_float16 and its loss scaling (a GPU's path) also run on a CPU.
 POLICY_OVERRIDE = "TRAINER_MIXED_PRECISION_POLICY"
 MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
@@ -204,21 +204,29 @@ def set_precision_and_seeds(config, environ=None) -> None:
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   gpus = tf.config.list_physical_devices("GPU")
-  policy = precision_policy(config.mixed_precision, bool(gpus),
-                            os.environ if environ is None else environ)
+  flags = cpu_flags()
+  policy = precision_policy(config.precision, bool(gpus),
+                            os.environ if environ is None else environ,
+                            native_bfloat16(flags) and onednn_enabled())
   keras.mixed_precision.set_global_policy(policy)
-  for warning in cpu_speed_warnings(config, bool(gpus), _cpu_flags(), policy):
+  for warning in cpu_speed_warnings(config, bool(gpus), flags, policy):
     logging.warning(warning)
 
 
-def precision_policy(mixed_precision: bool, has_gpu: bool, environ) -> str:
-  """float32; with --mixed_precision, mixed_float16 on GPUs and mixed_bfloat16 on CPUs.
+def precision_policy(precision: str, has_gpu: bool, environ, cpu_bfloat16: bool) -> str:
+  """The Keras policy for --precision: float32, mixed, or auto (mixed where the CPU has it).
 
-  CPUs get bfloat16 because it needs no loss scaling (float32's exponent range) and is what CPU
-  kernels accelerate (AVX512_BF16, AMX); float16 is the GPUs' tensor-core type.
+  mixed is mixed_float16 on GPUs and mixed_bfloat16 on CPUs. CPUs get bfloat16 because it needs
+  no loss scaling (float32's exponent range) and is what CPU kernels accelerate (AVX512_BF16,
+  AMX); float16 is the GPUs' tensor-core type. auto picks mixed_bfloat16 only on a CPU that
+  computes bfloat16 natively through oneDNN (`cpu_bfloat16`): elsewhere bfloat16 is emulated,
+  several times slower than float32. auto keeps GPUs on float32: float16 needs loss scaling,
+  and no GPU was measured here. Variables, the evaluation copy and the export stay float32.
   """
-  if not mixed_precision:
+  if precision == "float32":
     return "float32"
+  if precision == "auto":
+    return "mixed_bfloat16" if cpu_bfloat16 and not has_gpu else "float32"
   override = environ.get(POLICY_OVERRIDE)
   if override:
     if override not in MIXED_POLICIES:
@@ -228,7 +236,26 @@ def precision_policy(mixed_precision: bool, has_gpu: bool, environ) -> str:
   return "mixed_float16" if has_gpu else "mixed_bfloat16"
 
 
-def _cpu_flags() -> set:
+def native_bfloat16(cpu_flags: set) -> bool:
+  """x86 bfloat16 dot products (Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later)."""
+  return bool({"avx512_bf16", "amx_bf16"} & cpu_flags)
+
+
+def onednn_enabled() -> bool:
+  """Whether this process's TensorFlow runs its oneDNN CPU kernels, the only ones with native
+  bfloat16 ($TF_ENABLE_ONEDNN_OPTS, which trainer/__init__.py sets to 1 unless the user set it).
+  TensorFlow's own answer (tensorflow/python/util/util_port wrapper of IsMklEnabled) when it
+  gives one; else the variable, read as TensorFlow reads booleans (0/false off)."""
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
+  except (ImportError, AttributeError):
+    value = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower()
+    return value not in ("0", "false")
+
+
+def cpu_flags() -> set:
+  """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -248,15 +275,21 @@ def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set,
   if config.xla:
     warnings.append("--xla on CPU: the XLA-compiled step ran about 2x slower than the default "
                     "one in `make bench`; it is meant for GPUs.")
-  bf16_emulated = "avx512_bf16" not in cpu_flags and "amx_bf16" not in cpu_flags
-  if config.mixed_precision and policy == "mixed_bfloat16" and bf16_emulated:
-    warnings.append("--mixed_precision on a CPU without AVX512_BF16/AMX: bfloat16 is emulated "
-                    "and trained about 8x slower than float32 in `make bench`.")
+  if (config.precision == "mixed" and policy == "mixed_bfloat16"
+      and not native_bfloat16(cpu_flags)):
+    warnings.append("--precision=mixed on a CPU without AVX512_BF16/AMX: bfloat16 is emulated "
+                    "and trained about 8x slower than float32 in `make bench`; --precision=auto "
+                    "uses it only where the CPU has it.")
   return warnings
 
 
+def policy_name() -> str:
+  """The Keras precision policy this process trains with (metrics.json's `precision`)."""
+  return keras.mixed_precision.global_policy().name
+
+
 def _log_precision(optimizer, loss_scaled: bool) -> None:
-  policy = keras.mixed_precision.global_policy().name
+  policy = policy_name()
   if loss_scaled:
     logging.info("Precision policy %s, loss scaled dynamically by LossScaleOptimizer (initial "
                  "scale %g).", policy, optimizer.initial_scale)

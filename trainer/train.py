@@ -274,8 +274,8 @@ def _finish(run: _Run, train_stats: dict) -> dict:
     train_stats = run.outputs.previous_train_stats()
   metrics = {"global_step": int(train_step.step.numpy()), "start_step": run.start_step,
              "num_replicas": runtime.num_replicas, "num_workers": runtime.num_workers,
-             "strategy": runtime.kind, "train_images_per_sec": 0.0, "train_seconds": 0.0,
-             **train_stats}
+             "strategy": runtime.kind, "precision": step_lib.policy_name(),
+             "train_images_per_sec": 0.0, "train_seconds": 0.0, **train_stats}
   weights = train_step.model.get_weights()
   metrics["weights_sha256"] = step_lib.weights_fingerprint(train_step.model)
   logging.info("Final step %d weights_sha256 %s", metrics["global_step"],
