@@ -118,6 +118,21 @@ def test_a_bfloat16_checkpoint_resumes_in_float32_and_back(tmp_path, tfds_dir):
   assert metrics["test_accuracy"] > 0.5, metrics
 
 
+@pytest.mark.slow
+def test_auto_precision_is_bfloat16_only_with_native_bfloat16_and_onednn(tmp_path, tfds_dir):
+  """The default --precision=auto in a real run: mixed_bfloat16 exactly when this CPU lists
+  AVX512_BF16/AMX, and float32 whenever TF_ENABLE_ONEDNN_OPTS=0 switches oneDNN off."""
+  native = step.native_bfloat16(step.cpu_flags())
+  for onednn, expected in (("1", "mixed_bfloat16" if native else "float32"), ("0", "float32")):
+    model_dir = tmp_path / f"onednn{onednn}"
+    result = run_module("trainer.task", *tiny_flags(str(model_dir), tfds_dir, train_steps=5),
+                        "--export=false", env=child_env(TF_ENABLE_ONEDNN_OPTS=onednn))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"Precision policy {expected}, no loss scaling." in result.stdout
+    with open(model_dir / "metrics.json") as f:
+      assert json.load(f)["precision"] == expected
+
+
 _OVERFLOW_SCRIPT = """
 import json
 import keras, numpy as np, tensorflow as tf
