@@ -204,12 +204,12 @@ def set_precision_and_seeds(config, environ=None) -> None:
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   gpus = tf.config.list_physical_devices("GPU")
-  flags = cpu_flags()
+  features = cpu_flags()
   policy = precision_policy(config.precision, bool(gpus),
                             os.environ if environ is None else environ,
-                            native_bfloat16(flags) and onednn_enabled())
+                            native_bfloat16(features) and onednn_enabled())
   keras.mixed_precision.set_global_policy(policy)
-  for warning in cpu_speed_warnings(config, bool(gpus), flags, policy):
+  for warning in cpu_speed_warnings(config, bool(gpus), features, policy):
     logging.warning(warning)
 
 
@@ -244,8 +244,10 @@ def native_bfloat16(cpu_flags: set) -> bool:
 def onednn_enabled() -> bool:
   """Whether this process's TensorFlow runs its oneDNN CPU kernels, the only ones with native
   bfloat16 ($TF_ENABLE_ONEDNN_OPTS, which trainer/__init__.py sets to 1 unless the user set it).
-  TensorFlow's own answer (tensorflow/python/util/util_port wrapper of IsMklEnabled) when it
-  gives one; else the variable, read as TensorFlow reads booleans (0/false off)."""
+  TensorFlow's own answer (IsMklEnabled in tensorflow/core/util/port.cc, exposed as
+  _pywrap_util_port) when it gives one; else the variable (0/false: off). oneDNN also runs
+  bfloat16 on AVX-512 CPUs without AVX512_BF16 (IsDataTypeSupportedByOneDNNOnThisCPU), by
+  conversion, which is why `native_bfloat16` asks for the instructions themselves."""
   try:
     from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
     return bool(_pywrap_util_port.IsMklEnabled())
