@@ -170,7 +170,7 @@ def hardware() -> dict:
   model = model_lib.build_model(_config(), (28, 28, 1), 10)
   out = {"default_model": flops.model_flops(model)}
   dtypes = [("", tf.float32)]
-  if step.native_bfloat16(step.cpu_flags()) and step.onednn_enabled():
+  if step.cpu_computes_bfloat16():
     dtypes.append(("bf16_", tf.bfloat16))
   for prefix, dtype in dtypes:
     rates = {str(n): _matmul_gflops(tf, n, dtype) for n in (1024, 2048, 3072)}

@@ -345,7 +345,8 @@ def fraction_of_measured_peak(records, ctx) -> dict:
   """Against the matmul of the precision the default runs trained in: a bfloat16 run
   (`--precision=auto` on a CPU with native bfloat16) over the float32 peak would overstate it."""
   achieved, hw, text = _achieved_gflops(records)
-  bf16 = _default_precision(records) == "mixed_bfloat16"
+  precision = _default_precision(records)
+  bf16 = precision == "mixed_bfloat16"
   key, what = ("matmul_bf16_", "bfloat16") if bf16 else ("matmul_", "fp32")
   best = hw.get(f"{key}best_gflops")
   sizes = ", ".join(f"{n}: {report.fmt(v, 0)}" for n, v in (hw.get(f"{key}gflops") or {}).items())
@@ -355,8 +356,7 @@ def fraction_of_measured_peak(records, ctx) -> dict:
               f"matmul ({report.fmt(hw.get('matmul_best_gflops'), 1)} GFLOP/s) it would read "
               f"{report.fmt(report.ratio(achieved, hw.get('matmul_best_gflops')), 2)}")
   return {"value": report.ratio(achieved, best), "basis": basis,
-          "details": {"achieved_gflops": achieved, "hardware": hw,
-                      "precision": _default_precision(records)}}
+          "details": {"achieved_gflops": achieved, "hardware": hw, "precision": precision}}
 
 
 def _default_precision(records) -> str:

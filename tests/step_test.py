@@ -48,10 +48,10 @@ def test_auto_precision_follows_this_machine():
   """What `--precision=auto` trains with here: bfloat16 exactly when /proc/cpuinfo lists native
   bfloat16 and TensorFlow runs oneDNN (TF_ENABLE_ONEDNN_OPTS=0 turns it off)."""
   import keras
-  native = step.native_bfloat16(step.cpu_flags()) and step.onednn_enabled()
   try:
     step.set_precision_and_seeds(config_lib.Config(epochs=1), environ={})
-    assert step.policy_name() == ("mixed_bfloat16" if native else "float32")
+    expected = "mixed_bfloat16" if step.cpu_computes_bfloat16() else "float32"
+    assert step.policy_name() == expected
   finally:
     keras.mixed_precision.set_global_policy("float32")
 

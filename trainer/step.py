@@ -204,12 +204,10 @@ def set_precision_and_seeds(config, environ=None) -> None:
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   gpus = tf.config.list_physical_devices("GPU")
-  features = cpu_flags()
   policy = precision_policy(config.precision, bool(gpus),
-                            os.environ if environ is None else environ,
-                            native_bfloat16(features) and onednn_enabled())
+                            os.environ if environ is None else environ, cpu_computes_bfloat16())
   keras.mixed_precision.set_global_policy(policy)
-  for warning in cpu_speed_warnings(config, bool(gpus), features, policy):
+  for warning in cpu_speed_warnings(config, bool(gpus), cpu_flags(), policy):
     logging.warning(warning)
 
 
@@ -236,8 +234,16 @@ def precision_policy(precision: str, has_gpu: bool, environ, cpu_bfloat16: bool)
   return "mixed_float16" if has_gpu else "mixed_bfloat16"
 
 
+def cpu_computes_bfloat16() -> bool:
+  """This CPU has bfloat16 instructions and this process's TensorFlow runs the oneDNN kernels
+  that use them: what `--precision=auto` trains in bfloat16 on."""
+  return native_bfloat16(cpu_flags()) and onednn_enabled()
+
+
 def native_bfloat16(cpu_flags: set) -> bool:
-  """x86 bfloat16 dot products (Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later)."""
+  """x86 bfloat16 dot products (Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later),
+  by the names Linux gives them in /proc/cpuinfo (arch/x86/include/asm/cpufeatures.h:
+  X86_FEATURE_AVX512_BF16, X86_FEATURE_AMX_BF16)."""
   return bool({"avx512_bf16", "amx_bf16"} & cpu_flags)
 
 
@@ -245,15 +251,14 @@ def onednn_enabled() -> bool:
   """Whether this process's TensorFlow runs its oneDNN CPU kernels, the only ones with native
   bfloat16 ($TF_ENABLE_ONEDNN_OPTS, which trainer/__init__.py sets to 1 unless the user set it).
   TensorFlow's own answer (IsMklEnabled in tensorflow/core/util/port.cc, exposed as
-  _pywrap_util_port) when it gives one; else the variable (0/false: off). oneDNN also runs
-  bfloat16 on AVX-512 CPUs without AVX512_BF16 (IsDataTypeSupportedByOneDNNOnThisCPU), by
-  conversion, which is why `native_bfloat16` asks for the instructions themselves."""
+  _pywrap_util_port); False where that module is missing, so auto then keeps float32. oneDNN
+  also runs bfloat16 on AVX-512 CPUs without AVX512_BF16 (IsDataTypeSupportedByOneDNNOnThisCPU),
+  by conversion, which is why `native_bfloat16` asks for the instructions themselves."""
   try:
     from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
     return bool(_pywrap_util_port.IsMklEnabled())
   except (ImportError, AttributeError):
-    value = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower()
-    return value not in ("0", "false")
+    return False
 
 
 def cpu_flags() -> set:
