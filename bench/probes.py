@@ -8,6 +8,7 @@ traced functions.
 
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -221,8 +222,44 @@ def prepare() -> dict:
   return {}
 
 
+def first_contact() -> dict:
+  """A new user's first contact, as it feels: `git clone` of this checkout's HEAD (committed
+  code only) into a fresh directory, then README's `make train` there, with an empty TFDS
+  directory and cache; the installer's download cache is left as it is (warm after the first
+  time on a machine, as for a user who has installed Python packages before). `make` runs
+  twice, so the install (`.venv/.installed-runtime`) and the first run are timed apart."""
+  import shutil
+  import subprocess
+  import tempfile
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  top = tempfile.mkdtemp(prefix="first-contact-")
+  clone = os.path.join(top, "clone")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+  env["TRAINER_CACHE_DIR"] = os.path.join(top, "cache")
+  venv_bin = os.path.dirname(os.path.abspath(sys.executable))  # the clone makes its own venv
+  env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                if os.path.abspath(p) != venv_bin)
+  times = {}
+
+  def timed(name, command, cwd):
+    tic = time.perf_counter()
+    subprocess.run(command, cwd=cwd, env=env, check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    times[name] = round(time.perf_counter() - tic, 2)
+
+  timed("clone_s", ["git", "clone", "--quiet", root, clone], top)
+  timed("install_s", ["make", ".venv/.installed-runtime"], clone)
+  timed("first_run_s", ["make", "train", f"ARGS=--data_dir={os.path.join(top, 'tfds')}"], clone)
+  with open(os.path.join(clone, "runs", "mnist", "metrics.json")) as f:
+    metrics = json.load(f)
+  times["total_s"] = round(sum(times.values()), 2)
+  shutil.rmtree(top, ignore_errors=True)
+  return {**times, "test_accuracy": metrics.get("test_accuracy"),
+          "phases": metrics.get("phase_seconds", {})}
+
+
 _PROBES = {"reference": reference, "keras_throughput": keras_throughput, "pipeline": pipeline,
-           "hardware": hardware, "prepare": prepare}
+           "hardware": hardware, "prepare": prepare, "first_contact": first_contact}
 
 
 def _define_flags() -> None:

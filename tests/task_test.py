@@ -1,6 +1,7 @@
 """The command line: bad input exits non-zero with a message naming the flag or file."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -141,9 +142,17 @@ def test_the_training_log_is_ours_unless_verbosity_asks(tmp_path, tfds_dir):
   assert quiet.returncode == 0, quiet.stdout[-3000:]
   assert "Training steps 0 -> 10" in quiet.stdout and "Final step 10" in quiet.stdout
   assert "cross_device_ops" not in quiet.stdout and "reader.py" not in quiet.stdout
+  # The log is ours from its first line: TensorFlow's native start-up notices (oneDNN, no CUDA
+  # driver, a failed cuInit on a CPU machine) are held back at the default verbosity.
+  first_lines = quiet.stdout.splitlines()[:5]
+  assert first_lines and all(re.match(r"^[IWE]\d{4} [\d:.]+ +\d+ \w+\.py:\d+\] ", line)
+                             for line in first_lines), first_lines
+  assert "InitializeLog" not in quiet.stdout and "cuInit" not in quiet.stdout
   verbose = _task(*tiny_flags(str(tmp_path / "run2"), tfds_dir, num_cpu_devices=2,
                               export=False, train_steps=10), "--verbosity=1")
   assert verbose.returncode == 0 and "cross_device_ops" in verbose.stdout
+  # --verbosity brings TensorFlow's native lines back (TF 2.21 writes this one on every start).
+  assert "All log messages before absl::InitializeLog() is called" in verbose.stdout
 
 
 @pytest.mark.slow

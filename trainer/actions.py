@@ -138,18 +138,23 @@ class PreemptionVote:
 
 
 class LogProgress:
-  """Loss, accuracy, learning rate and images/s every `period` steps, to the log and TensorBoard.
+  """Loss, accuracy, learning rate and images/s: a log line every `period` steps, TensorBoard's
+  train/ scalars every `summary_period` steps (each the mean over its own window) and at the
+  last step.
 
   Throughput leaves out the first chunk, which includes tracing.
   """
 
-  def __init__(self, writer, optimizer, period: int, total_steps: int, global_batch: int):
-    self._writer = writer
+  def __init__(self, summaries, optimizer, period: int, summary_period: int, total_steps: int,
+               global_batch: int):
+    self._summaries = summaries
     self._optimizer = optimizer
     self._period = period
+    self._summary_period = summary_period
     self._total = total_steps
     self._batch = global_batch
-    self._window = [0.0, 0.0, 0.0]  # loss, correct, count since the last line
+    self._log_window = [0.0, 0.0, 0.0]  # loss, correct, count since the last log line
+    self._summary_window = [0.0, 0.0, 0.0]  # the same since the last summary
     self._steady_images, self._steady_seconds, self._first = 0, 0.0, True
     self._started = time.time()
 
@@ -158,11 +163,16 @@ class LogProgress:
       self._steady_images += result.steps * self._batch
       self._steady_seconds += result.seconds
     self._first = False
-    for i, value in enumerate((result.loss, result.correct, result.count)):
-      self._window[i] += value
-    if due(result.step, self._period) or result.step == self._total:
+    for window in (self._log_window, self._summary_window):
+      for i, value in enumerate((result.loss, result.correct, result.count)):
+        window[i] += value
+    last = result.step == self._total
+    if due(result.step, self._summary_period) or last:
+      self._summarize(result.step)
+      self._summary_window = [0.0, 0.0, 0.0]
+    if due(result.step, self._period) or last:
       self._log(result.step)
-      self._window = [0.0, 0.0, 0.0]
+      self._log_window = [0.0, 0.0, 0.0]
 
   def images_per_sec(self) -> float:
     return self._steady_images / self._steady_seconds if self._steady_seconds else float("nan")
@@ -172,32 +182,43 @@ class LogProgress:
     return {"train_images_per_sec": rate if math.isfinite(rate) else 0.0,
             "train_seconds": time.time() - self._started}
 
-  def _log(self, step: int) -> None:
-    loss_sum, correct, count = self._window
-    count = max(count, 1.0)
-    loss, accuracy = loss_sum / count, correct / count
+  def _summarize(self, step: int) -> None:
+    loss, accuracy = _means(self._summary_window)
+    values = {"loss": loss, "accuracy": accuracy,
+              "learning_rate": float(self._optimizer.learning_rate)}
     rate = self.images_per_sec()
-    eta = (self._total - step) * self._batch / rate if rate and math.isfinite(rate) else math.nan
+    if math.isfinite(rate):
+      values["images_per_sec"] = rate
+    self._summaries.train_scalars(step, values)
+
+  def _log(self, step: int) -> None:
+    loss, accuracy = _means(self._log_window)
+    rate = self.images_per_sec()
     lr = float(self._optimizer.learning_rate)
-    logging.info("step %d/%d loss %.4f accuracy %.4f lr %.5f images/s %.0f ETA %.0fs", step,
-                 self._total, loss, accuracy, lr, rate, eta)
-    with self._writer.as_default(step=step):
-      tf.summary.scalar("loss", loss)
-      tf.summary.scalar("accuracy", accuracy)
-      tf.summary.scalar("learning_rate", lr)
-      if math.isfinite(rate):
-        tf.summary.scalar("images_per_sec", rate)
-    self._writer.flush()
+    if math.isfinite(rate) and rate > 0:
+      speed = f"images/s {rate:.0f} ETA {(self._total - step) * self._batch / rate:.0f}s"
+    else:  # a run of one chunk: its only chunk included tracing
+      speed = "images/s n/a"
+    logging.info("step %d/%d loss %.4f accuracy %.4f lr %.5f %s", step, self._total, loss,
+                 accuracy, lr, speed)
+    self._summaries.flush()
+
+
+def _means(window) -> tuple:
+  """(mean loss, accuracy) of a window of summed (loss, correct, count)."""
+  loss_sum, correct, count = window
+  count = max(count, 1.0)
+  return loss_sum / count, correct / count
 
 
 class EvaluateOnTest:
   """The chief evaluates on the test split at the steps of `schedule` (an Every; the final
   evaluation after training is not one of them)."""
 
-  def __init__(self, eval_model, model, writer, schedule: Every):
+  def __init__(self, eval_model, model, summaries, schedule: Every):
     self._eval_model = eval_model
     self._model = model
-    self._writer = writer
+    self._summaries = summaries
     self._schedule = schedule
     self._started = time.time()
 
@@ -208,9 +229,7 @@ class EvaluateOnTest:
     logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (%.1fs into training)",
                  result.step, metrics["test_accuracy"], metrics["test_loss"],
                  time.time() - self._started)
-    with self._writer.as_default(step=result.step):
-      tf.summary.scalar("test_accuracy", metrics["test_accuracy"])
-      tf.summary.scalar("test_loss", metrics["test_loss"])
+    self._summaries.eval_scalars(result.step, metrics)
 
 
 def profile_boundaries(steps) -> tuple:

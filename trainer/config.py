@@ -19,6 +19,10 @@ PRECISIONS = ("auto", "float32", "mixed")
 _MAX_WAIT_S = 7 * 24 * 3600.0
 # Keeps epochs x steps per epoch an integer TensorFlow's int64 step counter holds.
 _MAX_EPOCHS = 1e6
+# --image_size: a 1024x1024 RGB image is 12 MiB as float32, a batch of 256 of them 3 GiB before
+# the first layer; --image_size=30000 ran out of memory while preparing (issue 33). Larger
+# images are no job for this CNN: resize them down.
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,8 @@ class Config:
   checkpoint_every_steps: int = 500
   keep_checkpoints: int = 3
   log_every_steps: int = 100
+  # TensorBoard's training curve: 24 points for the default 235 steps.
+  summary_every_steps: int = 10
   steps_per_loop: int = 20
   eval_every_steps: int = 0
   first_eval_step: int = 0
@@ -142,9 +148,11 @@ def validate(c: Config) -> None:
     raise errors.ConfigError(
         f"--dataset={c.dataset} names no folder: use --dataset=image_folder:DIR (local or "
         "gs://), DIR holding one sub-folder of JPEG/PNG images per class.")
-  if c.image_size < 0:
-    raise errors.ConfigError(f"--image_size must be >= 0 (0: keep the images' size), got "
-                             f"{c.image_size}.")
+  if not 0 <= c.image_size <= MAX_IMAGE_SIZE:
+    raise errors.ConfigError(
+        f"--image_size must be in [0, {MAX_IMAGE_SIZE}] (0: keep the images' size; a larger "
+        f"size does not fit a training batch in memory), got {c.image_size}: resize to at "
+        f"most {MAX_IMAGE_SIZE}, e.g. --image_size=224.")
   if not 0.0 < c.eval_fraction < 1.0:
     raise errors.ConfigError(f"--eval_fraction must be in (0, 1), e.g. 0.1, got "
                              f"{c.eval_fraction}.")
@@ -163,6 +171,7 @@ def validate(c: Config) -> None:
   _positive("checkpoint_every_steps", c.checkpoint_every_steps)
   _positive("keep_checkpoints", c.keep_checkpoints)
   _positive("log_every_steps", c.log_every_steps)
+  _positive("summary_every_steps", c.summary_every_steps)
   _positive("steps_per_loop", c.steps_per_loop)
   _positive("collective_timeout_s", c.collective_timeout_s)
   _positive("preemption_grace_s", c.preemption_grace_s)
@@ -304,7 +313,9 @@ _HELP = {
                        "reports plain cross-entropy).",
     "checkpoint_every_steps": "Checkpoint period in steps (plus one at the end).",
     "keep_checkpoints": "How many recent checkpoints to keep.",
-    "log_every_steps": "Logging and summary period in steps.",
+    "log_every_steps": "Period of the training log's progress lines, in steps.",
+    "summary_every_steps": "Period of TensorBoard's training scalars (loss, accuracy, learning "
+                           "rate, images/s), in steps.",
     "steps_per_loop": "Steps run inside one tf.function call (fewer host round trips).",
     "eval_every_steps": "Evaluate on the test split every N steps (0: only at the end).",
     "first_eval_step": "Evaluate first at this step, then every --eval_every_steps (0: first "

@@ -19,10 +19,11 @@ from trainer import model as model_lib
 from trainer import outputs as outputs_lib
 from trainer import step as step_lib
 from trainer import storage
+from trainer import summaries as summaries_lib
 
 TASK_NAME = "evaluator:0"  # one evaluator per job (trainer/cluster.py refuses more)
 HISTORY_FILE = "eval_metrics.json"  # in model_dir: [{step, test_accuracy, test_loss}]
-SUMMARY_RUN = "eval"  # TensorBoard run under tensorboard_dir, beside the chief's "train"
+SUMMARY_RUN = summaries_lib.EVAL_RUN  # under tensorboard_dir, beside the chief's "train"
 # How often the checkpoint dir is listed: a local listing is free, a bucket listing is a
 # billed request (17k a day at 5 s).
 LOCAL_POLL_S = 1.0

@@ -29,7 +29,7 @@ class RunOutputs:
     self._environ = environ
     self.is_chief = is_chief
     self._lock = None
-    self.writer = None
+    self.summaries = None  # TensorBoard (trainer/summaries.py), from begin() on
 
   def prepare(self) -> None:
     """Fails before training when an output cannot be written; the chief takes model_dir."""
@@ -45,7 +45,8 @@ class RunOutputs:
 
     Nothing is written before: a run refused at restore leaves model_dir as it found it.
     """
-    self.writer = _summary_writer(self.paths.local_log_dir, self.is_chief)
+    from trainer import summaries  # pylint: disable=import-outside-toplevel  (TensorFlow)
+    self.summaries = summaries.Summaries(self.paths.local_log_dir, self.is_chief)
     if self.is_chief:
       from trainer import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
       checkpoint_lib.remove_crash_leftovers(self.paths.local_checkpoint_dir,
@@ -58,7 +59,7 @@ class RunOutputs:
   def after_checkpoint(self, path: str) -> None:
     if self.is_chief:
       logging.info("Saved checkpoint %s", path)
-      self.writer.flush()
+      self.summaries.flush()
       publish_logs(self.paths)
 
   def previous_train_stats(self) -> dict:
@@ -81,7 +82,7 @@ class RunOutputs:
       return
     write_metrics(self.paths, metrics)
     write_final_step(self.paths, metrics["global_step"], self._config)
-    self.writer.flush()
+    self.summaries.flush()
     publish_logs(self.paths)
     report_hypertune(metrics, self._environ)
     restarts.record_finish(self.paths.checkpoint_dir)
@@ -90,14 +91,6 @@ class RunOutputs:
     if self._lock is not None:
       self._lock.release()
       self._lock = None
-
-
-def _summary_writer(log_dir: str, is_chief: bool):
-  """TensorBoard writer for log_dir/train on the chief; one that writes nothing elsewhere."""
-  import tensorflow as tf  # only once training starts: this module loads without TensorFlow
-  if is_chief:
-    return tf.summary.create_file_writer(os.path.join(log_dir, "train"))
-  return tf.summary.create_noop_writer()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,15 +155,23 @@ class EvalModel:
 
   def evaluate(self, weights, batch_size=1000) -> dict:
     """Test-split accuracy and loss of `weights` (loaded into the float32 copy first)."""
+    metrics, _ = self.evaluate_with_predictions(weights, batch_size)
+    return metrics
+
+  def evaluate_with_predictions(self, weights, batch_size=1000) -> tuple:
+    """evaluate()'s metrics, and the predicted class of every test example in the split's
+    order (int32 array), from the same pass."""
     self.load(weights)
-    loss_total, correct, count = 0.0, 0, 0
+    loss_total, correct, count, predicted = 0.0, 0, 0, []
     for images, labels in self._test_batches(batch_size):
-      batch_loss, batch_correct = self._sums(images, labels)
+      batch_loss, batch_correct, batch_predicted = self._sums(images, labels)
       loss_total += float(batch_loss)
       correct += int(batch_correct)
       count += int(labels.shape[0])
-    return {"test_accuracy": correct / count, "test_loss": loss_total / count,
-            "test_examples": count}
+      predicted.append(batch_predicted.numpy())
+    metrics = {"test_accuracy": correct / count, "test_loss": loss_total / count,
+               "test_examples": count}
+    return metrics, np.concatenate(predicted)
 
   def _test_batches(self, batch_size=1000):
     """The test split's batches, built once per batch size (one copy of the split)."""
@@ -174,15 +182,16 @@ class EvalModel:
       return self._batches[batch_size]
 
   def _batch_sums(self, images, labels):
-    """(summed loss, correct predictions) of one batch, computed in `self._parts` parts."""
+    """(summed loss, correct predictions, predicted classes) of one batch, computed in
+    `self._parts` parts."""
     parts = min(self._parts, int(images.shape[0]))
     logits = tf.concat([tf.cast(self.model(part, training=False), tf.float32)
                         for part in tf.split(images, _part_sizes(images.shape[0], parts))], 0)
     loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits,
                                                                       from_logits=True))
-    correct = tf.reduce_sum(tf.cast(
-        tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.int32))
-    return loss, correct
+    predicted = tf.argmax(logits, -1, output_type=tf.int32)
+    correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.int32))
+    return loss, correct, predicted
 
 
 def _part_sizes(total: int, parts: int) -> list:

@@ -28,13 +28,16 @@ def main(argv):
     cluster = cluster_lib.parse_cluster(os.environ)
     cluster_lib.check_strategy(config.strategy, cluster, config.num_cpu_devices)
     gpu.check_collective_implementation(config.collective_implementation)
-    cli.skip_plotting_imports()
     if cluster.is_evaluator:
       check_evaluator_finds_checkpoints(flags.FLAGS, os.environ)
-      from trainer import evaluator  # TensorFlow loads only after flags and TF_CONFIG are good.
+    cli.skip_plotting_imports()
+    # TensorFlow loads only after flags and TF_CONFIG are good.
+    logs.load_tensorflow(flags.FLAGS.verbosity)
+    if cluster.is_evaluator:
+      from trainer import evaluator  # pylint: disable=import-outside-toplevel
       evaluator.run(config)
       return
-    from trainer import train  # TensorFlow loads only after flags and TF_CONFIG are good.
+    from trainer import train  # pylint: disable=import-outside-toplevel
     train.train_and_evaluate(config)
   except errors.TrainerError as e:
     logging.error("%s: %s", type(e).__name__, e)

@@ -21,6 +21,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import distribute
 from trainer import errors
+from trainer import history
 from trainer import outputs as outputs_lib
 from trainer import phases as phases_lib
 from trainer import preemption
@@ -69,8 +70,18 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
         train_step.checkpoint, outputs.paths.local_checkpoint_dir, runtime.is_chief,
         config.keep_checkpoints, remote_dir=outputs.paths.checkpoint_dir)
     store.restore_latest(outputs.paths.model_dir, config.restart_from_scratch)
+    # A resumed run keeps what its order of examples depends on (exit 2 otherwise).
+    store.check_run_shape(checkpoint_lib.run_shape(
+        config, runtime.num_workers, distribute.num_input_pipelines(runtime) if source else 0,
+        len(source.files) if source else 0))
     start_step = int(train_step.step.numpy())
     outputs.begin(start_step)
+    if runtime.is_chief:
+      history.record_start(outputs.paths.checkpoint_dir, start_step, step_lib.policy_name())
+    outputs.summaries.hparams(config, {"num_workers": runtime.num_workers,
+                                       "num_replicas": runtime.num_replicas,
+                                       "strategy": runtime.kind,
+                                       "precision_policy": step_lib.policy_name()})
     run = _Run(config=config, runtime=runtime, splits=splits, source=source, outputs=outputs,
                train_step=train_step, store=store, watchdog=watchdog, handler=handler,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_step=start_step,
@@ -180,7 +191,8 @@ def _train(run: _Run) -> dict:
   progress, boundary_actions, profiler = _actions(run, profile)
   # Every worker ends its chunks at the same steps (each chunk ends in a collective vote).
   chunker = actions_lib.Chunker(
-      [config.log_every_steps, config.checkpoint_every_steps], config.steps_per_loop,
+      [config.log_every_steps, config.summary_every_steps, config.checkpoint_every_steps],
+      config.steps_per_loop,
       run.total_steps, boundaries=actions_lib.profile_boundaries(profile),
       schedules=[_eval_schedule(config)])
   if profiler:
@@ -230,14 +242,14 @@ def _actions(run: _Run, profile) -> tuple:
   saver = actions_lib.SaveCheckpoint(run.store, run.outputs, run.watchdog,
                                      config.checkpoint_every_steps, run.total_steps,
                                      run.start_step)
-  progress = actions_lib.LogProgress(run.outputs.writer, run.train_step.optimizer,
-                                     config.log_every_steps, run.total_steps,
-                                     config.global_batch_size)
+  progress = actions_lib.LogProgress(run.outputs.summaries, run.train_step.optimizer,
+                                     config.log_every_steps, config.summary_every_steps,
+                                     run.total_steps, config.global_batch_size)
   ordered = [actions_lib.StopOnDivergence(saver), actions_lib.PreemptionVote(saver), progress,
              saver]
   if run.runtime.is_chief:
     ordered.append(actions_lib.EvaluateOnTest(run.eval_model, run.train_step.model,
-                                              run.outputs.writer, _eval_schedule(config)))
+                                              run.outputs.summaries, _eval_schedule(config)))
   profiler = None
   if profile and run.runtime.is_chief:
     # Into the local log dir (a gs:// one's mirror, published with the other logs), beside the
@@ -281,10 +293,17 @@ def _finish(run: _Run, train_stats: dict) -> dict:
   logging.info("Final step %d weights_sha256 %s", metrics["global_step"],
                metrics["weights_sha256"])
   if runtime.is_chief:
-    metrics.update(run.eval_model.evaluate(weights))
+    final, predicted = run.eval_model.evaluate_with_predictions(weights)
+    metrics.update(final)
+    metrics.update(history.summary(run.outputs.paths.checkpoint_dir, metrics["global_step"],
+                                   metrics["precision"]))
     run.phases.end("evaluate")
     logging.info("eval at step %d: test_accuracy %.4f test_loss %.4f (final)",
                  metrics["global_step"], metrics["test_accuracy"], metrics["test_loss"])
+    summaries = run.outputs.summaries
+    summaries.eval_scalars(metrics["global_step"], final)
+    summaries.final_pictures(metrics["global_step"], run.splits.test_images,
+                             run.splits.test_labels, predicted, run.splits.class_names)
     run.outputs.export(run.eval_model, weights, run.splits.image_shape, run.splits.class_names)
     run.phases.end("export")
     metrics.update(run.phases.as_metrics())
