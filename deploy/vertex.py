@@ -55,13 +55,33 @@ _REGION_RE = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
 _TENSORBOARD_RE = re.compile(r"^projects/[^/]+/locations/([a-z0-9-]+)/tensorboards/[^/]+$")
 
 # ---- Which GPUs Vertex AI attaches to which machine types ----
-# https://cloud.google.com/vertex-ai/docs/training/configure-compute#specifying_gpus and
-# https://cloud.google.com/compute/docs/gpus: N1 machines take 1, 2, 4 (or 8 for V100) GPUs of
-# the listed types; A2, A3, A4 and G2 machine types come with a fixed type and count.
+# Vertex AI "Configure compute resources for custom training"
+# (https://cloud.google.com/vertex-ai/docs/training/configure-compute) lists the machine types a
+# worker pool takes; Compute Engine "GPU machine types" (https://cloud.google.com/compute/docs/gpus)
+# and "Accelerator-optimized machine family"
+# (https://cloud.google.com/compute/docs/accelerator-optimized-machines) say which GPUs each
+# carries. N1 machines take 1, 2, 4 (or 8 for V100) GPUs of the listed types; the A2, A3, A4, A4X
+# and G2 machine types come with a fixed type and count, the count in the name (G2: by size).
 N1_GPU_COUNTS = {"NVIDIA_TESLA_T4": (1, 2, 4), "NVIDIA_TESLA_V100": (1, 2, 4, 8),
                  "NVIDIA_TESLA_P100": (1, 2, 4), "NVIDIA_TESLA_P4": (1, 2, 4)}
+# Compute Engine's N1 + GPU tables (https://cloud.google.com/compute/docs/gpus, "N1 general-purpose
+# machine types"): the most vCPUs an N1 VM may have with that many GPUs; a bigger machine is
+# refused when the VM is created. The same tables cap memory (1 V100: 78 GB, ...); no predefined
+# n1-standard/highmem/highcpu type within a vCPU cap exceeds its memory cap, so only vCPUs are
+# checked. 4 P100s allow 96 vCPUs except in us-east1-c, europe-west1-b and europe-west1-d (64):
+# Vertex AI picks the zone, so a 64+ vCPU machine with 4 P100s may still be refused there.
+# deploy/README.md says where these numbers were read.
+N1_MAX_VCPUS = {"NVIDIA_TESLA_T4": {1: 48, 2: 48, 4: 96},
+                "NVIDIA_TESLA_V100": {1: 12, 2: 24, 4: 48, 8: 96},
+                "NVIDIA_TESLA_P100": {1: 16, 2: 32, 4: 96},
+                "NVIDIA_TESLA_P4": {1: 24, 2: 48, 4: 96}}
 N1_DEFAULT_GPU = "NVIDIA_TESLA_T4"
-_N1_RE = re.compile(r"^n1-(standard|highmem|highcpu)-\d+$")
+# Predefined N1 sizes (https://cloud.google.com/compute/docs/general-purpose-machines#n1_machines).
+N1_SIZES = (1, 2, 4, 8, 16, 32, 64, 96)
+# AcceleratorType names Vertex AI keeps in its enum for GPUs that are gone: never valid.
+RETIRED_GPUS = {"NVIDIA_TESLA_K80": "reached end of support "
+                                    "(https://cloud.google.com/compute/docs/eol/k80-eol)"}
+_N1_RE = re.compile(r"^n1-(standard|highmem|highcpu)-(\d+)$")
 FIXED_GPU_MACHINES = {
     **{f"a2-highgpu-{n}g": ("NVIDIA_TESLA_A100", n) for n in (1, 2, 4, 8)},
     "a2-megagpu-16g": ("NVIDIA_TESLA_A100", 16),
@@ -70,10 +90,20 @@ FIXED_GPU_MACHINES = {
     "g2-standard-24": ("NVIDIA_L4", 2),
     "g2-standard-48": ("NVIDIA_L4", 4),
     "g2-standard-96": ("NVIDIA_L4", 8),
-    "a3-highgpu-8g": ("NVIDIA_H100_80GB", 8),
+    **{f"a3-highgpu-{n}g": ("NVIDIA_H100_80GB", n) for n in (1, 2, 4, 8)},
     "a3-megagpu-8g": ("NVIDIA_H100_MEGA_80GB", 8),
     "a3-ultragpu-8g": ("NVIDIA_H200_141GB", 8),
     "a4-highgpu-8g": ("NVIDIA_B200", 8),
+    "a4x-highgpu-4g": ("NVIDIA_GB200", 4),
+}
+# Machine types that exist but that this package cannot run on, with the reason and the way out.
+# A4X hosts have Arm (NVIDIA Grace) CPUs and need an image built for Arm
+# (https://cloud.google.com/vertex-ai/docs/training/training-clusters/compute-resources, "A4X
+# machine type"); no Arm build of the image from deploy/Dockerfile has been made or tested.
+UNSUPPORTED_MACHINES = {
+    "a4x-highgpu-4g": "has Arm (NVIDIA Grace) CPUs, and Vertex AI runs only images built for Arm "
+                      "there; no Arm build of the image from deploy/Dockerfile has been made or "
+                      "tested. Use a4-highgpu-8g (8 x NVIDIA_B200) instead.",
 }
 # Predefined machine types end in their vCPU count; custom ones read TYPE-custom-VCPUS-MEMORY.
 _VCPUS_RE = re.compile(r"^[a-z0-9]+-(?:custom-(\d+)-\d+|[a-z]+-(\d+))$")
@@ -317,7 +347,7 @@ def _fixed_offers(accelerator: str) -> str:
   """'1 (g2-standard-4, ...), 2 (g2-standard-24), ...' for an accelerator-optimized GPU."""
   by_count = {}
   for machine, (gpu, count) in FIXED_GPU_MACHINES.items():
-    if gpu == accelerator:
+    if gpu == accelerator and machine not in UNSUPPORTED_MACHINES:
       by_count.setdefault(count, []).append(machine)
   return ", ".join(f"{count} ({', '.join(machines)})"
                    for count, machines in sorted(by_count.items()))
@@ -337,6 +367,9 @@ def _check_fixed_machine(o: Options, gpus: int, flag: str) -> str:
 
 def _check_n1_machine(o: Options, gpus: int, flag: str) -> str:
   accelerator = o.accelerator_type or N1_DEFAULT_GPU
+  if accelerator in RETIRED_GPUS:
+    raise SpecError(f"--accelerator_type={accelerator} {RETIRED_GPUS[accelerator]}: use one of "
+                    f"{', '.join(sorted(N1_GPU_COUNTS))}.")
   if accelerator not in N1_GPU_COUNTS:
     fixed = _fixed_offers(accelerator)
     where = f"; {accelerator} comes with: {fixed}" if fixed else ""
@@ -346,12 +379,33 @@ def _check_n1_machine(o: Options, gpus: int, flag: str) -> str:
   if gpus not in N1_GPU_COUNTS[accelerator]:
     raise SpecError(f"{flag} asks for {gpus} {accelerator} on {o.machine_type}; valid counts: "
                     f"{', '.join(map(str, N1_GPU_COUNTS[accelerator]))}.")
+  _check_n1_vcpus(o, accelerator, gpus, flag)
   return accelerator
+
+
+def _check_n1_vcpus(o: Options, accelerator: str, gpus: int, flag: str) -> None:
+  """Compute Engine refuses an N1 VM with more vCPUs than its GPU count allows (N1_MAX_VCPUS)."""
+  family, vcpus = _N1_RE.match(o.machine_type).groups()
+  limit = N1_MAX_VCPUS[accelerator][gpus]
+  if int(vcpus) <= limit:
+    return
+  fixes = []
+  smaller = max(n for n in N1_SIZES if n <= limit)
+  fixes.append(f"--machine_type=n1-{family}-{smaller}")
+  more = [count for count, cap in sorted(N1_MAX_VCPUS[accelerator].items())
+          if count > gpus and cap >= int(vcpus)]
+  if more and flag.startswith("--"):
+    fixes.append(f"{flag}={more[0]} (up to {N1_MAX_VCPUS[accelerator][more[0]]} vCPUs)")
+  raise SpecError(f"--machine_type={o.machine_type} has {vcpus} vCPUs, but Compute Engine "
+                  f"attaches {gpus} x {accelerator} (--accelerator_type; the count from {flag}) "
+                  f"only to N1 machines of at most {limit} vCPUs: use {' or '.join(fixes)}.")
 
 
 def machine_spec(o: Options, kind: str) -> dict:
   """The MachineSpec for a job kind, after checking it is one Vertex AI would accept."""
   gpus, flag = _gpus(o, kind)
+  if o.machine_type in UNSUPPORTED_MACHINES:
+    raise SpecError(f"--machine_type={o.machine_type} {UNSUPPORTED_MACHINES[o.machine_type]}")
   if not gpus:
     if o.machine_type in FIXED_GPU_MACHINES:
       raise SpecError(f"{flag}=0 but --machine_type={o.machine_type} always has GPUs: use a CPU "
@@ -366,7 +420,7 @@ def machine_spec(o: Options, kind: str) -> dict:
   else:
     raise SpecError(f"--machine_type={o.machine_type} takes no GPUs on Vertex AI: use an N1 "
                     "machine with --accelerator_type, or one of "
-                    f"{', '.join(sorted(FIXED_GPU_MACHINES))}.")
+                    f"{', '.join(sorted(set(FIXED_GPU_MACHINES) - set(UNSUPPORTED_MACHINES)))}.")
   return {"machineType": o.machine_type, "acceleratorType": accelerator,
           "acceleratorCount": gpus}
 

@@ -214,6 +214,21 @@ def test_submit_dry_run_prints_the_request_body():
     ("a2-ultragpu-2g", "", 2),
     ("a2-highgpu-8g", "", 8),
     ("a3-highgpu-8g", "", 8),
+    # The A3 High sizes below 8 GPUs (refused before as "takes no GPUs"), A3 Mega/Ultra, A4.
+    ("a3-highgpu-1g", "", 1),
+    ("a3-highgpu-2g", "NVIDIA_H100_80GB", 2),
+    ("a3-highgpu-4g", "", 4),
+    ("a3-megagpu-8g", "", 8),
+    ("a3-ultragpu-8g", "", 8),
+    ("a4-highgpu-8g", "NVIDIA_B200", 8),
+    ("g2-standard-24", "", 2),
+    # N1 at the vCPU caps of Compute Engine's N1 + GPU tables.
+    ("n1-highmem-8", "NVIDIA_TESLA_V100", 1),
+    ("n1-standard-32", "NVIDIA_TESLA_T4", 1),
+    ("n1-standard-96", "NVIDIA_TESLA_T4", 4),
+    ("n1-highcpu-16", "NVIDIA_TESLA_P100", 1),
+    ("n1-standard-16", "NVIDIA_TESLA_P4", 1),
+    ("n1-standard-96", "NVIDIA_TESLA_V100", 8),
 ])
 def test_valid_machine_and_gpu_combinations_render(machine, accelerator, gpus):
   body = vertex.build(options(machine_type=machine, accelerator_type=accelerator,
@@ -226,7 +241,18 @@ def test_valid_machine_and_gpu_combinations_render(machine, accelerator, gpus):
   assert spec.accelerator_type == aiplatform_v1.AcceleratorType[expected]
 
 
-@pytest.mark.parametrize("machine", sorted(vertex.FIXED_GPU_MACHINES))
+def test_one_h100_on_a3_highgpu_1g_is_a_one_gpu_job():
+  """The issue's case: a3-highgpu-1g used to exit 2 with "takes no GPUs"."""
+  body, _ = dry_run("--machine_type=a3-highgpu-1g", f"--image_uri={IMAGE}", job="one_gpu")
+  spec = api_message(body, "custom_job").job_spec.worker_pool_specs[0].machine_spec
+  assert (spec.machine_type, spec.accelerator_count) == ("a3-highgpu-1g", 1)
+  assert spec.accelerator_type == aiplatform_v1.AcceleratorType.NVIDIA_H100_80GB
+
+
+SUPPORTED_FIXED = sorted(set(vertex.FIXED_GPU_MACHINES) - set(vertex.UNSUPPORTED_MACHINES))
+
+
+@pytest.mark.parametrize("machine", SUPPORTED_FIXED)
 def test_every_table_entry_is_a_real_accelerator_type(machine):
   accelerator, count = vertex.FIXED_GPU_MACHINES[machine]
   assert accelerator in aiplatform_v1.AcceleratorType.__members__
@@ -263,6 +289,53 @@ def test_specs_vertex_ai_would_refuse_exit_2_with_the_valid_choices(args, messag
   for message in messages:
     assert message in result.stderr, result.stderr
   assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args, messages", [
+    # The issue's case: 1 V100 allows at most 12 vCPUs (n1-standard-16 used to pass).
+    (["--job=one_gpu", "--machine_type=n1-standard-16", "--accelerator_type=NVIDIA_TESLA_V100"],
+     ["--machine_type=n1-standard-16 has 16 vCPUs", "1 x NVIDIA_TESLA_V100", "--accelerator_type",
+      "at most 12 vCPUs", "use --machine_type=n1-standard-8."]),
+    (["--job=multi_gpu", "--machine_type=n1-highmem-16", "--accelerator_type=NVIDIA_TESLA_V100",
+      "--gpus_per_machine=1"],
+     ["at most 12 vCPUs", "--machine_type=n1-highmem-8 or --gpus_per_machine=2 (up to 24 vCPUs)"]),
+    (["--job=multi_worker", "--machine_type=n1-standard-64", "--gpus_per_worker=1"],
+     ["1 x NVIDIA_TESLA_T4", "at most 48 vCPUs", "--machine_type=n1-standard-32 or "
+      "--gpus_per_worker=4 (up to 96 vCPUs)"]),
+    (["--job=one_gpu", "--machine_type=n1-standard-32", "--accelerator_type=NVIDIA_TESLA_P4"],
+     ["at most 24 vCPUs", "n1-standard-16"]),
+    (["--job=one_gpu", "--machine_type=n1-highcpu-32", "--accelerator_type=NVIDIA_TESLA_P100"],
+     ["at most 16 vCPUs", "n1-highcpu-16"]),
+    (["--job=one_gpu", "--accelerator_type=NVIDIA_TESLA_K80"], ["reached end of support"]),
+    (["--job=multi_gpu", "--machine_type=a4x-highgpu-4g", "--gpus_per_machine=4"],
+     ["a4x-highgpu-4g has Arm", "a4-highgpu-8g"]),
+])
+def test_n1_machines_too_big_for_their_gpus_exit_2_with_the_fix(args, messages):
+  result = run_vertex("submit", "--dry_run", f"--output_dir={OUTPUT_DIR}", f"--image_uri={IMAGE}",
+                      *args)
+  assert result.returncode == 2, result.stdout
+  for message in messages:
+    assert message in result.stderr, result.stderr
+  assert result.stdout == ""
+
+
+# Compute Engine's N1 + GPU tables also cap memory (GB) per GPU count; vertex.N1_MAX_VCPUS
+# checks vCPUs only because no predefined N1 type within a vCPU cap exceeds these.
+N1_MAX_MEMORY_GB = {"NVIDIA_TESLA_T4": {1: 312, 2: 312, 4: 624},
+                    "NVIDIA_TESLA_V100": {1: 78, 2: 156, 4: 312, 8: 624},
+                    "NVIDIA_TESLA_P100": {1: 104, 2: 208, 4: 624},
+                    "NVIDIA_TESLA_P4": {1: 156, 2: 312, 4: 624}}
+N1_GB_PER_VCPU = {"standard": 3.75, "highmem": 6.5, "highcpu": 0.9}
+
+
+def test_n1_vcpu_caps_cover_every_gpu_count_and_memory_never_binds():
+  assert set(vertex.N1_MAX_VCPUS) == set(vertex.N1_GPU_COUNTS)
+  for accelerator, counts in vertex.N1_GPU_COUNTS.items():
+    assert sorted(vertex.N1_MAX_VCPUS[accelerator]) == list(counts)
+    for count, cap in vertex.N1_MAX_VCPUS[accelerator].items():
+      for family, gb_per_vcpu in N1_GB_PER_VCPU.items():
+        for vcpus in (n for n in vertex.N1_SIZES if n <= cap):
+          assert vcpus * gb_per_vcpu <= N1_MAX_MEMORY_GB[accelerator][count], (family, vcpus)
 
 
 def test_cpu_only_jobs_have_no_accelerator():
