@@ -72,6 +72,8 @@ def test_session_loader_restores_the_weights(untrained):
   assert {reader.get_variable_to_dtype_map()[k] for k in shapes} == {tf.float32}
   with open(os.path.join(export_dir, "class_names.json")) as f:
     assert json.load(f) == [str(i) for i in range(10)]
+  # A model server running as another user can read it (mkdtemp alone would leave 0700).
+  assert os.stat(export_dir).st_mode & 0o777 == 0o755
 
 
 def test_tf2_loader_and_tfsmlayer_answer_the_same(untrained):

@@ -29,6 +29,8 @@ def export_saved_model(eval_model, weights, image_shape, export_dir: str,
   parent = os.path.dirname(os.path.abspath(export_dir))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  # mkdtemp makes it 0700: a model server running as another user could not read export/.
+  os.chmod(staging, 0o755)
   try:
     module = _Serving(eval_model.model, image_shape)
     tf.saved_model.save(module, staging, signatures={SIGNATURE: module.serve})
