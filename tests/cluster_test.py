@@ -1,12 +1,18 @@
-"""Table tests for trainer.cluster: every TF_CONFIG / CLUSTER_SPEC layout we accept or reject."""
+"""Table tests for trainer.cluster: every TF_CONFIG / CLUSTER_SPEC / JobSet-pod layout we accept
+or reject, and real runs of the layouts TensorFlow itself would have refused or we did."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_without_tf, tiny_flags
+from conftest import ROOT, child_env, run_module, run_without_tf, tiny_flags
 from trainer import cluster
 from trainer import errors
+from trainer import indexed_pod
+from trainer import launcher
 
 W2 = ["localhost:1001", "localhost:1002"]
 
@@ -27,8 +33,11 @@ def env(cfg):
      "chief:0", True, 3),
     (env({"cluster": {"chief": ["h:1"], "worker": W2}, "task": {"type": "worker", "index": 0}}),
      "worker:0", False, 3),
+    # The legacy "master" is the chief (TF 2.21 refuses the name itself).
     (env({"cluster": {"master": ["h:1"], "worker": W2}, "task": {"type": "master", "index": 0}}),
-     "master:0", True, 3),
+     "chief:0", True, 3),
+    (env({"cluster": {"master": ["h:1"], "worker": W2}, "task": {"type": "worker", "index": 1}}),
+     "worker:1", False, 3),
     (env({"cluster": {"chief": ["h:1"], "worker": W2, "evaluator": ["h:9"]},
           "task": {"type": "worker", "index": 1}}), "worker:1", False, 3),
     ({"CLUSTER_SPEC": json.dumps({"cluster": {"workerpool0": ["h:1"], "workerpool1": W2},
@@ -170,8 +179,23 @@ def test_rejected_layouts(environ, message):
     cluster.parse_cluster(environ)
 
 
+def test_master_becomes_chief_in_the_tf_config_tensorflow_reads():
+  """TF 2.21's multi_worker_util._validate_cluster_spec allows only chief, worker, evaluator and
+  ps: a "master" reached MultiWorkerMirroredStrategy and failed there with exit 1."""
+  cluster_def = {"master": ["m:1"], "worker": W2, "evaluator": ["e:1"]}
+  for task, expected in [("master", "chief"), ("worker", "worker")]:
+    info = cluster.parse_cluster(env({"cluster": cluster_def, "task": {"type": task, "index": 0}}))
+    assert json.loads(info.tf_config) == {"cluster": {"chief": ["m:1"], "worker": W2},
+                                          "task": {"type": expected, "index": 0}}
+    assert info.chief_task == ("chief", 0) and "master" not in info.cluster
+  evaluator = cluster.parse_cluster(env({"cluster": cluster_def,
+                                         "task": {"type": "evaluator", "index": 0}}))
+  assert [name for name, _ in evaluator.peers()] == ["chief:0", "worker:0", "worker:1"]
+
+
 @pytest.mark.parametrize("requested, environ, message", [
-    ("multi_worker_mirrored", {}, "needs TF_CONFIG"),
+    ("multi_worker_mirrored", {}, "needs TF_CONFIG .or CLUSTER_SPEC. listing the workers, and "
+     "neither is set"),
     ("one_device", env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 0}}),
      "describes 2 workers"),
     ("mirrored", env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 1}}),
@@ -197,6 +221,16 @@ def test_cpu_devices_do_not_fit_a_multi_worker_job():
     ("auto", env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 0}})),
     ("multi_worker_mirrored",
      env({"cluster": {"worker": W2}, "task": {"type": "worker", "index": 0}})),
+    # One worker listed: TF 2.21 runs MultiWorkerMirroredStrategy with it (a real run below);
+    # a one-node Slurm job is this.
+    ("multi_worker_mirrored",
+     env({"cluster": {"worker": ["node9:8888"]}, "task": {"type": "worker", "index": 0}})),
+    ("multi_worker_mirrored",
+     env({"cluster": {"chief": ["h:1"]}, "task": {"type": "chief", "index": 0}})),
+    # The evaluator takes the workers' flags and uses no strategy, with or without addresses.
+    ("multi_worker_mirrored", env({"task": {"type": "evaluator", "index": 0}})),
+    ("one_device", env({"cluster": {"worker": W2, "evaluator": ["e:1"]},
+                        "task": {"type": "evaluator", "index": 0}})),
 ])
 def test_strategy_that_fits_the_cluster(requested, environ):
   cluster.check_strategy(requested, cluster.parse_cluster(environ))
@@ -260,3 +294,113 @@ def test_an_evaluator_without_a_checkpoint_dir_exits_2_before_tensorflow_loads(t
   assert "FATAL ConfigError: TF_CONFIG makes this process the evaluator" in result.stdout
   assert "pass the training job's --model_dir (or --checkpoint_dir)" in result.stdout
   assert "Traceback" not in result.stdout
+
+
+# ---- A JobSet pod's environment (trainer/indexed_pod.py) ----
+
+def pod(rjob="worker", index=0, workers=2, evaluator="evaluator", **extra):
+  environ = {"JOB_COMPLETION_INDEX": str(index), "JOBSET_NAME": "js",
+             "JOBSET_REPLICATED_JOB": rjob, "JOBSET_JOB_INDEX": "0",
+             "TRAINER_WORKERS": str(workers), "TRAINER_WORKER_JOB": "worker",
+             "TRAINER_PORT": "2222"}
+  if evaluator:
+    environ["TRAINER_EVALUATOR_JOB"] = evaluator
+  environ.update(extra)
+  return {k: v for k, v in environ.items() if v is not None}
+
+
+def test_a_jobset_pod_builds_its_tf_config():
+  workers = ["js-worker-0-0.js:2222", "js-worker-0-1.js:2222", "js-worker-0-2.js:2222"]
+  assert indexed_pod.tf_config(pod(index=2, workers=3)) == {
+      "cluster": {"worker": workers, "evaluator": ["js-evaluator-0-0.js:2222"]},
+      "task": {"type": "worker", "index": 2}}
+  info = cluster.parse_cluster(pod(index=1, workers=3))
+  assert info.task_name == "worker:1" and info.num_workers == 3 and not info.is_chief
+  assert json.loads(info.tf_config)["cluster"] == {"worker": workers}
+  evaluator = cluster.parse_cluster(pod(rjob="evaluator", workers=3))
+  assert evaluator.is_evaluator and evaluator.num_workers == 3
+  alone = cluster.parse_cluster(pod(evaluator=""))
+  assert "evaluator" not in alone.cluster and alone.is_chief
+
+
+def test_tf_config_and_cluster_spec_win_over_the_pod_environment():
+  given = {"cluster": {"worker": W2}, "task": {"type": "worker", "index": 1}}
+  assert cluster.parse_cluster({**pod(), **env(given)}).task_name == "worker:1"
+  assert list(cluster.parse_cluster({**pod(), **env(given)}).cluster["worker"]) == W2
+  # An Indexed Job that is not ours (no TRAINER_WORKERS) is a single process.
+  assert cluster.parse_cluster({"JOB_COMPLETION_INDEX": "3"}) == cluster.ClusterInfo()
+
+
+@pytest.mark.parametrize("environ, message", [
+    (pod(JOB_COMPLETION_INDEX=None), "JOB_COMPLETION_INDEX is not set"),
+    (pod(JOBSET_NAME=""), "JOBSET_NAME is not set"),
+    (pod(TRAINER_WORKER_JOB=None), "TRAINER_WORKER_JOB is not set"),
+    (pod(TRAINER_WORKERS="two"), "TRAINER_WORKERS='two' must be a whole number >= 1"),
+    (pod(TRAINER_WORKERS="0"), "TRAINER_WORKERS='0' must be a whole number >= 1"),
+    (pod(TRAINER_PORT="70000"), "TRAINER_PORT=70000 is not a TCP port"),
+    (pod(JOB_COMPLETION_INDEX="-1"), "JOB_COMPLETION_INDEX='-1' must be a whole number >= 0"),
+    (pod(index=2, workers=2), "JOB_COMPLETION_INDEX=2 but TRAINER_WORKERS=2"),
+    (pod(JOBSET_JOB_INDEX="1"), "must have one replica"),
+    (pod(rjob="evaluator", index=1), "a job has one evaluator pod"),
+    (pod(rjob="launcher"), "JOBSET_REPLICATED_JOB='launcher' is neither"),
+    (pod(evaluator="worker"), "the evaluator needs a replicated job of its own"),
+])
+def test_a_broken_pod_environment_names_the_variable(environ, message):
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    cluster.parse_cluster(environ)
+
+
+def test_a_broken_pod_environment_exits_2_before_tensorflow_loads(tmp_path):
+  result = run_without_tf("trainer.task", *tiny_flags(str(tmp_path / "run"), str(tmp_path)),
+                          **pod(JOB_COMPLETION_INDEX="5"))
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
+  assert "FATAL ConfigError: JOB_COMPLETION_INDEX=5 but TRAINER_WORKERS=2" in result.stdout
+  assert "Traceback" not in result.stdout
+
+
+# ---- Real runs (slow): layouts TensorFlow 2.21 refused, or we did ----
+
+@pytest.mark.slow
+def test_a_one_worker_tf_config_trains_with_multi_worker_mirrored(tmp_path, tfds_dir):
+  """What a one-node Slurm job starts: exit 2 ("needs TF_CONFIG") before; TF runs it."""
+  [port] = launcher.free_ports(1)
+  result = run_module("trainer.task", *tiny_flags(str(tmp_path / "run"), tfds_dir),
+                      "--strategy=multi_worker_mirrored", env=child_env(TF_CONFIG=json.dumps(
+                          {"cluster": {"worker": [f"localhost:{port}"]},
+                           "task": {"type": "worker", "index": 0}})))
+  assert result.returncode == 0, result.stdout[-3000:]
+  metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert (metrics["strategy"], metrics["num_workers"], metrics["global_step"]) == (
+      "multi_worker_mirrored", 1, 20)
+
+
+@pytest.mark.slow
+def test_a_master_and_a_worker_train_together(tmp_path, tfds_dir):
+  """A TF_CONFIG with a "master" task: exit 1 inside TensorFlow before, trains now."""
+  ports = launcher.free_ports(2)
+  cluster_def = {"master": [f"localhost:{ports[0]}"], "worker": [f"localhost:{ports[1]}"]}
+  args = tiny_flags(str(tmp_path / "run"), tfds_dir, collective_timeout_s=120)
+  procs = []
+  for task in ("master", "worker"):
+    environ = child_env(TF_CONFIG=json.dumps({"cluster": cluster_def,
+                                              "task": {"type": task, "index": 0}}),
+                        TF_NUM_INTRAOP_THREADS=1, OMP_NUM_THREADS=1)
+    procs.append(subprocess.Popen([sys.executable, "-m", "trainer.task", *args], env=environ,
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=300)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+  weights = [re.findall(r"Final step 20 weights_sha256 (\w+)", out) for out in outputs]
+  assert weights[0] and weights[0] == weights[1], "identical weights on both tasks"
+  assert "this task is chief:0 (chief)" in outputs[0]
+  metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+  assert metrics["num_workers"] == 2 and metrics["weights_sha256"] == weights[0][0]

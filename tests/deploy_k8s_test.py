@@ -1,4 +1,8 @@
-"""Kubeflow TFJob manifest and NetworkPolicy: structure, restart policy vs exit codes, security."""
+"""Kubeflow TFJob manifest and NetworkPolicy: structure, restart policy vs exit codes, security.
+
+The JobSet and Trainer v2 manifests, and the CRD-schema validation of all three, are in
+tests/k8s_manifests_test.py.
+"""
 
 import json
 import os
@@ -10,6 +14,7 @@ import pytest
 from absl import flags as absl_flags
 
 from deploy import k8s
+from deploy import trainer_args
 from trainer import errors
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,7 +59,7 @@ def test_cli_renders_a_tfjob_with_n_gpu_workers():
   # The training operator injects TF_CONFIG into, and opens the port of, this container name.
   assert c["name"] == "tensorflow"
   assert c["image"] == IMAGE
-  assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+  assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
   assert c["args"] == [f"--model_dir={MODEL_DIR}", "--strategy=multi_worker_mirrored",
                        f"--max_job_restarts={k8s.DEFAULT_MAX_JOB_RESTARTS}",
                        "--epochs=4", "--global_batch_size=256"]
@@ -152,9 +157,23 @@ def test_workload_identity_service_account_comes_first():
 
 def test_grace_period_outlasts_the_trainers_preemption_deadline():
   default = pod_spec(replicas(render())["Worker"])["terminationGracePeriodSeconds"]
-  assert default > k8s.trainer_args.trainer_default("preemption_grace_s")
+  assert default > trainer_args.trainer_default("preemption_grace_s")
   longer = render("--", "--preemption_grace_s", "90")
   assert pod_spec(replicas(longer)["Worker"])["terminationGracePeriodSeconds"] > 90
+
+
+def test_pods_opt_out_of_istio_sidecar_injection():
+  """Kubeflow's TFJob guide: TFJob "doesn't work in a user namespace by default because of Istio
+  automatic sidecar injection", and needs sidecar.istio.io/inject: "false" on its pods."""
+  job = render("--chief", "--evaluator")
+  for replica in replicas(job).values():
+    assert replica["template"]["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+
+
+def test_kueue_queue_label_on_the_tfjob():
+  job = render("--kueue_queue", "team-a")
+  assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+  assert "kueue.x-k8s.io/queue-name" not in render()["metadata"]["labels"]
 
 
 def test_pods_run_as_the_images_non_root_user():
@@ -234,6 +253,25 @@ def test_shipped_network_policy_matches_the_default_job():
       "--gcp_service_account", "trainer@gmail.com"], "NAME@PROJECT.iam.gserviceaccount.com"),
     (["--image", IMAGE, "--model_dir", MODEL_DIR, "--service_account", "Bad_KSA"],
      "--service_account='Bad_KSA'"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "tfjobs"], "--api='tfjobs': use one of"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--kueue_queue", "a b"], "--kueue_queue='a b'"),
+    # Flags of one API are errors with another, not silently dropped.
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "jobset", "--chief"],
+     "worker 0 is the chief: drop --chief"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "jobset", "--gang_scheduling"],
+     "use --kueue_queue=QUEUE"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "trainjob", "--backoff_limit", "5"],
+     "--backoff_limit is a TFJob's runPolicy.backoffLimit"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "jobset", "--max_job_restarts", "0"],
+     "failurePolicy.maxRestarts, which has no 'unlimited'"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--runtime_name", "tf"],
+     "--runtime_name and --nocluster_runtime belong to --api=trainjob"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "jobset", "--nocluster_runtime"],
+     "belong to --api=trainjob"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "trainjob", "--evaluator"],
+     "Use --api=jobset --evaluator"),
+    (["--image", IMAGE, "--model_dir", MODEL_DIR, "--api", "trainjob", "--runtime_name", "TF"],
+     "--runtime_name='TF'"),
 ])
 def test_bad_flags_fail_with_a_clear_message(args, message):
   result = run_k8s(*args)

@@ -1,16 +1,25 @@
-"""Reads the cluster layout from TF_CONFIG (or Vertex AI's CLUSTER_SPEC) and validates it."""
+"""Reads the cluster layout from TF_CONFIG (or Vertex AI's CLUSTER_SPEC, or a JobSet pod's
+environment) and validates it."""
 
 import dataclasses
 import json
+import logging
 from typing import Mapping, Optional
 
 from trainer import errors
+from trainer import indexed_pod
 
 # Vertex AI names its worker pools; pool 0 is the chief, pool 1 the workers, 2 parameter servers,
 # 3 the evaluator (cloud.google.com/vertex-ai/docs/training/distributed-training).
 _VERTEX_POOLS = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps",
                  "workerpool3": "evaluator"}
-_TRAINING_TASK_TYPES = ("chief", "master", "worker")
+# The training task types of a validated cluster. TF_CONFIG may say "master", the chief's name
+# before TF 2 (Kubeflow's v1 TFJob "Master" replica, AI Platform's "master"); TF 2.21 refuses it
+# (multi_worker_util._validate_cluster_spec allows only chief, worker, evaluator and ps, so
+# MultiWorkerMirroredStrategy raised ValueError: exit 1), so it is read as "chief", for the
+# cluster and the task alike.
+_TRAINING_TASK_TYPES = ("chief", "worker")
+_LEGACY_CHIEF = "master"
 # The side-car evaluator reads checkpoints and takes no part in the training collectives.
 EVALUATOR = "evaluator"
 
@@ -39,10 +48,7 @@ class ClusterInfo:
 
   @property
   def chief_task(self) -> tuple:
-    for task_type in ("chief", "master"):
-      if self.cluster.get(task_type):
-        return (task_type, 0)
-    return ("worker", 0)
+    return ("chief", 0) if self.cluster.get("chief") else ("worker", 0)
 
   @property
   def is_chief(self) -> bool:
@@ -63,6 +69,16 @@ class ClusterInfo:
         if (task_type, index) != (self.task_type, self.task_index):
           out.append((f"{task_type}:{index}", address))
     return out
+
+
+_logged = set()
+
+
+def _log_once(message: str) -> None:
+  """parse_cluster runs twice in a run (flags check, then training): say it once."""
+  if message not in _logged:
+    _logged.add(message)
+    logging.info(message)
 
 
 def _load_json(text: str, name: str) -> dict:
@@ -95,7 +111,11 @@ def _from_cluster_spec(spec: dict) -> dict:
 
 
 def parse_cluster(environ: Mapping[str, str]) -> ClusterInfo:
-  """Validates TF_CONFIG (or CLUSTER_SPEC) before any training; errors name the variable."""
+  """Validates TF_CONFIG (or CLUSTER_SPEC) before any training; errors name the variable.
+
+  Without either, a pod of a deploy/k8s JobSet or TrainJob builds its TF_CONFIG from its own
+  environment (trainer/indexed_pod.py); anything else is a single process.
+  """
   name = "TF_CONFIG"
   text = environ.get("TF_CONFIG", "").strip()
   if not text and environ.get("CLUSTER_SPEC", "").strip():
@@ -103,6 +123,10 @@ def parse_cluster(environ: Mapping[str, str]) -> ClusterInfo:
     tf_config = _from_cluster_spec(_load_json(environ["CLUSTER_SPEC"], name))
   elif text:
     tf_config = _load_json(text, name)
+  elif indexed_pod.is_indexed_pod(environ):
+    name = "TF_CONFIG (built from the JobSet pod's environment)"
+    tf_config = indexed_pod.tf_config(environ)
+    _log_once(f"TF_CONFIG built from the JobSet pod's environment: {json.dumps(tf_config)}")
   else:
     return ClusterInfo()
   cluster = tf_config.get("cluster")
@@ -140,16 +164,27 @@ def _normalized(cluster: dict, task_type: str, task_index: int) -> str:
 
 
 def check_strategy(requested: str, cluster: ClusterInfo, num_cpu_devices: int = 0) -> None:
-  """--strategy and --num_cpu_devices must fit the cluster; checked before TensorFlow loads."""
+  """--strategy and --num_cpu_devices must fit the cluster; checked before TensorFlow loads.
+
+  multi_worker_mirrored over a TF_CONFIG that lists one training task is accepted: TF 2.21 runs
+  MultiWorkerMirroredStrategy with one worker (a one-worker TF_CONFIG trained 20 steps,
+  checkpointed, evaluated and exported here; tests/cluster_test.py runs it), which is what a
+  one-node Slurm job (deploy/slurm/train.sbatch with NODES=1) starts. The evaluator takes the
+  workers' flags and uses no strategy (it evaluates on one device), so its --strategy is not
+  checked.
+  """
+  if cluster.is_evaluator:
+    return
   if num_cpu_devices > 1 and cluster.is_multi_worker:
     raise errors.ConfigError(
         f"--num_cpu_devices={num_cpu_devices} but TF_CONFIG describes {cluster.num_workers} "
         "workers, and a multi-worker job runs one replica per worker: drop --num_cpu_devices, "
         "or start more workers.")
-  if requested == "multi_worker_mirrored" and not cluster.is_multi_worker:
+  if requested == "multi_worker_mirrored" and not cluster.num_workers:
     raise errors.ConfigError(
         "--strategy=multi_worker_mirrored needs TF_CONFIG (or CLUSTER_SPEC) listing the "
-        "workers; see README 'Local cluster' or use `make cluster`.")
+        "workers, and neither is set: start the workers with `make cluster` (README 'Local "
+        "cluster') or a platform's tool (deploy/README.md), or use --strategy=auto.")
   if requested in ("one_device", "mirrored") and cluster.is_multi_worker:
     raise errors.ConfigError(
         f"--strategy={requested} but TF_CONFIG describes {cluster.num_workers} workers: use "
@@ -163,7 +198,7 @@ def _validate_cluster(cluster: dict, name: str) -> dict:
       raise errors.ConfigError(
           f"${name} has parameter servers ('ps'): this trainer uses synchronous "
           "MultiWorkerMirroredStrategy; remove the ps pool.")
-    if task_type not in _TRAINING_TASK_TYPES + (EVALUATOR,):
+    if task_type not in _TRAINING_TASK_TYPES + (_LEGACY_CHIEF, EVALUATOR):
       raise errors.ConfigError(f"${name} has unknown task type {task_type!r}; "
                                "use chief, worker (or master), and evaluator.")
     if not isinstance(addresses, list):
@@ -171,10 +206,12 @@ def _validate_cluster(cluster: dict, name: str) -> dict:
     for index, address in enumerate(addresses):
       _check_address(address, f"{task_type}:{index}", name)
     out[task_type] = tuple(addresses)
-  if len(out.get("chief", ())) > 1 or len(out.get("master", ())) > 1:
+  if len(out.get("chief", ())) > 1 or len(out.get(_LEGACY_CHIEF, ())) > 1:
     raise errors.ConfigError(f"${name}: a cluster has at most one chief/master.")
-  if out.get("chief") and out.get("master"):
+  if out.get("chief") and out.get(_LEGACY_CHIEF):
     raise errors.ConfigError(f"${name}: use either 'chief' or the legacy 'master', not both.")
+  if _LEGACY_CHIEF in out:
+    out["chief"] = out.pop(_LEGACY_CHIEF)
   if len(out.get(EVALUATOR, ())) > 1:
     # TensorFlow allows one (multi_worker_util._validate_cluster_spec); so does Vertex AI's
     # guide ("TensorFlow generally expects that you use no more than one evaluator").
@@ -227,7 +264,7 @@ def _validate_task(task, cluster: dict, name: str) -> tuple:
   if not isinstance(task, dict) or "type" not in task:
     raise errors.ConfigError(f"${name} has a cluster but no 'task' with 'type' and 'index': "
                              "every process must say which task it is.")
-  task_type = task["type"]
+  task_type = "chief" if task["type"] == _LEGACY_CHIEF else task["type"]
   if task_type == EVALUATOR:
     return EVALUATOR, _evaluator_index(task, cluster, name)
   if not isinstance(task_type, str) or task_type not in cluster:
