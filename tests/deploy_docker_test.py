@@ -166,7 +166,7 @@ def test_runs_as_a_non_root_user_before_the_entrypoint():
   assert users, "no USER before ENTRYPOINT: the trainer would run as root"
   user = users[-1].split(":")[0]
   assert user not in ("root", "0"), users[-1]
-  # Numeric, so Kubernetes' runAsNonRoot can verify it; deploy/k8s.py must use the same UID.
+  # Numeric, so Kubernetes' runAsNonRoot can verify it; deploy/k8s/common.py must use the same UID.
   assert user.isdigit()
   from deploy import k8s
   assert int(user) == k8s.RUN_AS_USER
