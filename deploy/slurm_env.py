@@ -26,6 +26,16 @@ _TASKS_RE = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 # Inside a step srun sets the STEP_ variables; the job's own describe the whole allocation.
 _STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE", "SLURM_STEP_NUM_TASKS")
 _JOB_VARS = ("SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS")
+# A heterogeneous job (components separated by ':' on the sbatch, salloc or srun line) has
+# SLURM_HET_SIZE, the number of components, and its pre-20.02 name SLURM_PACK_SIZE in the batch
+# script's and every task's environment; a normal allocation has neither. Slurm 22.05: srun(1)
+# and sbatch(1) "OUTPUT ENVIRONMENT VARIABLES", doc/html/heterogeneous_jobs.shtml "Environment
+# Variables", src/slurmctld/job_scheduler.c (the batch step's), src/srun/libsrun/srun_job.c and
+# src/salloc/salloc.c (their own allocations), src/srun/libsrun/opt.c ("SLURM_HET_SIZE not
+# defined for a normal allocation"). The per-component copies (SLURM_*_HET_GROUP_<n>) are no
+# sign: srun in a normal job sets SLURM_JOB_CPUS_PER_NODE_PACK_GROUP_0 (srun_job.c, _build_key
+# and _set_env_vars), as a real 22.05 cluster shows (tests/slurm_cluster_test.py).
+_HET_SIZE_VARS = ("SLURM_HET_SIZE", "SLURM_PACK_SIZE")
 
 
 class SlurmEnvError(RuntimeError):
@@ -101,6 +111,20 @@ def expand_tasks_per_node(expr: str) -> list:
   return counts
 
 
+def _check_homogeneous(environ: Mapping[str, str]) -> None:
+  """Heterogeneous jobs are refused: one step over several components gets per-component node
+  lists and ranks this module does not model, and a plain srun in such a job runs on component
+  0 alone, which would silently train on fewer workers than were allocated."""
+  found = [name for name in _HET_SIZE_VARS if environ.get(name)]
+  if found:
+    raise SlurmEnvError(
+        f"This is a heterogeneous Slurm job ({found[0]}={environ[found[0]]}), and heterogeneous "
+        "jobs are not supported. Submit one homogeneous allocation with one task per node "
+        "instead, without ':' components or --het-group: `NODES=N "
+        "deploy/slurm/train.sbatch ...`, or `sbatch --nodes=N --ntasks-per-node=1 "
+        "deploy/slurm/train.sbatch ...`.")
+
+
 def _step_layout(environ: Mapping[str, str]) -> tuple:
   """(hosts, tasks per node, number of tasks): the step's, or the job's outside a step."""
   names = _STEP_VARS if environ.get(_STEP_VARS[0]) else _JOB_VARS
@@ -163,6 +187,7 @@ def _check_own_node(environ: Mapping[str, str], hosts, counts, rank: int) -> Non
 def tf_config(port_base: int = 8888, environ: Optional[Mapping[str, str]] = None) -> dict:
   """TF_CONFIG for this task: every task of the step is a 'worker', index = SLURM_PROCID."""
   environ = os.environ if environ is None else environ
+  _check_homogeneous(environ)
   hosts, counts, num_tasks = _step_layout(environ)
   try:
     rank = int(environ["SLURM_PROCID"])

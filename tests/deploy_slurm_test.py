@@ -19,7 +19,7 @@ SLURM_VARS = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
               "SLURM_NTASKS", "SLURMD_NODENAME", "SLURM_LOCALID", "SLURM_JOB_ID",
               "SLURM_RESTART_COUNT", "SLURM_SUBMIT_DIR", "SLURM_GPUS_ON_NODE", "TF_CONFIG",
               "CUDA_VISIBLE_DEVICES", "NODES", "GPUS_PER_NODE", "GPU_REQUEST", "APPTAINER_IMAGE",
-              "PYXIS_IMAGE", "MODEL_DIR")
+              "PYXIS_IMAGE", "MODEL_DIR", "SLURM_HET_SIZE", "SLURM_PACK_SIZE")
 
 
 def step(nodelist: str, tasks_per_node: str, procid: int) -> dict:
@@ -140,6 +140,40 @@ def test_cyclic_distribution_is_caught():
     slurm_env.tf_config(environ=environ)
 
 
+# What task 1 of `srun --het-group=0,1` saw in `sbatch -N1 : -N1` on Slurm 22.05 (a subset;
+# tests/slurm_cluster_test.py runs the wrapper in such a job).
+HET_STEP_TASK_1 = {
+    "SLURMD_NODENAME": "node10", "SLURM_HET_SIZE": "2", "SLURM_PACK_SIZE": "2",
+    "SLURM_JOB_NODELIST": "node[9-10]", "SLURM_JOB_NODELIST_HET_GROUP_0": "node9",
+    "SLURM_LOCALID": "0", "SLURM_NODEID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+    "SLURM_STEP_NODELIST": "node[9-10]", "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_TASKS_PER_NODE": "1(x2)"}
+
+
+@pytest.mark.parametrize("environ, named", [
+    (HET_STEP_TASK_1, "SLURM_HET_SIZE=2"),
+    # Slurm before 20.02 called them packs; 22.05 still sets both names.
+    ({**two_node_step(1), "SLURM_PACK_SIZE": "2"}, "SLURM_PACK_SIZE=2"),
+    # A het step whose ranks do not follow the node list used to get the --distribution advice.
+    ({**HET_STEP_TASK_1, "SLURMD_NODENAME": "node9"}, "SLURM_HET_SIZE=2"),
+])
+def test_heterogeneous_jobs_are_refused_with_the_fix(environ, named):
+  with pytest.raises(slurm_env.SlurmEnvError) as raised:
+    slurm_env.tf_config(environ=environ)
+  message = str(raised.value)
+  assert f"heterogeneous Slurm job ({named})" in message
+  assert "heterogeneous jobs are not supported" in message
+  assert "one homogeneous allocation with one task per node" in message
+  assert "--distribution" not in message, "the wrong fix for a heterogeneous job"
+
+
+def test_a_normal_step_with_per_component_variables_is_not_heterogeneous():
+  """srun sets SLURM_JOB_CPUS_PER_NODE_PACK_GROUP_0 in every task of a normal 22.05 job."""
+  environ = {**two_node_step(0), "SLURM_JOB_CPUS_PER_NODE_PACK_GROUP_0": "8(x2)",
+             "SLURM_HET_SIZE": ""}
+  assert slurm_env.tf_config(environ=environ)["task"] == {"type": "worker", "index": 0}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"SLURM_STEP_TASKS_PER_NODE": "1(x3)"}, "gives 3 nodes"),
     ({"SLURM_STEP_NUM_TASKS": "3"}, "adds up to 2 tasks"),
@@ -216,6 +250,17 @@ def test_wrapper_refuses_a_misplaced_task_before_running_the_command(tmp_path):
   assert not marker.exists()
 
 
+def test_wrapper_refuses_a_heterogeneous_step_before_running_the_command(tmp_path):
+  marker = tmp_path / "ran"
+  result = subprocess.run(
+      [sys.executable, "-m", "deploy.slurm_env", "--", sys.executable, "-c",
+       f"open({str(marker)!r}, 'w')"], env=_child_env(**HET_STEP_TASK_1), cwd=ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert "heterogeneous jobs are not supported" in result.stderr
+  assert not marker.exists()
+
+
 def test_wrapper_without_a_command_fails_fast():
   result = subprocess.run([sys.executable, "-m", "deploy.slurm_env"], env=_child_env(),
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -224,6 +269,18 @@ def test_wrapper_without_a_command_fails_fast():
 
 
 # ---- deploy/slurm/train.sbatch ----
+
+def test_sbatch_is_executable_in_git_and_on_disk():
+  """README runs `deploy/slurm/train.sbatch ...` directly: a clone must get mode 100755."""
+  assert os.access(SBATCH, os.X_OK), f"chmod +x {SBATCH.relative_to(ROOT)}"
+  result = subprocess.run(["git", "ls-files", "-s", "--", "deploy/slurm/train.sbatch"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+  if result.returncode or not result.stdout:
+    pytest.skip("not a git checkout (an sdist, say): only the mode on disk is checked")
+  mode = result.stdout.split()[0]
+  assert mode == "100755", (f"git has deploy/slurm/train.sbatch as {mode}: run "
+                            "`git update-index --chmod=+x deploy/slurm/train.sbatch`")
+
 
 def test_sbatch_is_valid_bash_with_one_task_per_node():
   subprocess.run(["bash", "-n", str(SBATCH)], check=True)
@@ -278,7 +335,10 @@ def test_sbatch_launches_the_wrapper_then_the_trainer(tmp_path):
   assert wrapper[-3:-1] == ["-m", "deploy.slurm_env"]
   assert trainer[1:3] == ["-m", "trainer.task"]
   assert "--model_dir=gs://b/runs/slurm" in trainer
-  assert "--strategy=multi_worker_mirrored" in trainer
+  # auto: multi_worker_mirrored from a TF_CONFIG of several workers, one worker's devices on
+  # NODES=1 (the trainer refuses multi_worker_mirrored with a one-worker TF_CONFIG).
+  assert "--strategy=auto" in trainer
+  assert "--label" in wrapper, "each output line says which worker wrote it"
   # The trainer's own cap counts every start, Slurm's node-failure requeues included.
   assert trainer.index("--max_job_restarts=3") < trainer.index("--epochs=2")
 
@@ -286,13 +346,22 @@ def test_sbatch_launches_the_wrapper_then_the_trainer(tmp_path):
 @pytest.mark.parametrize("srun_rc, restarts, requeue", [
     (143, "0", True),    # preempted or lost a peer: run again from the checkpoint
     (143, "3", False),   # MAX_REQUEUES reached
+    # A worker killed by SIGKILL (kill -9, an OOM kill): srun returns 128 + 9 even when its
+    # peer exited 143 (tests/slurm_cluster_test.py sees it on a real cluster).
+    (137, "0", True),
+    (137, "2", True),
+    (137, "3", False),
     (2, "0", False),     # bad flags: permanent
     (5, "0", False),     # diverged: permanent
+    (1, "0", False),     # a bug, or an OOM kill that Slurm's task/cgroup reports: permanent
+    (134, "0", False),   # SIGABRT: not a retry signal
 ])
 def test_sbatch_requeues_only_retryable_exits(tmp_path, srun_rc, restarts, requeue):
   result, requeued = run_sbatch(tmp_path, srun_rc=srun_rc, restarts=restarts)
   assert result.returncode == srun_rc
   assert requeued == (["requeue", "4242"] if requeue else None)
+  if srun_rc in (137, 143) and not requeue:
+    assert "not requeued: 3 of MAX_REQUEUES=3 requeues used" in result.stderr
 
 
 def test_a_failed_requeue_keeps_the_trainers_exit_code(tmp_path):

@@ -168,8 +168,9 @@ def check_strategy(requested: str, cluster: ClusterInfo, num_cpu_devices: int = 
 
   multi_worker_mirrored over a TF_CONFIG that lists one training task is accepted: TF 2.21 runs
   MultiWorkerMirroredStrategy with one worker (a one-worker TF_CONFIG trained 20 steps,
-  checkpointed, evaluated and exported here; tests/cluster_test.py runs it), which is what a
-  one-node Slurm job (deploy/slurm/train.sbatch with NODES=1) starts. The evaluator takes the
+  checkpointed, evaluated and exported here; tests/cluster_test.py runs it), as a one-node job
+  given that flag by its own script would start (deploy/slurm/train.sbatch passes
+  --strategy=auto, which picks mirrored over the node's devices there). The evaluator takes the
   workers' flags and uses no strategy (it evaluates on one device), so its --strategy is not
   checked.
   """
