@@ -1,6 +1,7 @@
 """Test helpers: a gcp-storage-emulator subprocess and a fault-injecting HTTP proxy for it."""
 
 import collections
+import contextlib
 import http.server
 import json
 import os
@@ -154,8 +155,14 @@ class FaultProxy:
   and then resets instead of answering (the request took effect, the client cannot know);
   "truncate_response" forwards and resets after half the response (mid-download).
 
-  The emulator ignores ifGenerationMatch, so with enforce_preconditions the proxy checks it on
-  upload starts (multipart and resumable) and answers 412 itself, like GCS would.
+  The emulator ignores preconditions, so with enforce_preconditions the proxy checks them and
+  answers 412 itself, like GCS would: ifGenerationMatch and ifMetagenerationMatch on upload
+  starts (multipart and resumable), metadata updates (PATCH), deletes and compose (for its
+  destination), and each compose source's objectPreconditions.ifGenerationMatch. Every request
+  that writes is checked and forwarded under one lock shared by all proxies of this process,
+  so a precondition and its write are atomic, as in GCS, even for two clients on two proxies.
+  `responses` lists (method, path without query, object name or None, status,
+  time.monotonic()) per answer; writes() picks the successful writes from it.
   forbid_bucket answers 403 to every request that touches that bucket (the emulator has no IAM).
   `script` lists (request prefix, mode) pairs, used in order: the next request whose
   "METHOD /path" starts with the prefix ("PUT", "GET /download") gets the mode. Matching beats
@@ -175,6 +182,7 @@ class FaultProxy:
     self._lock = threading.Lock()
     self.counts = collections.Counter()
     self.history = []  # (method, path without query, fault or None) per request
+    self.responses = []  # (method, path without query, object, status, monotonic time)
     self._server = None
     self._thread = None
     self.host = None
@@ -220,6 +228,22 @@ class FaultProxy:
     with self._lock:
       self.counts[key] += 1
 
+  def record(self, method: str, path: str, body: bytes, status: int) -> None:
+    with self._lock:
+      self.responses.append((method, urllib.parse.urlsplit(path).path,
+                             _object_of(method, path, body), status, time.monotonic()))
+
+  def writes(self, since: float = 0.0, status=range(200, 300)) -> list:
+    """(method, object name) of the writes (not GET) answered with `status` since a monotonic
+    time; the name is None where the request names none (a resumable upload's chunks)."""
+    with self._lock:
+      return [(m, name) for m, _, name, code, at in self.responses
+              if m != "GET" and at >= since and code in status]
+
+
+# Preconditions are checked and the write forwarded under this lock (see FaultProxy).
+_WRITE_LOCK = threading.Lock()
+
 
 class _ProxyServer(http.server.ThreadingHTTPServer):
   daemon_threads = True
@@ -259,12 +283,18 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
       return self._reset()
     body = self._read_body()
     if fault == "503":
+      proxy.record(self.command, self.path, body, 503)
       return self._send_json(503, _error(503, "backendError", "Service Unavailable (injected)"))
-    if proxy.enforce_preconditions and self._precondition_fails(body):
-      proxy.count("precondition_failed")
-      return self._send_json(412, _error(
-          412, "conditionNotMet", "At least one of the pre-conditions you specified did not hold."))
-    response = self._forward(body)
+    writes = self.command in ("POST", "PUT", "PATCH", "DELETE") and proxy.enforce_preconditions
+    with _WRITE_LOCK if writes else contextlib.nullcontext():
+      if writes and self._precondition_fails(body):
+        proxy.count("precondition_failed")
+        proxy.record(self.command, self.path, body, 412)
+        return self._send_json(412, _error(
+            412, "conditionNotMet",
+            "At least one of the pre-conditions you specified did not hold."))
+      response = self._forward(body)
+    proxy.record(self.command, self.path, body, _status_of(response))
     if fault == "drop_response":
       return self._reset()
     if fault == "truncate_response":
@@ -326,18 +356,55 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     return b"".join(chunks)
 
   def _precondition_fails(self, body: bytes) -> bool:
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
-    match = re.fullmatch(r"/upload/storage/v1/b/([^/]+)/o", urllib.parse.urlsplit(self.path).path)
-    if (self.command != "POST" or not match or "ifGenerationMatch" not in query
-        or "upload_id" in query):
-      return False
-    name = query["name"][0] if "name" in query else _object_name_in(body)
-    if name is None:
-      return False
+    parts = urllib.parse.urlsplit(self.path)
+    query = {k: v[0] for k, v in urllib.parse.parse_qs(parts.query).items()}
+    wanted = (query.get("ifGenerationMatch"), query.get("ifMetagenerationMatch"))
+    checks = []  # (bucket, object name, ifGenerationMatch, ifMetagenerationMatch)
+    upload = re.fullmatch(r"/upload/storage/v1/b/([^/]+)/o", parts.path)
+    compose = re.fullmatch(r"/storage/v1/b/([^/]+)/o/(.+)/compose", parts.path)
+    single = re.fullmatch(r"/storage/v1/b/([^/]+)/o/([^/]+)", parts.path)
+    if self.command == "POST" and upload and "upload_id" not in query:
+      name = query["name"] if "name" in query else _object_name_in(body)
+      if name is not None:
+        checks.append((upload.group(1), name, *wanted))
+    elif self.command == "POST" and compose:
+      bucket = compose.group(1)
+      checks.append((bucket, urllib.parse.unquote(compose.group(2)), *wanted))
+      for source in json.loads(body or b"{}").get("sourceObjects") or []:
+        condition = (source.get("objectPreconditions") or {}).get("ifGenerationMatch")
+        checks.append((bucket, source["name"], condition, None))
+    elif self.command in ("PATCH", "DELETE") and single:
+      checks.append((single.group(1), urllib.parse.unquote(single.group(2)), *wanted))
     upstream = self.server.proxy.upstream
-    current = _object_metadata(f"{upstream.scheme}://{upstream.netloc}", match.group(1), name)
-    generation = int(current["generation"]) if current else 0
-    return generation != int(query["ifGenerationMatch"][0])
+    for bucket, name, generation, metageneration in checks:
+      if generation is None and metageneration is None:
+        continue
+      current = _object_metadata(f"{upstream.scheme}://{upstream.netloc}", bucket, name)
+      if generation is not None and int(generation) != (int(current["generation"]) if current
+                                                        else 0):
+        return True
+      if metageneration is not None and (current is None or int(metageneration) != int(
+          current["metageneration"])):
+        return True
+    return False
+
+
+def _object_of(method: str, path: str, body: bytes):
+  """The object a JSON API request writes or reads, or None."""
+  parts = urllib.parse.urlsplit(path)
+  query = urllib.parse.parse_qs(parts.query)
+  if re.fullmatch(r"/upload/storage/v1/b/[^/]+/o", parts.path):
+    if "upload_id" in query:
+      return None
+    return query["name"][0] if "name" in query else _object_name_in(body)
+  match = re.fullmatch(r"/(?:download/)?storage/v1/b/[^/]+/o/([^/]+)(?:/compose)?", parts.path)
+  return urllib.parse.unquote(match.group(1)) if match else None
+
+
+def _status_of(response: bytes) -> int:
+  """The status code of a raw HTTP response (0 when unreadable)."""
+  match = re.match(rb"HTTP/[\d.]+ (\d{3})", response)
+  return int(match.group(1)) if match else 0
 
 
 def _object_name_in(body: bytes):

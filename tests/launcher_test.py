@@ -231,6 +231,125 @@ def test_the_evaluator_finds_checkpoints_through_any_of_these():
     assert launcher.check_flags(2, 0, True, args, environ) == "", (args, environ)
 
 
+# ---- Every process dies with the launcher; every wait is bounded (issue 33 #4, #11) ----
+
+# Worker 0 holds the run lock of argv[1] as a chief does; each task marks itself ready and then
+# runs until killed, unless the test asked for a quick run ("relaunch").
+_HOLDS_THE_LOCK = """
+import json, os, sys, time
+from trainer import run_lock
+task = json.loads(os.environ["TF_CONFIG"])["task"]
+name = f"{task['type']}-{task['index']}"
+if name == "worker-0":
+  run_lock.acquire(sys.argv[1], sys.argv[1])
+open(os.path.join(sys.argv[1], f"ready-{name}-{os.getpid()}"), "w").close()
+if not os.path.exists(os.path.join(sys.argv[1], "relaunch")):
+  time.sleep(600)
+"""
+
+
+def _launcher_in_child(tmp_path, source, args=(), setup="pass"):
+  """launcher.launch() with 2 workers and an evaluator in its own process; its output in a file."""
+  (tmp_path / "child.py").write_text(source)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+  code = (f"import sys; from trainer import launcher; {setup}; sys.exit(launcher.launch(2, "
+          f"{[str(tmp_path), *args]!r}, 1, 2.0, module='child', evaluator=True))")
+  with open(tmp_path / "launcher.log", "a") as log:  # the child keeps its own descriptor
+    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def _ready_pids(tmp_path, count, proc):
+  deadline = time.monotonic() + 60
+  while len(list(tmp_path.glob("ready-*"))) < count:
+    assert time.monotonic() < deadline and proc.poll() is None, "children never started"
+    time.sleep(0.05)
+  return {p.name.rsplit("-", 1)[0][len("ready-"):]: int(p.name.rsplit("-", 1)[1])
+          for p in tmp_path.glob("ready-*")}
+
+
+def _gone(pid) -> bool:
+  """No such process, or a zombie nobody reaped yet (in a container, PID 1 may never)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+  except FileNotFoundError:
+    return True
+
+
+def test_a_killed_launchers_workers_and_evaluator_die_with_it_and_a_relaunch_works(tmp_path):
+  proc = _launcher_in_child(tmp_path, _HOLDS_THE_LOCK)
+  pids = _ready_pids(tmp_path, 3, proc)
+  assert set(pids) == {"worker-0", "worker-1", "evaluator-0"}
+  try:
+    proc.kill()  # kill -9: the launcher cannot stop anything itself
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in pids.values()):
+      assert time.monotonic() < deadline, {n: p for n, p in pids.items() if not _gone(p)}
+      time.sleep(0.05)
+  finally:
+    for pid in pids.values():
+      if not _gone(pid):
+        os.kill(pid, signal.SIGKILL)
+  # The same job again: worker 0 gets the lock the dead one held, and everything finishes.
+  for ready in tmp_path.glob("ready-*"):
+    ready.unlink()
+  (tmp_path / "relaunch").write_text("")
+  again = _launcher_in_child(tmp_path, _HOLDS_THE_LOCK)
+  assert again.wait(timeout=60) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+  assert "exit codes: [0, 0, 0]" in (tmp_path / "launcher.log").read_text()
+
+
+def test_a_cluster_off_the_main_thread_is_refused(tmp_path):
+  import threading
+  raised = []
+  thread = threading.Thread(target=lambda: raised.append(
+      pytest.raises(RuntimeError, launcher.Cluster, 1, [str(tmp_path)], module="child")))
+  thread.start()
+  thread.join()
+  assert "main thread" in str(raised[0].value)
+
+
+# The workers finish once told to ("finish"); the evaluator never does.
+_EVALUATOR_HANGS = """
+import json, os, sys, time
+task = json.loads(os.environ["TF_CONFIG"])["task"]
+open(os.path.join(sys.argv[1], f"ready-{task['type']}-{task['index']}-{os.getpid()}"), "w").close()
+while task["type"] == "evaluator" or not os.path.exists(os.path.join(sys.argv[1], "finish")):
+  time.sleep(0.05)
+"""
+
+
+def test_a_stopped_evaluator_gets_a_bounded_time_after_the_workers_finished(tmp_path):
+  proc = _launcher_in_child(tmp_path, _EVALUATOR_HANGS, args=["--evaluator_timeout_s=1.5"],
+                            setup="launcher.EVALUATOR_MARGIN_S = 1.0")
+  pids = _ready_pids(tmp_path, 3, proc)
+  os.kill(pids["evaluator-0"], signal.SIGSTOP)
+  (tmp_path / "finish").write_text("")
+  start = time.monotonic()
+  try:
+    code = proc.wait(timeout=60)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    os.kill(pids["evaluator-0"], signal.SIGKILL)
+    pytest.fail("the launcher kept waiting for a stopped evaluator after the workers finished")
+  out = (tmp_path / "launcher.log").read_text()
+  assert code == launcher.EXIT_EVALUATOR_OVERDUE == 143, out
+  assert ("[launcher] evaluator:0 still running 2s after the workers finished "
+          "(--evaluator_timeout_s + 1s): stopping it (SIGTERM and SIGCONT now, SIGKILL after "
+          "2s); the job exits 143") in out, out
+  assert time.monotonic() - start < 2.5 + 2.0 + 10, "the limit, the grace, and no more"
+
+
+def test_the_evaluators_limit_follows_its_timeout_flag():
+  margin = launcher.EVALUATOR_MARGIN_S
+  assert launcher.evaluator_limit(["--evaluator_timeout_s=30"]) == 30 + margin
+  assert launcher.evaluator_limit(["--evaluator_timeout_s", "45", "--epochs=1"]) == 45 + margin
+  assert launcher.evaluator_limit(["--flagfile=f"]) == 3600 + margin  # the trainer's default
+  assert launcher.evaluator_limit(["--evaluator_timeout_s=x"]) == 3600 + margin
+
+
 # ---- Real trainers (slow: TensorFlow in every process) ----
 
 @pytest.mark.slow

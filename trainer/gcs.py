@@ -5,6 +5,7 @@ import contextlib
 import functools
 import hashlib
 import http.client
+import io
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ from google.cloud import storage as gcs_client
 from google.cloud.storage import exceptions as gcs_exceptions
 
 from trainer import errors
+from trainer import fencing
 from trainer import watchdog
 # The path helpers live apart, so that local paths never load the Google libraries above.
 from trainer.gspath import FLAG, dir_prefix, is_gcs, split_gcs, uri  # noqa: F401
@@ -221,17 +223,35 @@ def list_objects(bucket: str, prefix: str, delimiter: str | None = None,
   return retry(attempt, f"list {uri(bucket, prefix)}")
 
 
-def upload(uri: str, open_source, size: int, crc32c: str, generation=None) -> None:
+def upload(uri: str, open_source, size: int, crc32c: str, generation=None,
+           fenced: bool = True) -> None:
   """Uploads open_source() under a generation precondition, retrying the whole upload.
 
   generation=None looks up the current one (0 when absent). The precondition makes a retry
   after a lost response fail with 412 instead of writing the object twice, and makes a
   concurrent writer visible instead of silently overwritten.
+
+  fenced (all but the run lock's own objects): the write is allowed only while this process
+  still holds its run locks (trainer/fencing.py), else ConfigError before any byte is sent.
+  Into a bucket that holds some of those lock objects, the condition is also enforced by the
+  bucket itself: the bytes go to a staging object next to a lock, and a compose whose sources
+  are that object and the (empty) lock objects, each under ifGenerationMatch, publishes them
+  under `uri`; a takeover of a lock between our check and the compose makes it fail with 412. ComposeRequest.sourceObjects[].objectPreconditions.ifGenerationMatch is GCS's condition
+  on a source's generation (JSON API reference, objects/compose).
   """
   bucket, name = split_gcs(uri)
+  fences = []
+  if fenced:
+    fencing.check()
+    fences = fencing.bucket_fences(bucket)
+    if not fences:
+      fencing.verify()  # no lock object in this bucket to compose with: ask each lock now
   if generation is None:
     current = get_blob(bucket, name)
     generation = current.generation if current is not None else 0
+  if fences:
+    _publish_by_compose(uri, fences, open_source, size, crc32c, generation)
+    return
 
   def attempt():
     blob = client().bucket(bucket).blob(name)
@@ -246,6 +266,42 @@ def upload(uri: str, open_source, size: int, crc32c: str, generation=None) -> No
   _LOG.debug("uploaded %s (%d bytes)", uri, size)
 
 
+def _publish_by_compose(target: str, fences, open_source, size: int, crc32c: str,
+                        generation: int) -> None:
+  """Stages the bytes, then composes them into `target` on the condition that each lock object
+  in `fences` still has the generation of this process's holding (see upload)."""
+  bucket, name = split_gcs(target)
+  staged = fences[0].staging_name()
+  upload(uri(bucket, staged), open_source, size, crc32c, generation=0, fenced=False)
+  lock_generations = [lock.generation for lock in fences]
+
+  def attempt():
+    objects = client().bucket(bucket)
+    try:
+      objects.blob(name).compose(
+          [objects.blob(staged)] + [objects.blob(lock.object_name) for lock in fences],
+          if_generation_match=generation,
+          if_source_generation_match=[None] + lock_generations,
+          retry=None, timeout=REQUEST_TIMEOUT)
+    except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+      # A lock object changed (taken over: ConfigError here), the staged object is gone (a
+      # new owner cleaned it up), or the target changed: an earlier attempt of ours, or not.
+      for lock in fences:
+        lock.verify()
+      _accept_if_ours(bucket, name, size, crc32c)
+
+  try:
+    retry(attempt, f"publish {target}")
+  finally:
+    try:
+      delete_blob(bucket, staged, missing_ok=True, fenced=False)
+    except (errors.TrainerError, api_exceptions.GoogleAPICallError) as exc:
+      # The next holder of the lock deletes leftovers; the publish itself is settled.
+      _LOG.warning("could not delete the staging object %s: %s", uri(bucket, staged),
+                   describe(exc))
+  _LOG.debug("published %s (%d bytes) under %d lock(s)", target, size, len(fences))
+
+
 def _accept_if_ours(bucket: str, name: str, size: int, crc32c: str) -> None:
   """After a 412: fine if an earlier attempt of ours landed (same bytes), an error otherwise."""
   current = get_blob(bucket, name)
@@ -257,7 +313,12 @@ def _accept_if_ours(bucket: str, name: str, size: int, crc32c: str) -> None:
       f"job or chief write to the same directory?")
 
 
-def delete_blob(bucket: str, name: str, missing_ok: bool) -> None:
+def delete_blob(bucket: str, name: str, missing_ok: bool, fenced: bool = True) -> None:
+  """Deletes the object; fenced (all but the lock's own objects): only after each run lock this
+  process holds was confirmed on storage just before (GCS has no condition on another object
+  for a delete, so a lock taken over between that read and the delete is not caught)."""
+  if fenced:
+    fencing.verify()
   tried = []
 
   def attempt():
@@ -304,3 +365,86 @@ def download_bytes(bucket: str, name: str) -> bytes:
     except api_exceptions.NotFound:
       raise FileNotFoundError(uri(bucket, name)) from None
   return retry(attempt, f"read {uri(bucket, name)}")
+
+
+# --------------------------------------------------------------------------- lock objects
+# Empty objects whose custom metadata names their owner (trainer/run_lock.py). Each write is
+# conditional; a retried write whose first attempt landed is recognised by its metadata, which
+# holds a token unique to the owner.
+
+
+def stat_marker(target: str):
+  """The object's metadata (generation, metageneration, metadata), or None when absent."""
+  with errors_of(target):
+    return get_blob(*split_gcs(target))
+
+
+def create_marker(target: str, metadata: dict, if_generation_match: int,
+                  if_metageneration_match=None):
+  """Writes an empty object carrying `metadata` if the current one has that generation (0: none)
+  and metageneration; (generation, metageneration) of the new object, or None when refused."""
+  bucket, name = split_gcs(target)
+
+  def attempt():
+    blob = client().bucket(bucket).blob(name)
+    blob.metadata = metadata
+    try:
+      blob.upload_from_file(io.BytesIO(b""), size=0, if_generation_match=if_generation_match,
+                            if_metageneration_match=if_metageneration_match, checksum="crc32c",
+                            retry=None, timeout=REQUEST_TIMEOUT)
+    except api_exceptions.PreconditionFailed:
+      current = get_blob(bucket, name)
+      if current is not None and current.metadata == metadata:
+        return current.generation, current.metageneration  # our earlier attempt landed
+      return None
+    return blob.generation, blob.metageneration
+
+  with errors_of(target):
+    return retry(attempt, f"lock {target}")
+
+
+def patch_marker(target: str, metadata: dict, generation: int, metageneration: int):
+  """Replaces the object's metadata if it still has that generation and metageneration; the new
+  metageneration, or None when refused (someone else wrote it, or it is gone)."""
+  bucket, name = split_gcs(target)
+
+  def attempt():
+    blob = client().bucket(bucket).blob(name)
+    blob.metadata = metadata
+    try:
+      blob.patch(if_generation_match=generation, if_metageneration_match=metageneration,
+                 retry=None, timeout=REQUEST_TIMEOUT)
+    except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+      current = get_blob(bucket, name)
+      if (current is not None and current.generation == generation
+          and current.metadata == metadata):
+        return current.metageneration  # our earlier attempt landed
+      return None
+    return blob.metageneration
+
+  with errors_of(target):
+    return retry(attempt, f"renew {target}")
+
+
+def delete_marker(target: str, generation: int) -> None:
+  """Deletes the object only if it still has that generation; gone or rewritten is fine."""
+  bucket, name = split_gcs(target)
+
+  def attempt():
+    try:
+      client().bucket(bucket).blob(name).delete(if_generation_match=generation, retry=None,
+                                                timeout=REQUEST_TIMEOUT)
+    except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+      pass
+
+  with errors_of(target):
+    retry(attempt, f"release {target}")
+
+
+def delete_staged(bucket: str, prefix: str) -> int:
+  """Deletes the staging objects named prefix* that interrupted publishes left; their count."""
+  with errors_of(uri(bucket, prefix)):
+    blobs, _ = list_objects(bucket, prefix)
+    for blob in blobs:
+      delete_blob(bucket, blob.name, missing_ok=True, fenced=False)
+  return len(blobs)

@@ -1,7 +1,8 @@
 """Local cluster rehearsal: `python -m trainer.launcher --workers=N -- <trainer flags>` on 127.0.0.1.
 
 --evaluator adds a side-car evaluator process; --max_restarts=K relaunches the whole job after a
-retryable exit, at most K times, as torchrun --max-restarts does.
+retryable exit, at most K times, as torchrun --max-restarts does. Every process dies with the
+launcher (even by kill -9), and every wait is bounded.
 """
 
 import json
@@ -17,6 +18,7 @@ from absl import app
 from absl import flags
 
 from trainer import cli
+from trainer import config as config_lib
 from trainer import cores
 
 FLAGS = flags.FLAGS
@@ -32,6 +34,28 @@ SETTLE_S = 10.0
 RETRYABLE_EXIT_CODES = (137, 143)
 # Trainer flags that tell the evaluator where the checkpoints are.
 CHECKPOINT_FLAGS = ("model_dir", "checkpoint_dir")
+# Once every worker finished, the evaluator has --evaluator_timeout_s plus this long to evaluate
+# the final checkpoint and exit; then it is stopped and the job exits 143. Its own timeout
+# covers a checkpoint that never comes, this one an evaluator that hangs or is stopped (SIGSTOP).
+EVALUATOR_MARGIN_S = 60.0
+EXIT_EVALUATOR_OVERDUE = 143  # trainer/errors.py EXIT_RETRYABLE, as for the evaluator's timeout
+
+# Runs in each child before the trainer: asks the kernel to SIGKILL it when the launcher dies
+# (prctl(2) PR_SET_PDEATHSIG = 1; the setting survives execve(2) of a binary that is not
+# set-user-ID/set-group-ID and has no capabilities, and is sent when the thread that created
+# the child exits, hence the main-thread rule in Cluster), then exits at once if the launcher
+# is already gone (its pid is argv[1]), and finally becomes `python ARGS...` (argv[2:]). A
+# wrapper rather than Popen's preexec_fn, which is unsafe once the launcher has threads (the
+# output pumps): Python's subprocess documentation.
+_DIE_WITH_LAUNCHER = """
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+  if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+  if os.getppid() != int(sys.argv[1]):
+    os._exit(128 + signal.SIGKILL)
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
 
 
 def free_ports(count: int) -> list:
@@ -83,10 +107,18 @@ def _pump(name: str, stream, lock) -> None:
 
 class Cluster:
   """N trainer processes (and an evaluator), each in its own session so only we decide how they
-  stop. The evaluator is waited for and stopped like a worker."""
+  stop, and each killed by the kernel if the launcher dies. The evaluator is waited for and
+  stopped like a worker, and gets at most evaluator_limit() after the last worker exited.
+
+  Must be created on the main thread: the kernel's parent-death signal follows the thread
+  that started a child, and the main thread is the one that lives as long as the launcher.
+  """
 
   def __init__(self, num_workers: int, trainer_args, threads_per_worker: int = 0,
                env=None, module: str = "trainer.task", evaluator: bool = False):
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError("launcher.Cluster must be created on the main thread: its children "
+                         "are killed when the thread that started them exits (PR_SET_PDEATHSIG)")
     self.names = [f"worker:{i}" for i in range(num_workers)] + (["evaluator:0"] if evaluator
                                                                  else [])
     # Aligned with names; the evaluator's address is never listened on (it only reads
@@ -98,13 +130,18 @@ class Cluster:
     self._stop_at = None  # after a first failure: when wait() SIGTERMs the workers still running
     self._failed = []  # indexes of workers that exited non-zero, in the order seen
     self._stopping = False  # stop() was called: exits from now on are what we asked for
+    self._num_workers = num_workers
+    self._evaluator_limit_s = evaluator_limit(trainer_args)
+    self._evaluator_due = None  # monotonic time by which the evaluator must have exited
+    self.evaluator_overdue = False  # it had not, and was stopped
     self.procs, self._pumps = [], []
     workers = self.addresses[:num_workers]
     evaluator_address = self.addresses[-1] if evaluator else ""
     for name in self.names:
       task_type, index = name.split(":")
       proc = subprocess.Popen(
-          [sys.executable, "-m", module, *trainer_args],
+          [sys.executable, "-c", _DIE_WITH_LAUNCHER, str(os.getpid()), "-m", module,
+           *trainer_args],
           env=worker_env(env or os.environ, workers, int(index), threads, evaluator_address,
                          task_type),
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -134,6 +171,7 @@ class Cluster:
         self._on_failure(i, codes[i], failure_grace_s)
       if None not in codes:
         break
+      self._bound_the_evaluator(codes, failure_grace_s)
       if self._stop_at is not None and time.monotonic() >= self._stop_at:
         self._stop_at = None
         others = self._running_names()
@@ -148,6 +186,23 @@ class Cluster:
     for pump in self._pumps:
       pump.join(timeout=5)
     return [p.returncode for p in self.procs]
+
+  def _bound_the_evaluator(self, codes, grace_s: float) -> None:
+    """Once every worker exited and nothing is being stopped yet, the evaluator's time runs."""
+    if len(codes) == self._num_workers or self._stopping or self._stop_at is not None:
+      return
+    if None in codes[:self._num_workers] or codes[-1] is not None:
+      return
+    now = time.monotonic()
+    if self._evaluator_due is None:
+      self._evaluator_due = now + self._evaluator_limit_s
+    elif now >= self._evaluator_due:
+      self.evaluator_overdue = True
+      self._say(f"evaluator:0 still running {self._evaluator_limit_s:.0f}s after the workers "
+                f"finished (--evaluator_timeout_s + {EVALUATOR_MARGIN_S:.0f}s): stopping it "
+                f"(SIGTERM and SIGCONT now, SIGKILL after {grace_s:.0f}s); the job exits "
+                f"{EXIT_EVALUATOR_OVERDUE}")
+      self.stop(grace_s)
 
   @property
   def failures(self) -> list:
@@ -200,6 +255,25 @@ def _describe(code: int) -> str:
   except ValueError:  # real-time signals have no name
     name = f"signal {-code}"
   return f"{128 - code}, killed by {name}"
+
+
+def evaluator_limit(trainer_args) -> float:
+  """Seconds the evaluator may outlive the workers: the trainer's --evaluator_timeout_s (its
+  default when the flags do not say, e.g. in a --flagfile) plus EVALUATOR_MARGIN_S."""
+  timeout = config_lib.Config.evaluator_timeout_s
+  args = list(trainer_args)
+  for i, arg in enumerate(args):
+    value = None
+    if arg.startswith("--evaluator_timeout_s="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--evaluator_timeout_s" and i + 1 < len(args):
+      value = args[i + 1]
+    if value is not None:
+      try:
+        timeout = float(value)
+      except ValueError:
+        pass  # the evaluator itself exits 2 naming the flag
+  return timeout + EVALUATOR_MARGIN_S
 
 
 def exit_code(codes) -> int:
@@ -255,6 +329,8 @@ def _run(cluster: Cluster, shutdown_grace_s: float) -> tuple:
   print(f"[launcher] exit codes: {codes}", flush=True)
   # The first failure is the cause; the others' codes are mostly our SIGTERM or SIGKILL.
   failures = cluster.failures
+  if cluster.evaluator_overdue:
+    return EXIT_EVALUATOR_OVERDUE, "evaluator:0 did not finish after the workers"
   if not failures:
     return 0, ""
   first, raw = failures[0]

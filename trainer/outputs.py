@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+from trainer import fencing
 from trainer import restarts
 from trainer import run_lock
 from trainer import storage
@@ -28,14 +29,18 @@ class RunOutputs:
     self._config = config
     self._environ = environ
     self.is_chief = is_chief
-    self._lock = None
+    self._locks = []
     self.summaries = None  # TensorBoard (trainer/summaries.py), from begin() on
 
   def prepare(self) -> None:
-    """Fails before training when an output cannot be written; the chief takes model_dir."""
+    """Fails before training when an output cannot be written; the chief takes the locks."""
     preflight(self.paths, self.is_chief)
-    if self.is_chief:  # only the chief writes model_dir, so only it takes the lock
-      self._lock = run_lock.acquire(self.paths.model_dir, self.paths.local_model_dir)
+    if self.is_chief:  # only the chief writes, so only it takes the locks
+      # model_dir (metrics, export) and the checkpoint dir, wherever it is: two runs with
+      # different model_dirs must not share one --checkpoint_dir either. Always in this order.
+      self._locks.append(run_lock.acquire(self.paths.model_dir, self.paths.local_model_dir))
+      self._locks.append(run_lock.acquire(self.paths.checkpoint_dir,
+                                          self.paths.local_checkpoint_dir, "--checkpoint_dir"))
       for path in (self.paths.local_model_dir, self.paths.local_checkpoint_dir,
                    self.paths.local_log_dir):
         os.makedirs(path, exist_ok=True)
@@ -45,6 +50,7 @@ class RunOutputs:
 
     Nothing is written before: a run refused at restore leaves model_dir as it found it.
     """
+    fencing.check()  # every write of the chief asks first: trainer/fencing.py
     from trainer import summaries  # pylint: disable=import-outside-toplevel  (TensorFlow)
     self.summaries = summaries.Summaries(self.paths.local_log_dir, self.is_chief)
     if self.is_chief:
@@ -58,6 +64,7 @@ class RunOutputs:
 
   def after_checkpoint(self, path: str) -> None:
     if self.is_chief:
+      fencing.check()
       logging.info("Saved checkpoint %s", path)
       self.summaries.flush()
       publish_logs(self.paths)
@@ -70,6 +77,7 @@ class RunOutputs:
     --export is on."""
     if not (self.is_chief and self._config.export):
       return
+    fencing.check()  # TensorFlow writes the export, into model_dir itself when it is local
     from trainer import export  # TensorFlow's SavedModel code, only when exporting
     local_export = export.export_saved_model(
         eval_model, weights, image_shape, os.path.join(self.paths.local_model_dir, "export"),
@@ -80,6 +88,7 @@ class RunOutputs:
     """The chief's last outputs: metrics.json, the logs, hypertune; the run is then complete."""
     if not self.is_chief:
       return
+    fencing.check()
     write_metrics(self.paths, metrics)
     write_final_step(self.paths, metrics["global_step"], self._config)
     self.summaries.flush()
@@ -88,9 +97,8 @@ class RunOutputs:
     restarts.record_finish(self.paths.checkpoint_dir)
 
   def close(self) -> None:
-    if self._lock is not None:
-      self._lock.release()
-      self._lock = None
+    while self._locks:
+      self._locks.pop().release()
 
 
 @dataclasses.dataclass(frozen=True)
