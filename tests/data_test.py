@@ -434,3 +434,90 @@ def test_several_versions_or_one_being_prepared_take_the_full_path(synthetic_tfd
   assert data._prepared_builder("mnist", str(copy)) is None, "which one TFDS picks is its call"
   assert data._prepared_builder("fashion_mnist", str(copy)) is None
   assert data._prepared_builder("mnist", str(tmp_path / "absent")) is None
+
+
+def test_damaged_decoded_labels_are_decoded_again_with_one_warning(synthetic_tfds_dir,
+                                                                    tmp_path, caplog):
+  """Issue 33: labels overwritten in the kept decoded-*-labels.npy (same size) were trained
+  and evaluated on: rc 0 with another model, or a traceback after training. The CRC-32s kept
+  beside the arrays no longer match: the split is decoded again, with one warning."""
+  copy = str(tmp_path / "tfds")
+  shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
+  builder = data.prepare("mnist", copy)
+  images, labels = data._load_split(builder, "test", 0)
+  images_path, labels_path = data._decoded_paths(builder, "test")
+  size = os.path.getsize(labels_path)
+  damaged = np.load(labels_path)
+  damaged[: len(damaged) // 3] = 200  # no such class
+  with open(labels_path, "r+b") as f:
+    f.seek(size - damaged.nbytes)
+    f.write(damaged.tobytes())
+  assert os.path.getsize(labels_path) == size
+  with caplog.at_level("INFO"):
+    again_images, again_labels = data._load_split(builder, "test", 0)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and labels_path in warnings[0], warnings
+  assert "do not match the checksum recorded" in warnings[0]
+  np.testing.assert_array_equal(again_labels, labels)
+  np.testing.assert_array_equal(again_images, images)
+  np.testing.assert_array_equal(np.load(labels_path), labels)  # rewritten whole
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    data._load_split(builder, "test", 0)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"], "sound again: no word"
+  assert data._decoded_from_cache(builder, "test")[0] is not None
+
+
+def test_decoded_arrays_without_checksums_are_decoded_again(synthetic_tfds_dir, tmp_path):
+  """Arrays kept by an older version have no checksums: they are never trusted."""
+  copy = str(tmp_path / "tfds")
+  shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
+  builder = data.prepare("mnist", copy)
+  data._load_split(builder, "test", 0)
+  sums = data._checksums_path(data._decoded_paths(builder, "test")[0])
+  os.remove(sums)
+  assert data._decoded_from_cache(builder, "test") == (None, None)
+  data._load_split(builder, "test", 0)
+  assert os.path.isfile(sums)
+
+
+def test_num_shards_other_than_the_prepared_count_is_refused(synthetic_tfds_dir):
+  """Issue 33: --num_shards=8 on data prepared with 4 files was ignored without a word."""
+  with pytest.raises(errors.ConfigError) as raised:
+    data.prepare("mnist", synthetic_tfds_dir, num_shards=8)
+  assert raised.value.exit_code == errors.EXIT_CONFIG
+  message = str(raised.value)
+  assert "--num_shards=8" in message and "prepared with 4 train record file(s)" in message
+  assert f"--data_dir={synthetic_tfds_dir}" in message and "a new --data_dir" in message
+  assert len(data.prepare("mnist", synthetic_tfds_dir, num_shards=4).info.splits[
+      "train"].filepaths) == 4
+  assert data.prepare("mnist", synthetic_tfds_dir).name == "mnist"  # 0: whatever is there
+
+
+def test_leftovers_of_a_killed_preparation_are_removed(synthetic_tfds_dir, tmp_path):
+  """Issue 33: a killed preparation left TFDS's downloads (64 MB for MNIST) and its unfinished
+  incomplete.* version folder behind for good. The next run on that data_dir removes them."""
+  copy = tmp_path / "tfds"
+  shutil.copytree(synthetic_tfds_dir, copy)
+  # As a kill leaves them (tensorflow_datasets/core/utils/file_utils.py: incomplete_dir).
+  unfinished = copy / "mnist" / "incomplete.K1LL3D_3.0.1"
+  unfinished.mkdir()
+  (unfinished / "mnist-train.tfrecord-00000-of-00004").write_bytes(b"\0" * 1000)
+  downloads = copy / "downloads" / ".preparing-mnist"  # data._download_dir(copy, "mnist")
+  (downloads / "extracted").mkdir(parents=True)
+  (downloads / "extracted" / "GZIP.train-images-idx3-ubyte.gz").write_bytes(b"\0" * 1000)
+  other = copy / "mnist" / "incomplete.OTHER1_4.0.0"  # another version's: not this one's
+  other.mkdir()
+  builder = data.prepare("mnist", str(copy))
+  assert builder.info.splits["train"].num_examples == 1200
+  assert not unfinished.exists() and not downloads.exists()
+  assert other.exists()
+  assert str(downloads) == data._download_dir(str(copy), "mnist")
+
+
+@pytest.mark.slow
+def test_a_preparation_keeps_no_downloads(tfds_dir):
+  """TFDS's copies of the MNIST files and their extraction (64 MB) go once it is prepared."""
+  downloads = os.path.join(tfds_dir, "downloads")
+  assert not os.path.exists(downloads) or os.listdir(downloads) == [], os.listdir(downloads)
+  assert os.listdir(os.path.join(tfds_dir, "mnist")) == ["3.0.1"]

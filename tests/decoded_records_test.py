@@ -71,7 +71,7 @@ def test_copies_are_reused_and_remade_when_damaged_or_stale(tmp_path):
   with open(first.files[1], "r+b") as f:
     f.truncate(5)
   remade = decoded_records.decoded_source(encoded, [0, 1], 10 ** 9)
-  assert os.path.getsize(remade.files[1]) == 7 * (4 + 16)
+  assert os.path.getsize(remade.files[1]) == 7 * (4 + 16) + decoded_records.FOOTER.size
   # The record file replaced: a new copy, and the old one is removed.
   os.utime(encoded.files[0], ns=(made + 10 ** 9, made + 10 ** 9))
   newer = decoded_records.decoded_source(encoded, [0, 1], 10 ** 9)
@@ -137,3 +137,78 @@ def test_copies_are_as_readable_as_their_record_files(tmp_path):
   os.chmod(encoded.files[0], 0o644)
   decoded = decoded_records.decoded_source(encoded, [0], 10 ** 9)
   assert os.stat(decoded.files[0]).st_mode & 0o777 == 0o644
+
+
+def test_a_damaged_copy_is_remade_with_one_warning(tmp_path, caplog):
+  """Issue 33: a same-size overwrite of a third of a copy trained silently. Its footer's CRC-32
+  no longer matches: the copy is made again (the same bytes as at first), one warning line."""
+  encoded = stream_test._write(tmp_path, [30, 30])
+  first = decoded_records.decoded_source(encoded, [0, 1], 10 ** 9)
+  victim = first.files[1]
+  with open(victim, "rb") as f:
+    good = f.read()
+  with open(victim, "r+b") as f:
+    f.seek(len(good) // 3)
+    f.write(bytes(255 - b for b in good[len(good) // 3:2 * len(good) // 3]))
+  assert os.path.getsize(victim) == len(good)
+  with caplog.at_level("INFO"):
+    again = decoded_records.decoded_source(encoded, [0, 1], 10 ** 9)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1, warnings
+  assert victim in warnings[0] and "does not match the checksum" in warnings[0]
+  assert encoded.files[1] in warnings[0], "names what the copy is decoded from"
+  assert again.files == first.files
+  with open(victim, "rb") as f:
+    assert f.read() == good
+  assert stream_test._epoch_ids(again, 2, 4, steps=8) == stream_test._epoch_ids(encoded, 2, 4,
+                                                                                steps=8)
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    decoded_records.decoded_source(encoded, [0, 1], 10 ** 9)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"], "a sound copy: no word"
+
+
+def test_copies_of_the_older_layout_are_replaced(tmp_path):
+  """Copies without the checksum footer (made before it existed) are never read: a copy's name
+  carries its layout, so the new copy gets a new name and the old one is removed."""
+  encoded = stream_test._write(tmp_path, [10])
+  old = f"{encoded.files[0]}.0123456789ab{decoded_records.SUFFIX}"
+  with open(old, "wb") as f:
+    f.write(b"\0" * 10 * (4 + 16))  # the old layout's size: records only
+  decoded = decoded_records.decoded_source(encoded, [0], 10 ** 9)
+  assert decoded.files[0] != old and not os.path.exists(old)
+  assert os.path.getsize(decoded.files[0]) == 10 * (4 + 16) + decoded_records.FOOTER.size
+
+
+@pytest.mark.slow
+def test_a_run_on_a_damaged_copy_trains_the_same_model(synthetic_tfds_dir, tmp_path, caplog):
+  """Issue 33's repro: a same-size overwrite of a third of a stream copy trained to rc 0 with
+  another weights_sha256 and no warning. Now the copy is remade (one warning line) and the run
+  ends with the same weights as one on sound copies."""
+  from trainer import config as config_lib
+  from trainer import train
+  copy = tmp_path / "tfds"
+  shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("*.decoded"))
+
+  def run(name):
+    return train.train_and_evaluate(config_lib.Config(
+        model_dir=str(tmp_path / name), data_dir=str(copy), input_mode="stream",
+        train_steps=40, global_batch_size=32, steps_per_loop=20, checkpoint_every_steps=40,
+        model_widths=(8, 16), eval_examples=100, export=False, deterministic=True))
+
+  sound = run("sound")
+  copies = [os.path.join(copy, "mnist", "3.0.1", n)
+            for n in os.listdir(os.path.join(copy, "mnist", "3.0.1"))
+            if n.endswith(decoded_records.SUFFIX)]
+  assert len(copies) == 4, "one epoch: every file was decoded first"
+  size = os.path.getsize(copies[0])
+  with open(copies[0], "r+b") as f:
+    f.seek(size // 3)
+    f.write(os.urandom(size // 3))
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    again = run("again")
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+              and "Decoded copy" in r.getMessage()]
+  assert len(warnings) == 1 and copies[0] in warnings[0], warnings
+  assert again["weights_sha256"] == sound["weights_sha256"]

@@ -243,6 +243,67 @@ def test_bad_data_is_a_data_error_naming_it(tmp_path, damage, fix):
   assert [n for n in os.listdir(root) if not n.startswith(".")] == [], "nothing half-prepared"
 
 
+def _dangling_link(folder):
+  link = os.path.join(folder, "red", "gone.png")
+  os.symlink(os.path.join(folder, "red", "moved-away.png"), link)
+  return f"{link} is a broken symbolic link"
+
+
+def _folder_link_loop(folder):
+  link = os.path.join(folder, "red", "again")
+  os.symlink("..", link)  # a link to an ancestor: walking it never ends
+  return f"{link} is a symbolic link loop"
+
+
+def _file_link_loop(folder):
+  a, b = os.path.join(folder, "red", "a.png"), os.path.join(folder, "red", "b.png")
+  os.symlink(b, a)
+  os.symlink(a, b)
+  return "is a symbolic link loop"
+
+
+@pytest.mark.parametrize("damage", [_dangling_link, _folder_link_loop, _file_link_loop])
+def test_bad_symbolic_links_are_data_errors_naming_them(tmp_path, damage):
+  """Issue 33: a dangling link or a link loop ended in a traceback (exit 1)."""
+  folder = make_folder(tmp_path / "images", per_class=6)
+  named = damage(folder)
+  with pytest.raises(errors.DataError) as raised:
+    _prepare(folder, tmp_path / "tfds")
+  assert named in str(raised.value), str(raised.value)
+  assert "remove the link" in str(raised.value).lower()
+  assert raised.value.exit_code == errors.EXIT_DATA
+
+
+def test_links_to_images_and_class_folders_are_followed(tmp_path):
+  """Good links stay fine: a class folder kept elsewhere, an image linked twice."""
+  make_folder(tmp_path / "elsewhere", per_class=6, classes={"green": COLOURS["green"]})
+  folder = make_folder(tmp_path / "images", per_class=6,
+                       classes={k: v for k, v in COLOURS.items() if k != "green"})
+  os.symlink(tmp_path / "elsewhere" / "green", os.path.join(folder, "green"))
+  os.symlink(os.path.join(folder, "red", "img000.jpg"), os.path.join(folder, "red", "copy.jpg"))
+  builder = _prepare(folder, tmp_path / "tfds", eval_fraction=0.3)
+  assert builder.info.features["label"].names == ["blue", "green", "red"]
+  splits = builder.info.splits
+  assert splits["train"].num_examples + splits["test"].num_examples == 19
+
+
+def test_images_too_large_without_image_size_are_a_data_error(tmp_path):
+  folder = make_folder(tmp_path / "images", per_class=2, size=(1030, 4), classes={
+      "a": (0, 0, 0), "b": (9, 9, 9)})
+  with pytest.raises(errors.DataError, match=r"images are 1030x4 .* --image_size=N \(N <= 1024\)"):
+    _prepare(folder, tmp_path / "tfds", eval_fraction=0.5)
+
+
+def test_image_size_above_the_bound_exits_2_before_tensorflow(tmp_path):
+  """Issue 33: --image_size=30000 ran out of memory, reported as a data error (exit 3)."""
+  from conftest import run_without_tf
+  result = run_without_tf("trainer.task", f"--model_dir={tmp_path / 'run'}",
+                          f"--dataset=image_folder:{tmp_path}", "--image_size=30000",
+                          "--epochs=1")
+  assert result.returncode == errors.EXIT_CONFIG, result.stdout[-2000:]
+  assert "--image_size must be in [0, 1024]" in result.stdout and "got 30000" in result.stdout
+
+
 def test_missing_and_empty_folders(tmp_path):
   with pytest.raises(errors.DataError, match=f"{tmp_path}/nope does not exist"):
     _prepare(tmp_path / "nope", tmp_path / "tfds")
@@ -260,7 +321,9 @@ def test_flags(tmp_path):
   assert config.image_size == 28
   for bad, match in (({"eval_fraction": 0.0}, "--eval_fraction must be in"),
                      ({"eval_fraction": 1.0}, "--eval_fraction must be in"),
-                     ({"image_size": -1}, "--image_size must be >= 0"),
+                     ({"image_size": -1}, r"--image_size must be in \[0, 1024\]"),
+                     # It ran out of memory while preparing, and was reported as a data error.
+                     ({"image_size": 30000}, r"--image_size must be in \[0, 1024\].*got 30000"),
                      ({"dataset": "image_folder:"}, "names no folder")):
     with pytest.raises(errors.ConfigError, match=match):
       config.replace(**bad)

@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -15,6 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -218,6 +220,7 @@ def stage(path: str, what: str) -> str:
   from trainer import storage
   if not storage.is_gcs(path):
     return os.path.expanduser(path)
+  storage.check_cache_writable(f"the local copy of {what}={path}")
   local = staged_dir(path)
   parent, key = os.path.split(local)
   os.makedirs(parent, exist_ok=True)
@@ -234,6 +237,10 @@ def stage(path: str, what: str) -> str:
       except FileNotFoundError:
         raise errors.DataError(
             f"{what}={path} holds no files: upload the data there first.") from None
+      except OSError as e:
+        if errors.is_disk_full(e):
+          raise _cache_full(path, e) from None
+        raise
       with open(os.path.join(partial, STAGED_MARKER), "w") as f:
         f.write(path)
       _replace_dir(partial, local, partial_prefix)
@@ -248,25 +255,25 @@ def fetch_records(builder, data_dir: str, split: str, indices=None) -> list:
   data_dir into its staged copy, where the builder reads them; returns the paths fetched.
 
   Under a lock per staged copy, each file is downloaded to a temporary name, checked against
-  the object and renamed into place (storage.fetch_file): a file under its own name is whole
-  and is never fetched again, and an interrupted fetch's temporary file is deleted, never
-  read. A local data_dir holds its files already: nothing to do.
+  the object and renamed into place (storage.fetch_file): a file under its own name was whole,
+  and an interrupted fetch's temporary file is deleted, never read. A cached file is checked
+  against its object again (size and CRC32C) and fetched again only when it differs, so a copy
+  damaged on this disk is replaced, not reported as damaged data. A disk that fills up is a
+  StorageError naming the cache. A local data_dir holds its files already: nothing to do.
   """
   from trainer import storage
   if not storage.is_gcs(data_dir):
     return []
   paths = [str(p) for p in builder.info.splits[split].filepaths]
   wanted = [paths[i] for i in (range(len(paths)) if indices is None else indices)]
-  if all(os.path.isfile(p) for p in wanted):
-    return []
   root = staged_dir(data_dir)
   fetched = []
   with _lock(root, "records"):
+    _remove_damaged_copies(data_dir, root, [p for p in wanted if os.path.isfile(p)])
     for path in wanted:
       if os.path.isfile(path):
         continue  # cached, or fetched by another process while this one waited
-      # The staged copy mirrors data_dir: the same relative path names the object.
-      remote = storage.join(data_dir, *os.path.relpath(path, root).split(os.sep))
+      remote = _remote_of(data_dir, root, path)
       storage.remove_partials(path)
       try:
         with storage.for_flag("--data_dir"):
@@ -276,12 +283,53 @@ def fetch_records(builder, data_dir: str, split: str, indices=None) -> list:
             f"Record file {remote} is missing, though the {builder.name} metadata in "
             f"--data_dir={data_dir} lists it: upload the whole prepared dataset folder again "
             "(`gcloud storage cp -r`), or point --data_dir at a complete copy.") from None
+      except OSError as e:
+        if errors.is_disk_full(e):
+          raise _cache_full(remote, e) from None
+        raise
       fetched.append(path)
   logging.info("Fetched %d %s record file(s) from %s (%s); %d of %d are read here.",
                len(fetched), split, data_dir,
                ", ".join(os.path.basename(p) for p in fetched) or "none: cached",
                len(wanted), len(paths))
   return fetched
+
+
+def _remote_of(data_dir: str, root: str, path: str) -> str:
+  """The gs:// object of the file `path` of data_dir's staged copy `root` (the same relative
+  path: the staged copy mirrors data_dir)."""
+  from trainer import storage
+  return storage.join(data_dir, *os.path.relpath(path, root).split(os.sep))
+
+
+def _remove_damaged_copies(data_dir: str, root: str, cached: list) -> None:
+  """Deletes the cached copies of gs:// record files that differ from their objects (a disk's
+  damage, a person's edit), with a warning each, so that they are fetched again: the bucket
+  decides. Costs one listing and a CRC32C pass over the cached files (fetched files were
+  checked as they came). The caller holds the records lock."""
+  from trainer import storage
+  if not cached:
+    return
+  folder = os.path.dirname(cached[0])  # a split's files lie in one folder
+  with storage.for_flag("--data_dir"):
+    differing = storage.differing_copies(_remote_of(data_dir, root, folder), folder,
+                                         [os.path.basename(p) for p in cached])
+  for name in differing:
+    path = os.path.join(folder, name)
+    logging.warning("The local copy %s of %s differs from the bucket's object (size or CRC32C): "
+                    "damaged on this disk; fetching it again.", path,
+                    _remote_of(data_dir, root, path))
+    os.remove(path)
+
+
+def _cache_full(remote: str, error: OSError) -> errors.StorageError:
+  from trainer import storage
+  return errors.StorageError(
+      f"No space left on the device of the local cache {storage.cache_root()} "
+      f"(${storage.CACHE_DIR_ENV}) while copying {remote} into it ({error.filename or ''}). "
+      f"gs:// data is read from local copies there: free space on that disk, or set "
+      f"{storage.CACHE_DIR_ENV} to a folder on a disk with room for the dataset, then rerun the "
+      "same command.")
 
 
 def _no_mnist_download(url: str, reason: str) -> errors.DataError:
@@ -409,21 +457,48 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards:
   gs:// inputs are staged to local disk first: a prepared TFDS directory in a bucket, or the
   four MNIST files. Without network, a download that is needed fails with DataError (exit 3).
   num_shards (0: TFDS's choice) sets how many record files each split gets when it is prepared
-  here; stream mode shards by file, so it wants at least one per input pipeline.
+  here; stream mode shards by file, so it wants at least one per input pipeline, and a dataset
+  already prepared with another count is a ConfigError (it is never prepared twice).
   image_folder:DIR datasets are prepared by trainer/image_folder.py (image_size, eval_fraction).
+  A dataset already prepared is only read: data_dir need not be writable then.
   """
+  given = data_dir
   data_dir = stage(data_dir, "--data_dir")
   if mnist_source_dir:
     mnist_source_dir = stage(mnist_source_dir, "--mnist_source_dir")
-  check_writable(data_dir)
   from trainer import image_folder
   if image_folder.is_image_folder(dataset):
-    return image_folder.prepare(dataset, data_dir, image_size, eval_fraction, num_shards)
-  prepared = _prepared_builder(dataset, data_dir)
-  if prepared is not None:
-    return prepared
+    builder = image_folder.prepare(dataset, data_dir, image_size, eval_fraction, num_shards)
+  else:
+    builder = _prepared_builder(dataset, data_dir) or _read_only_builder(dataset, data_dir)
+    if builder is None:
+      builder = _prepare_tfds(dataset, data_dir, mnist_source_dir, num_shards)
+    else:
+      _remove_leftovers_if_free(data_dir, dataset, str(builder.data_dir))
+  _check_num_shards(builder, num_shards, given)
+  return builder
+
+
+def _read_only_builder(dataset: str, data_dir: str):
+  """TFDS's builder of a dataset prepared in a data_dir this process cannot write (in a layout
+  that _prepared_builder leaves to TFDS), or None: preparing needs a writable data_dir."""
+  if not os.path.isdir(data_dir) or os.access(data_dir, os.W_OK):
+    return None
+  builder = _builder(dataset, data_dir)
+  return builder if builder.is_prepared() else None
+
+
+def _prepare_tfds(dataset: str, data_dir: str, mnist_source_dir: str, num_shards: int):
+  """Prepares a TFDS dataset in data_dir under its lock (unless another process just did).
+
+  TFDS downloads into a folder of this dataset's own (_download_dir), removed once the dataset
+  is prepared or the preparation failed, and at the next preparation after a killed one, with
+  TFDS's unfinished incomplete.* folder: a prepared data_dir holds the records alone.
+  """
+  check_writable(data_dir)
   builder = _builder(dataset, data_dir)
   with _lock(data_dir, dataset):
+    _remove_leftovers(data_dir, dataset, str(builder.data_dir))
     if builder.is_prepared():
       # Built anew: a builder made before another process prepared the data under this lock
       # has empty metadata (no splits).
@@ -435,14 +510,76 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards:
       logging.info("Preparing TFDS mnist in %s from %s", data_dir, source)
     else:
       check_download_hosts(dataset, (builder.url_infos or {}).keys())
+    download_dir = _download_dir(data_dir, dataset)
     try:
       import tensorflow_datasets as tfds
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          num_shards=num_shards or None))
+      builder.download_and_prepare(
+          download_dir=download_dir, download_config=tfds.download.DownloadConfig(
+              num_shards=num_shards or None,
+              # Where TFDS looks for manual downloads by default: download_dir/manual
+              # (tensorflow_datasets/core/dataset_builder.py, _make_download_manager).
+              manual_dir=os.path.join(data_dir, "downloads", "manual")))
     except Exception as e:  # TFDS raises many types; all mean the data cannot be had.
       raise errors.DataError(f"Could not prepare --dataset={dataset} in --data_dir={data_dir}: "
                              f"{e}") from e
+    finally:
+      shutil.rmtree(download_dir, ignore_errors=True)
   return builder
+
+
+def _download_dir(data_dir: str, dataset: str) -> str:
+  """TFDS's download folder for one preparation of dataset (its own: several datasets may be
+  prepared in one data_dir at once, each under its own lock)."""
+  return os.path.join(data_dir, "downloads", ".preparing-" + re.sub(r"[^\w.-]+", "_", dataset))
+
+
+def _leftovers(data_dir: str, dataset: str, version_dir: str) -> list:
+  """What killed preparations of dataset left in data_dir: this dataset's download folder, and
+  the incomplete.XXXXXX_VERSION folders TFDS writes a version into before renaming it
+  (tensorflow_datasets/core/utils/file_utils.py: incomplete_dir; it removes them itself on
+  failure, but nothing removes a killed one's)."""
+  parent, version = os.path.split(version_dir.rstrip("/"))
+  pattern = re.compile(r"incomplete\.[A-Z0-9]{6}_" + re.escape(version))
+  try:
+    found = [os.path.join(parent, n) for n in os.listdir(parent) if pattern.fullmatch(n)]
+  except OSError:
+    found = []
+  download_dir = _download_dir(data_dir, dataset)
+  return found + ([download_dir] if os.path.lexists(download_dir) else [])
+
+
+def _remove_leftovers(data_dir: str, dataset: str, version_dir: str) -> None:
+  """Removes _leftovers(); the caller holds the dataset's lock, so none of them is live."""
+  for path in _leftovers(data_dir, dataset, version_dir):
+    shutil.rmtree(path, ignore_errors=True)
+    logging.info("Removed %s, left by an interrupted preparation of %s.", path, dataset)
+
+
+def _remove_leftovers_if_free(data_dir: str, dataset: str, version_dir: str) -> None:
+  """_remove_leftovers for a dataset that is prepared already: best effort, only when there
+  are any, data_dir is writable and the lock is free within seconds."""
+  if not _leftovers(data_dir, dataset, version_dir) or not os.access(data_dir, os.W_OK):
+    return
+  try:
+    with _lock(data_dir, dataset, timeout_s=5.0):
+      _remove_leftovers(data_dir, dataset, version_dir)
+  except (errors.DataError, OSError):
+    pass  # a preparation of another version holds it, or the folder cannot be written
+
+
+def _check_num_shards(builder, num_shards: int, data_dir: str) -> None:
+  """--num_shards applies when a dataset is prepared; one prepared with another count is an
+  error, not silently read (stream mode's sharding depends on the count)."""
+  splits = builder.info.splits
+  if not num_shards or "train" not in splits:
+    return
+  files = len(splits["train"].filepaths)
+  if files != num_shards:
+    raise errors.ConfigError(
+        f"--num_shards={num_shards}, but --data_dir={data_dir} already holds {builder.name} "
+        f"prepared with {files} train record file(s), and --num_shards applies only when a "
+        f"dataset is prepared. Pass --num_shards={files} (or none) to train on those files, or "
+        f"a new --data_dir to prepare {num_shards}.")
 
 
 def _load_split(builder, split: str, limit: int):
@@ -450,11 +587,20 @@ def _load_split(builder, split: str, limit: int):
 
   Decoding the records (PNG for MNIST) costs seconds every run, so the decoded arrays are
   kept next to the prepared data, keyed by a hash of the record files: a changed dataset is
-  decoded again, never read stale.
+  decoded again, never read stale. The CRC-32 of each array, recorded when it is written, is
+  checked when it is read (about 12 ms for MNIST's 47 MB train split): a damaged array is
+  decoded again, with one warning, never trained or evaluated on.
   """
   images, labels = _decoded_from_cache(builder, split)
   if images is None:
-    images, labels = _decode_split(builder, split)
+    try:
+      images, labels = _decode_split(builder, split)
+    except tf.errors.DataLossError as e:
+      raise errors.DataError(
+          f"A record file of the prepared {builder.name} {split} split in {builder.data_dir} "
+          f"is damaged ({str(e).strip().splitlines()[0][:300]}): prepare the dataset again (a "
+          "new --data_dir, or delete the dataset's folder in it); of a gs:// --data_dir, whose "
+          "local copies were checked against the bucket, upload a good copy.") from None
     _save_decoded(builder, split, images, labels)
   if limit:
     images, labels = images[:limit], labels[:limit]
@@ -478,7 +624,19 @@ def _decoded_paths(builder, split: str) -> tuple:
   return base + "-images.npy", base + "-labels.npy"
 
 
+def _checksums_path(images_path: str) -> str:
+  """The JSON beside a decoded split's arrays: their CRC-32s, written after both arrays."""
+  return images_path[:-len("-images.npy")] + "-crc32.json"
+
+
+def _crc32(array: np.ndarray) -> int:
+  """CRC-32 of the array's bytes (zlib's, about 4 GB/s here: the cheapest check in stdlib)."""
+  return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
 def _decoded_from_cache(builder, split: str) -> tuple:
+  """The kept arrays when they are there and match the checksums recorded with them, else
+  (None, None) (a mismatch is logged: the split is decoded again and the arrays rewritten)."""
   images_path, labels_path = _decoded_paths(builder, split)
   try:
     images = np.load(images_path, mmap_mode="r")
@@ -486,16 +644,41 @@ def _decoded_from_cache(builder, split: str) -> tuple:
   except (OSError, ValueError):
     return None, None
   if len(images) != len(labels) or images.dtype != np.uint8 or labels.dtype != np.int32:
+    logging.warning("The decoded %s split in %s has damaged headers: decoding it again.", split,
+                    images_path)
     return None, None
+  sums_path = _checksums_path(images_path)
+  try:
+    with open(sums_path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    # Written by an older version (no checksums) or interrupted before its last file.
+    logging.info("No checksums for the decoded %s split (%s): decoding it again.", split,
+                 sums_path)
+    return None, None
+  for name, array, path in (("images", images, images_path), ("labels", labels, labels_path)):
+    actual = _crc32(array)
+    if not isinstance(recorded, dict) or recorded.get(name) != actual:
+      logging.warning("The decoded %s split's %s (%s) do not match the checksum recorded when "
+                      "they were written (CRC-32 %08x, recorded %s): damaged since; decoding "
+                      "the split again.", split, name, path, actual,
+                      recorded.get(name) if isinstance(recorded, dict) else recorded)
+      return None, None
   return images, labels
 
 
 def _save_decoded(builder, split: str, images, labels) -> None:
-  """Best effort (a read-only data_dir just decodes every run); each file lands whole."""
+  """Best effort (a read-only data_dir just decodes every run); each file lands whole, and the
+  checksums go last, so arrays without them are never used."""
   from trainer import storage
-  for path, array in zip(_decoded_paths(builder, split), (images, labels)):
+  images_path, labels_path = _decoded_paths(builder, split)
+  sums = json.dumps({"images": _crc32(images), "labels": _crc32(labels)})
+  writes = ((images_path, lambda f: np.save(f, images)),
+            (labels_path, lambda f: np.save(f, labels)),
+            (_checksums_path(images_path), lambda f: f.write(sums.encode())))
+  for path, write in writes:
     try:
-      storage.atomic_write_local(path, lambda f, array=array: np.save(f, array))
+      storage.atomic_write_local(path, write)
     except OSError as e:  # a full disk keeps no half-written array
       logging.info("Not caching the decoded %s split (%s); it is decoded every run.", split, e)
       return
@@ -733,7 +916,10 @@ def record_source(builder, split: str = "train", data_dir: str = "", num_pipelin
       raise errors.DataError(
           f"Record file {path} of the prepared {builder.name} {split} split is missing: prepare "
           "the dataset again (a new --data_dir, or delete the dataset's folder in it).")
+  origins = ()
+  if storage.is_gcs(data_dir):  # the files are local copies: messages name the objects
+    origins = tuple(_remote_of(data_dir, staged_dir(data_dir), str(p)) for p in info.filepaths)
   source = stream.RecordSource(files=tuple(str(p) for p in info.filepaths),
                                counts=shard_lengths(builder, split),
-                               image_shape=image_shape, decode=decode)
+                               image_shape=image_shape, decode=decode, origins=origins)
   return decoded_records.decoded_source(source, mine, examples_read)

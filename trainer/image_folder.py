@@ -1,6 +1,7 @@
 """--dataset=image_folder:DIR: JPEG/PNG images, one folder per class, prepared as TFDS records."""
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -9,6 +10,7 @@ import re
 import shutil
 import tempfile
 
+from trainer import config
 from trainer import data
 from trainer import errors
 
@@ -42,6 +44,11 @@ def prepare(dataset: str, data_dir: str, image_size: int = 0, eval_fraction: flo
   key = _key(source, files, image_size, eval_fraction)
   root = os.path.join(data_dir, NAME)
   target = os.path.join(root, key)
+  if data.has_marker(target, PREPARED_MARKER, source):
+    # Complete (the marker is written last and the folder renamed into place, never replaced
+    # once marked): read it without the lock, so a read-only data_dir works.
+    return _read_builder(target)
+  data.check_writable(data_dir)
   os.makedirs(root, exist_ok=True)
   with data._lock(root, key):  # pylint: disable=protected-access
     if not data.has_marker(target, PREPARED_MARKER, source):
@@ -97,13 +104,55 @@ def _local_files(source: str) -> list:
         f"--dataset=image_folder:{source}: {source} {what}. Give the folder holding one "
         "sub-folder of images per class (local or gs://).")
   files = []
-  for parent, _, names in os.walk(source, followlinks=True):
+  for parent, folders, names in os.walk(source, followlinks=True, onerror=_unlistable):
+    for name in folders:
+      _check_not_a_loop(source, os.path.join(parent, name))
     for name in names:
       path = os.path.join(parent, name)
-      stat = os.stat(path)
+      try:
+        stat = os.stat(path)
+      except OSError as e:
+        raise _unreadable(path, e) from None
       rel = os.path.relpath(path, source).replace(os.sep, "/")
       files.append((rel, stat.st_size, str(stat.st_mtime_ns)))
   return files
+
+
+def _check_not_a_loop(source: str, folder: str) -> None:
+  """DataError when folder (a symbolic link, followed) leads back to a folder that contains it:
+  walking it would never end. Two links to one folder elsewhere are no loop."""
+  if not os.path.islink(folder):
+    return
+  real = os.path.realpath(folder)
+  rel = os.path.relpath(os.path.dirname(folder), source)
+  parts = [] if rel == os.curdir else rel.split(os.sep)
+  ancestors = [os.path.join(source, *parts[:i]) for i in range(len(parts) + 1)]
+  if any(os.path.realpath(a) == real for a in ancestors):
+    raise errors.DataError(
+        f"{folder} is a symbolic link loop: it leads back to {real}, which contains it. Remove "
+        f"the link, or point it at a folder outside --dataset=image_folder:{source}.")
+
+
+def _unreadable(path: str, error: OSError) -> errors.DataError:
+  """The DataError for a file of the folder that cannot be looked at (os.stat failed)."""
+  if os.path.islink(path):
+    target = os.readlink(path)
+    if error.errno == errno.ELOOP:
+      return errors.DataError(
+          f"{path} is a symbolic link loop (it points to {target}, which leads back to itself): "
+          "remove the link, or point it at an image.")
+    if error.errno == errno.ENOENT:
+      return errors.DataError(
+          f"{path} is a broken symbolic link: it points to {target}, which does not exist. "
+          "Restore the file it points to, or remove the link.")
+  return errors.DataError(f"Cannot read {path} ({error.strerror}): fix its permissions or "
+                          "remove it.")
+
+
+def _unlistable(error: OSError) -> None:
+  """os.walk's onerror: a folder that cannot be listed is an error, never silently skipped."""
+  raise errors.DataError(f"Cannot list the folder {error.filename} ({error.strerror}): fix its "
+                         "permissions or remove it.")
 
 
 def _gcs_files(source: str) -> list:
@@ -309,6 +358,11 @@ def _common_shape(root: str, images: list, image_size: int) -> tuple:
           f"{height}x{width}. Pass --image_size=N to resize every image to NxN.")
   if image_size:
     return image_size, image_size, 1 if gray else 3
+  if max(first[1:]) > config.MAX_IMAGE_SIZE:
+    raise errors.DataError(
+        f"The images are {first[1]}x{first[2]} (e.g. {first[0]}), larger than the "
+        f"{config.MAX_IMAGE_SIZE}x{config.MAX_IMAGE_SIZE} a training batch holds in memory: pass "
+        f"--image_size=N (N <= {config.MAX_IMAGE_SIZE}) to resize them.")
   return first[1], first[2], 1 if gray else 3
 
 

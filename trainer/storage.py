@@ -35,6 +35,22 @@ def cache_root(environ=None) -> str:
   return environ.get(CACHE_DIR_ENV) or os.path.expanduser("~/.cache/mnist-trainer")
 
 
+def check_cache_writable(what: str, environ=None) -> str:
+  """cache_root(), created if need be; ConfigError (a bad environment, exit 2) naming it, what
+  needs it and the fix when a file cannot be created in it (read-only, not a folder)."""
+  root = cache_root(environ)
+  try:
+    os.makedirs(root, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise errors.ConfigError(
+        f"The local cache {root} (${CACHE_DIR_ENV}, default ~/.cache/mnist-trainer) is not "
+        f"writable ({e.strerror or e}), and {what} is kept there: set {CACHE_DIR_ENV} to a "
+        "writable folder on a local disk with room for it.") from None
+  return root
+
+
 # --------------------------------------------------------------------------- local primitives
 
 
@@ -61,11 +77,22 @@ def atomic_write_local(path: str, write_fn) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+    if _names_no_file(e):
+      # A write's error (ENOSPC, EIO) names no file: name the one being written, so that a
+      # full disk is reported where it is, not at some other output folder.
+      raise OSError(e.errno, e.strerror, path) from e
     raise
   _fsync_dir(parent)
+
+
+def _names_no_file(e: BaseException) -> bool:
+  """An operating system error without a file name (a library's OSError subclass is left as
+  it is: only the type Python itself gives that errno)."""
+  return (isinstance(e, OSError) and e.errno is not None and e.filename is None
+          and type(e) is type(OSError(e.errno, "")))
 
 
 def is_partial_of(name: str, target_name: str) -> bool:
@@ -340,6 +367,27 @@ def fetch_file(src: str, dst: str) -> int:
   return blob.size
 
 
+def differing_copies(remote_dir: str, local_dir: str, rels) -> list:
+  """Of the local files local_dir/REL (REL in rels, "/"-separated), those whose size or CRC32C
+  differs from the object remote_dir/REL, or whose object is gone: the bucket decides. One
+  listing of remote_dir, then a CRC32C pass over each local file (google-crc32c, about 6 GB/s
+  here)."""
+  bucket, name = split_gcs(remote_dir)
+  gcs = _gcs()
+  prefix = gcs.dir_prefix(name)
+  with gcs.errors_of(remote_dir):
+    blobs, _ = gcs.list_objects(bucket, prefix)
+  objects = {b.name[len(prefix):]: b for b in blobs}
+  differing = []
+  for rel in rels:
+    blob = objects.get(rel)
+    local = os.path.join(local_dir, *rel.split("/"))
+    if blob is None or os.path.getsize(local) != blob.size or (
+        blob.crc32c and gcs.crc32c_file(local) != blob.crc32c):
+      differing.append(rel)
+  return differing
+
+
 def remove_partials(path: str) -> int:
   """Deletes the temporary files that interrupted writes of the local `path` left; their count.
 
@@ -388,6 +436,8 @@ def preflight(path: str) -> None:
 
 
 def _preflight_gcs(path: str) -> None:
+  # TensorFlow writes a gs:// output into a local mirror first: that needs a writable cache.
+  check_cache_writable(f"the local mirror of {FLAG.get()}={path}")
   bucket, name = split_gcs(path)
   gcs = _gcs()
   probe = gcs.uri(bucket, gcs.dir_prefix(name) + f".preflight-{uuid.uuid4().hex}")

@@ -33,6 +33,14 @@ class RecordSource:
   # Decoded copies cost next to nothing to read: read in turn, on one input thread, so input
   # never takes turns with the training step. Encoded records are read and decoded in parallel.
   decoded: bool = False
+  # The gs:// object each file is a local copy of (messages name it); empty for local data.
+  origins: tuple = ()
+
+  def name_of(self, index: int) -> str:
+    """File `index` as messages name it: its object, and the local copy, for gs:// data."""
+    if self.origins:
+      return f"{self.origins[index]} (local copy {self.files[index]})"
+    return self.files[index]
 
 
 def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
@@ -187,13 +195,13 @@ def find_damaged(source: RecordSource, max_seconds: float = 120.0) -> str:
   if source.decoded:
     return ""
   deadline = time.monotonic() + max_seconds
-  for path in source.files:
+  for i, path in enumerate(source.files):
     try:
       for _ in tf.data.TFRecordDataset(path).batch(1024):
         if time.monotonic() > deadline:
           return ""
     except tf.errors.DataLossError:
-      return path
+      return source.name_of(i)
     except tf.errors.NotFoundError:
       continue
   return ""
