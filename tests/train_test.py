@@ -26,9 +26,11 @@ def test_train_evaluate_export(tiny):
   metrics = train.train_and_evaluate(config)
   with open(os.path.join(config.model_dir, "metrics.json")) as f:
     written = json.load(f)
-  phases = written.pop("phase_seconds")
-  assert phases == metrics["phase_seconds"]
-  assert written == pytest.approx({k: v for k, v in metrics.items() if k != "phase_seconds"})
+  nested = ("phase_seconds", "precision_segments")
+  for key in nested:
+    assert written.pop(key) == metrics[key]
+  assert written == pytest.approx({k: v for k, v in metrics.items() if k not in nested})
+  assert metrics["precision_segments"] == [{"steps": [1, 20], "precision": metrics["precision"]}]
   for key in ("test_accuracy", "test_loss", "global_step", "train_images_per_sec"):
     assert key in written
   assert written["global_step"] == 20 and written["test_examples"] == 500
