@@ -98,8 +98,8 @@ def no_gpu_reason(smi: str, environ) -> str:
             "driver is not working; `nvidia-smi` shows why.")
   if not parse_smi_list(listing):
     return f"no NVIDIA GPU here: `{smi} -L` lists none."
-  # trainer/gpu.py's reading of CUDA_VISIBLE_DEVICES: "" or a leading -1 hides every GPU.
-  from trainer import gpu as gpu_lib  # no TensorFlow: only the standard library
+  # trainer/runtime/gpu.py's reading of CUDA_VISIBLE_DEVICES: "" or a leading -1 hides every GPU.
+  from trainer.runtime import gpu as gpu_lib  # no TensorFlow: only the standard library
   if gpu_lib.cpu_on_purpose(environ):
     return (f"CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r} hides every GPU: unset "
             "it, or list the GPUs to check.")

@@ -132,7 +132,7 @@ def pipeline() -> dict:
   the default global batch, drained inside one graph (as the training loop consumes it)."""
   import tensorflow as tf
   from trainer import data
-  from trainer import stream
+  from trainer.data import stream
   config = _config()
   batch, n = config.global_batch_size, FLAGS.batches
   if FLAGS.mode == "stream":

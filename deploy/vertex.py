@@ -498,7 +498,7 @@ def _pools(o: Options, kind: str, mode: str) -> list:
       # "all worker pools except the first one are optional and can be skipped by providing an
       # empty value" (CustomJobSpec.workerPoolSpecs; google-cloud-aiplatform's
       # worker_spec_utils.py fills skipped pools with {} too). It runs the workers' arguments
-      # and machine; TF_CONFIG/CLUSTER_SPEC make it the evaluator (trainer/cluster.py).
+      # and machine; TF_CONFIG/CLUSTER_SPEC make it the evaluator (trainer/runtime/cluster.py).
       pools += [{}, _pool(o, kind, mode, 1, args)]
     return pools
   return [_pool(o, kind, mode, 1, args)]

@@ -363,7 +363,7 @@ def test_synthetic_dataset_is_readable_by_the_trainer(tmp_path):
   from bench import synth
   from trainer import config as config_lib
   from trainer import data
-  from trainer import stream
+  from trainer.data import stream
   directory = synth.write(str(tmp_path), "synth_mnist_tiny", 250, shards=3, distinct=100,
                           test_examples=40)
   assert sorted(f for f in os.listdir(directory) if "train" in f) == [

@@ -186,7 +186,7 @@ def test_damaged_local_copy_of_a_bucket_file_is_fetched_again(env, emulator, syn
   """Issue 33: a damaged local copy of a gs:// record file made every rerun exit 3, advising to
   prepare the dataset again, though the bucket's copy was fine. The bucket decides: the copy
   is fetched again (one warning), and the run goes on."""
-  from trainer import gcs
+  from trainer.storage import gcs
   builder = data.prepare("mnist", synthetic_uri)
   first = data.record_source(builder, "train", synthetic_uri, examples_read=10 ** 9)
   assert first.decoded

@@ -10,8 +10,8 @@ import pytest
 
 from trainer import checkpoint
 from trainer import errors
-from trainer import restarts
-from trainer import run_lock
+from trainer.runtime import restarts
+from trainer.storage import lock as run_lock
 from trainer import train
 
 pytestmark = pytest.mark.slow

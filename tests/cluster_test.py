@@ -1,4 +1,4 @@
-"""Table tests for trainer.cluster: every TF_CONFIG / CLUSTER_SPEC / JobSet-pod layout we accept
+"""Table tests for trainer.runtime.cluster: every TF_CONFIG / CLUSTER_SPEC / JobSet-pod layout we accept
 or reject, and real runs of the layouts TensorFlow itself would have refused or we did."""
 
 import json
@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from conftest import ROOT, child_env, run_module, run_without_tf, tiny_flags
-from trainer import cluster
+from trainer.runtime import cluster
 from trainer import errors
-from trainer import indexed_pod
+from trainer.runtime import indexed_pod
 from trainer import launcher
 
 W2 = ["localhost:1001", "localhost:1002"]
@@ -82,7 +82,7 @@ def test_training_tasks_leave_the_evaluator_out_of_their_collectives():
                                     "task": {"type": "worker", "index": 1}}))
   assert not info.is_evaluator and info.num_workers == 2
   assert info.peers() == [("worker:0", "localhost:1001")]
-  # What TensorFlow's MultiWorkerMirroredStrategy reads (trainer/distribute.py).
+  # What TensorFlow's MultiWorkerMirroredStrategy reads (trainer/runtime/distribute.py).
   assert json.loads(info.tf_config) == {"cluster": {"worker": W2},
                                         "task": {"type": "worker", "index": 1}}
   spec = cluster.parse_cluster({"CLUSTER_SPEC": json.dumps({
@@ -296,7 +296,7 @@ def test_an_evaluator_without_a_checkpoint_dir_exits_2_before_tensorflow_loads(t
   assert "Traceback" not in result.stdout
 
 
-# ---- A JobSet pod's environment (trainer/indexed_pod.py) ----
+# ---- A JobSet pod's environment (trainer/runtime/indexed_pod.py) ----
 
 def pod(rjob="worker", index=0, workers=2, evaluator="evaluator", **extra):
   environ = {"JOB_COMPLETION_INDEX": str(index), "JOBSET_NAME": "js",

@@ -1,10 +1,10 @@
-"""Tests for trainer.cores: the cores a process may use, from affinity, cgroup files and env."""
+"""Tests for trainer.runtime.cores: the cores a process may use, from affinity, cgroup files and env."""
 
 import os
 
 import pytest
 
-from trainer import cores
+from trainer.runtime import cores
 from trainer import launcher
 
 

@@ -408,7 +408,7 @@ def test_synthetic_dataset_loads_in_both_modes(synthetic_tfds_dir):
 
 def test_a_prepared_dataset_opens_from_its_metadata(synthetic_tfds_dir):
   """No TFDS import at all (a quarter of a second every run) once the data is prepared: its
-  metadata is read by trainer/tfds_metadata.py."""
+  metadata is read by trainer/data/tfds_metadata.py."""
   import subprocess
   import sys
   from conftest import child_env

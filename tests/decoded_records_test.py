@@ -9,9 +9,9 @@ import tensorflow as tf
 
 import stream_test
 from trainer import data
-from trainer import decoded_records
+from trainer.data import decoded_records
 from trainer import errors
-from trainer import stream
+from trainer.data import stream
 
 
 @pytest.mark.parametrize("counts, pipelines", [([10, 7, 13, 5], 2), ([11, 3, 8, 20, 1, 9], 4),

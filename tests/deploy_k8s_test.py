@@ -301,7 +301,7 @@ def test_the_trainer_reads_the_tf_config_the_operator_writes_for_the_evaluator()
   """genClusterSpec (training-operator release-1.9, pkg/controller.v1/tensorflow/tensorflow.go)
   lists every replica type, lowercased, as <job>-<type>-<i>.<namespace>.svc:<port>, in every
   pod's TF_CONFIG; the task type is the lowercased replica type."""
-  from trainer import cluster
+  from trainer.runtime import cluster
   job = render("--evaluator", "--namespace", "ml")
   name, port = job["metadata"]["name"], k8s.PORT
   spec = {rtype.lower(): [f"{name}-{rtype.lower()}-{i}.ml.svc:{port}"

@@ -209,9 +209,9 @@ def test_outside_a_slurm_step_is_a_clear_error(slurm):
 
 
 def test_the_trainer_accepts_the_tf_config(slurm):
-  if importlib.util.find_spec("trainer.cluster") is None:
-    pytest.skip("trainer/cluster.py (parse_cluster) is not in the tree yet")
-  from trainer import cluster
+  if importlib.util.find_spec("trainer.runtime.cluster") is None:
+    pytest.skip("trainer/runtime/cluster.py (parse_cluster) is not in the tree yet")
+  from trainer.runtime import cluster
   for procid in (0, 1):
     slurm(two_node_step(procid))
     info = cluster.parse_cluster({"TF_CONFIG": json.dumps(slurm_env.tf_config())})

@@ -587,7 +587,7 @@ def test_evaluator_is_worker_pool_3_of_the_multi_worker_job():
 
 def test_the_trainer_runs_pool_3_as_the_evaluator():
   """What Vertex AI hands pool 3's replica: CLUSTER_SPEC with task workerpool3, the AIP_* dirs."""
-  from trainer import cluster
+  from trainer.runtime import cluster
   from trainer import config
   from trainer import task
   body = vertex.build(options(evaluator=True), "multi_worker", "container")

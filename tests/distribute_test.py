@@ -1,4 +1,4 @@
-"""Table tests for trainer.distribute: CPU replicas auto picks, the all-reduce, the input path."""
+"""Table tests for trainer.runtime.distribute: CPU replicas auto picks, the all-reduce, the input path."""
 
 import json
 import subprocess
@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import child_env
-from trainer import cluster
+from trainer.runtime import cluster
 from trainer import config as config_lib
-from trainer import distribute
+from trainer.runtime import distribute
 from trainer import errors
 
 SINGLE = cluster.ClusterInfo()
@@ -128,7 +128,7 @@ def test_tensorflow_started_before_the_run_keeps_its_devices():
   """A second run in one process (a notebook) cannot split the CPU again: it must still train."""
   script = (
       "import tensorflow as tf\n"
-      "from trainer import cluster, config, distribute\n"
+      "from trainer import config\nfrom trainer.runtime import cluster, distribute\n"
       "tf.constant(1.0) + 1  # TensorFlow starts with one CPU device\n"
       "rt = distribute.create_runtime(config.Config(epochs=1, num_cpu_devices=2),"
       " cluster.ClusterInfo())\n"
@@ -146,7 +146,10 @@ _INPUT_SCRIPT = """
 import json, sys
 import numpy as np
 import tensorflow as tf
-from trainer import cluster, config, data, distribute
+from trainer.runtime import cluster
+from trainer import config
+from trainer import data
+from trainer.runtime import distribute
 kind = sys.argv[1]
 if kind == "multi_worker_mirrored":  # one local worker: no TF_CONFIG needed
   rt = distribute.Runtime(tf.distribute.MultiWorkerMirroredStrategy(), cluster.ClusterInfo(), kind)
@@ -189,7 +192,7 @@ def test_multi_worker_strategy_gets_the_communication_options():
   create_runtime builds it all-reduces with them and reports them."""
   script = (
       "import tensorflow as tf\n"
-      "from trainer import cluster, config, distribute\n"
+      "from trainer import config\nfrom trainer.runtime import cluster, distribute\n"
       "c = config.Config(epochs=1, bytes_per_pack=4096, collective_timeout_s=30.0)\n"
       "s = distribute._multi_worker(cluster.ClusterInfo(), distribute.communication_options(\n"
       "    c, distribute.choose_collective(c.collective_implementation, 0)))\n"

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from conftest import child_env, run_module, run_without_tf, tiny_flags
 from trainer import errors
-from trainer import gpu
+from trainer.runtime import gpu
 from trainer import step
 
 
@@ -143,7 +143,10 @@ def test_auto_precision_is_bfloat16_only_with_native_bfloat16_and_onednn(tmp_pat
 _OVERFLOW_SCRIPT = """
 import json
 import keras, numpy as np, tensorflow as tf
-from trainer import cluster, config, distribute, step
+from trainer.runtime import cluster
+from trainer import config
+from trainer.runtime import distribute
+from trainer import step
 c = config.Config(epochs=1, global_batch_size=8, num_cpu_devices=2, model_widths=(4,),
                   kernel_sizes=(3,), pool_sizes=(2,), precision="mixed")
 rt = distribute.create_runtime(c, cluster.ClusterInfo())

@@ -1,4 +1,4 @@
-"""trainer.gpu: a machine with GPUs TensorFlow cannot use exits 2 instead of training on the CPU."""
+"""trainer.runtime.gpu: a machine with GPUs TensorFlow cannot use exits 2 instead of training on the CPU."""
 
 import os
 import stat
@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from conftest import child_env, run_module, tiny_flags
 from trainer import errors
-from trainer import gpu
+from trainer.runtime import gpu
 
 CUDA_BUILD = {"is_cuda_build": True, "cuda_version": "12.5.1", "cudnn_version": "9"}
 

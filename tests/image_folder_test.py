@@ -11,7 +11,7 @@ from conftest import run_module
 from trainer import config as config_lib
 from trainer import data
 from trainer import errors
-from trainer import image_folder
+from trainer.data import image_folder
 
 # Easy to learn: each class is one dominant colour with noise.
 COLOURS = {"blue": (20, 30, 220), "green": (30, 200, 40), "red": (220, 30, 20)}

@@ -18,9 +18,9 @@ from conftest import ROOT
 from deploy import k8s
 from deploy.k8s import jobsets
 from deploy.k8s import trainjobs
-from trainer import cluster
+from trainer.runtime import cluster
 from trainer import errors
-from trainer import indexed_pod
+from trainer.runtime import indexed_pod
 from trainer import launcher
 
 IMAGE = "us-docker.pkg.dev/proj/repo/mnist-trainer:1"
@@ -148,7 +148,7 @@ def test_jobset_runs_the_workers_as_one_indexed_job_and_the_evaluator_as_another
   assert (job["apiVersion"], job["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
   assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
   assert job["spec"]["network"]["enableDNSHostnames"] is True
-  # The subdomain defaults to the JobSet's name, which trainer/indexed_pod.py relies on.
+  # The subdomain defaults to the JobSet's name, which trainer/runtime/indexed_pod.py relies on.
   assert "subdomain" not in job["spec"]["network"]
   rjobs = replicated_jobs(job)
   assert list(rjobs) == ["worker", "evaluator"]
@@ -293,7 +293,7 @@ def test_trainjob_pods_build_the_cluster_trainer_v2_gives_them(nodes):
 
 def test_trainer_v2_names_match_its_source():
   """The constants deploy/k8s/trainjobs.py relies on (kubeflow/trainer v2.3.0
-  pkg/constants/constants.go), and the JobSet labels trainer/indexed_pod.py reads (jobset
+  pkg/constants/constants.go), and the JobSet labels trainer/runtime/indexed_pod.py reads (jobset
   v0.12.0 api/jobset/v1alpha2/jobset_types.go)."""
   assert (trainjobs.ANCESTOR_LABEL, trainjobs.ANCESTOR_TRAINER, trainjobs.NODE) == (
       "trainer.kubeflow.org/trainjob-ancestor-step", "trainer", "node")

@@ -12,7 +12,7 @@ No Kubernetes here, so the test plays the cluster's part for the three pods of
   JOB_COMPLETION_INDEX, HOSTNAME) on top of the image's (deploy/Dockerfile: PYTHONUNBUFFERED;
   PATH and PYTHONPATH stand in for the installed package), and the rendered arguments, with
   --model_dir pointed at a local directory that stands in for the bucket.
-Nobody writes TF_CONFIG: each trainer builds it from that environment (trainer/indexed_pod.py).
+Nobody writes TF_CONFIG: each trainer builds it from that environment (trainer/runtime/indexed_pod.py).
 """
 
 import contextlib

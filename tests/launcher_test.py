@@ -237,7 +237,7 @@ def test_the_evaluator_finds_checkpoints_through_any_of_these():
 # runs until killed, unless the test asked for a quick run ("relaunch").
 _HOLDS_THE_LOCK = """
 import json, os, sys, time
-from trainer import run_lock
+from trainer.storage import lock as run_lock
 task = json.loads(os.environ["TF_CONFIG"])["task"]
 name = f"{task['type']}-{task['index']}"
 if name == "worker-0":

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT, child_env, run_module, tiny_flags
-from trainer import cores
+from trainer.runtime import cores
 from trainer import errors
 from trainer import launcher
 

@@ -26,7 +26,7 @@ def test_sdist_installs_and_runs(tmp_path):
   with tarfile.open(sdists[0]) as tar:
     names = tar.getnames()
   assert any(n.endswith("trainer/task.py") for n in names)
-  assert any(n.endswith("trainer/storage.py") for n in names)
+  assert any(n.endswith("trainer/storage/__init__.py") for n in names)
   assert not any("/tests/" in n or "/data/mnist" in n or n.endswith(".gz") for n in names), names
 
   with zipfile.ZipFile(wheels[0]) as wheel:

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import child_env, run_module, run_without_tf, tiny_flags
 from trainer import errors
-from trainer import gcs
+from trainer.storage import gcs
 from trainer import predict
 
 BUCKET = "predict-test"

@@ -17,8 +17,8 @@ from trainer import launcher
 # Each script gets a peer that accepts connections and never speaks: alive, but silent.
 _PRELUDE = """
 import itertools, os, signal, socket, sys, threading, time
-from trainer import preemption
-from trainer import watchdog as watchdog_lib
+from trainer.runtime import preemption
+from trainer.runtime import watchdog as watchdog_lib
 peer = socket.socket()
 peer.bind(("127.0.0.1", 0))
 peer.listen(8)
@@ -139,7 +139,7 @@ def test_gil_holding_phase_without_peers_is_a_no_op():
 
 
 _FLAKY_UPLOAD = """
-from trainer import gcs
+from trainer.storage import gcs
 failing_until = time.monotonic() + {fail_s}
 
 def upload():

@@ -11,9 +11,9 @@ import gcs_emulator
 import pytest
 
 from trainer import errors
-from trainer import fencing
-from trainer import gcs
-from trainer import run_lock
+from trainer.storage import fencing
+from trainer.storage import gcs
+from trainer.storage import lock as run_lock
 from trainer import storage
 
 BUCKET = "lock-test"
@@ -21,7 +21,7 @@ BUCKET = "lock-test"
 
 def test_local_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
   first = run_lock.acquire(str(tmp_path), str(tmp_path))
-  child = ("import sys; from trainer import run_lock\n"
+  child = ("import sys; from trainer.storage import lock as run_lock\n"
            "try:\n  run_lock.acquire(sys.argv[1], sys.argv[1])\n"
            "except Exception as e:\n  print(e); sys.exit(2)\n")
   held = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True,
@@ -35,7 +35,7 @@ def test_local_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
 
 def test_local_lock_of_a_killed_owner_is_free(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from trainer import run_lock\n"
+      [sys.executable, "-c", "import sys, time; from trainer.storage import lock as run_lock\n"
        "lock = run_lock.acquire(sys.argv[1], sys.argv[1]); print('held', flush=True)\n"
        "time.sleep(60)",
        str(tmp_path)], stdout=subprocess.PIPE, text=True,
@@ -124,7 +124,7 @@ def test_a_deleted_or_replaced_lock_file_is_lost_before_the_next_write(tmp_path)
     assert raised.value.exit_code == 2
     # A newcomer now takes the path; the old holder stays refused.
     newcomer = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from trainer import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from trainer.storage import lock as run_lock\n"
          "lock = run_lock.acquire(sys.argv[1], sys.argv[1]); print('held', flush=True)\n"
          "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True,
         cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, child_env, tiny_flags
 from gcs_emulator import Emulator, FaultProxy
-from trainer import run_lock
+from trainer.storage import lock as run_lock
 
 pytestmark = pytest.mark.slow
 BUCKET = "single-writer"

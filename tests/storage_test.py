@@ -17,7 +17,7 @@ from google.cloud import storage as gcs_client
 from google.oauth2 import credentials as oauth2_credentials
 
 from trainer import errors
-from trainer import gcs
+from trainer.storage import gcs
 from trainer import storage
 
 BUCKET = "storage-test"
@@ -446,13 +446,13 @@ def test_local_paths_never_load_the_bucket_libraries(tmp_path):
       "assert storage.is_complete(storage.join(root, 'c'), '_DONE')\n"
       # (google.cloud itself is a namespace package a .pth file may create at start-up)
       "loaded = sorted(m for m in sys.modules if m.startswith(('google.cloud.', 'google.api_core',"
-      " 'trainer.gcs')))\n"
+      " 'trainer.storage.gcs')))\n"
       "assert not loaded, loaded\n"
       "try:\n"
       "  storage.exists('gs://no-such-bucket-here/x')\n"
       "except Exception:\n"
       "  pass\n"
-      "assert 'google.cloud.storage' in sys.modules and 'trainer.gcs' in sys.modules\n"
+      "assert 'google.cloud.storage' in sys.modules and 'trainer.storage.gcs' in sys.modules\n"
       "print('ok')\n")
   env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", gcs.RETRY_DEADLINE_ENV: "0"}
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

@@ -89,7 +89,7 @@ def test_interrupted_fetch_is_never_read_and_is_replaced(env, emulator, uri, tmp
   assert not os.path.exists(partial)
   meta = emulator.object(BUCKET, "mnist4/" + TRAIN[0])
   assert os.path.getsize(target) == int(meta["size"])
-  from trainer import gcs
+  from trainer.storage import gcs
   assert gcs.crc32c_file(target) == meta["crc32c"]
   assert source.files[0] == target
   assert not [n for n in os.listdir(os.path.dirname(target)) if n.endswith(".tmp")]
@@ -183,7 +183,7 @@ def test_two_worker_stream_run_fetches_each_file_once(emulator, uri, tmp_path):
 def test_fetch_file_keeps_nothing_that_does_not_match_the_object(env, tmp_path):
   """A download whose bytes differ from the object's metadata is never renamed into place."""
   import types
-  from trainer import gcs
+  from trainer.storage import gcs
   src = f"gs://{BUCKET}/single/a.tfrecord-00000-of-00001"
   body = os.urandom(10_000)
   storage.write_bytes(src, body)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import decoded_records
-from trainer import stream
+from trainer.data import decoded_records
+from trainer.data import stream
 
 SHAPE = (4, 4, 1)
 

@@ -171,7 +171,7 @@ def test_a_local_run_loads_no_plotting_or_bucket_libraries(tmp_path, tfds_dir):
       "import atexit, runpy, sys\n"
       "atexit.register(lambda: print('LOADED', 'keras' in sys.modules, sorted(\n"
       "    m for m, module in sys.modules.items() if module is not None and m.startswith(\n"
-      "        ('matplotlib', 'google.api_core', 'google.cloud.storage', 'trainer.gcs',\n"
+      "        ('matplotlib', 'google.api_core', 'google.cloud.storage', 'trainer.storage.gcs',\n"
       "         'tensorflow_datasets')))))\n"
       "sys.argv[0] = 'trainer.task'\n"
       "runpy.run_module('trainer.task', run_name='__main__', alter_sys=True)\n")

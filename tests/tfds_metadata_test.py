@@ -1,4 +1,4 @@
-"""trainer.tfds_metadata reads what TFDS itself reads from a prepared dataset, or declines."""
+"""trainer.data.tfds_metadata reads what TFDS itself reads from a prepared dataset, or declines."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from image_folder_test import make_folder
 from trainer import data
-from trainer import tfds_metadata
+from trainer.data import tfds_metadata
 
 
 def _version_dir(data_dir, name):

@@ -14,7 +14,7 @@ import time
 import tensorflow as tf
 
 from trainer import errors
-from trainer import watchdog as watchdog_lib
+from trainer.runtime import watchdog as watchdog_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import time
 import tensorflow as tf
 
 from trainer import errors
-from trainer import fencing
+from trainer.storage import fencing
 from trainer import storage
 
 # A checkpoint in a bucket is a folder ckpt-N/ that counts only once this marker is in it.

@@ -74,7 +74,7 @@ class Config:
   # unless CUDA_VISIBLE_DEVICES=-1 hides the GPUs on purpose).
   require_gpu: bool = False
   # All-reduce between workers and across GPUs: auto = NCCL with GPUs, RING on CPUs
-  # (trainer/distribute.py).
+  # (trainer/runtime/distribute.py).
   collective_implementation: str = "auto"
   bytes_per_pack: int = 0  # gradient packing for the all-reduce; 0 = TensorFlow's default
   # TensorFlow profiler trace of these steps on the chief ("" = off), e.g. "20,25".

@@ -21,7 +21,7 @@ from trainer import step as step_lib
 from trainer import storage
 from trainer import summaries as summaries_lib
 
-TASK_NAME = "evaluator:0"  # one evaluator per job (trainer/cluster.py refuses more)
+TASK_NAME = "evaluator:0"  # one evaluator per job (trainer/runtime/cluster.py refuses more)
 HISTORY_FILE = "eval_metrics.json"  # in model_dir: [{step, test_accuracy, test_loss}]
 SUMMARY_RUN = summaries_lib.EVAL_RUN  # under tensorboard_dir, beside the chief's "train"
 # How often the checkpoint dir is listed: a local listing is free, a bucket listing is a

@@ -19,7 +19,7 @@ from absl import flags
 
 from trainer import cli
 from trainer import config as config_lib
-from trainer import cores
+from trainer.runtime import cores
 
 FLAGS = flags.FLAGS
 # After one worker fails, the others get this long to exit by themselves before SIGTERM.
@@ -83,7 +83,7 @@ def worker_env(base_env, addresses, index: int, threads: int, evaluator: str = "
 
   With an evaluator (its address), every task's TF_CONFIG lists it, as the Kubeflow training
   operator writes TF_CONFIG (pkg/controller.v1/tensorflow/tensorflow.go, genClusterSpec); the
-  training tasks leave it out of their collectives (trainer/cluster.py).
+  training tasks leave it out of their collectives (trainer/runtime/cluster.py).
   """
   env = dict(base_env)
   cluster = {"worker": list(addresses)}

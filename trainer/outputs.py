@@ -6,9 +6,9 @@ import json
 import logging
 import os
 
-from trainer import fencing
-from trainer import restarts
-from trainer import run_lock
+from trainer.storage import fencing
+from trainer.runtime import restarts
+from trainer.storage import lock as run_lock
 from trainer import storage
 
 EXPORT_MARKER = "_COMPLETE"
@@ -50,7 +50,7 @@ class RunOutputs:
 
     Nothing is written before: a run refused at restore leaves model_dir as it found it.
     """
-    fencing.check()  # every write of the chief asks first: trainer/fencing.py
+    fencing.check()  # every write of the chief asks first: trainer/storage/fencing.py
     from trainer import summaries  # pylint: disable=import-outside-toplevel  (TensorFlow)
     self.summaries = summaries.Summaries(self.paths.local_log_dir, self.is_chief)
     if self.is_chief:

@@ -106,7 +106,7 @@ def _download_export(model_dir: str) -> Export:
   from trainer import storage
   marker = outputs.EXPORT_MARKER
   # A missing or forbidden bucket answers a request for one object as if the object were
-  # missing, or with StorageError (exit 6) from trainer/gcs.py; _no_export() tells them apart.
+  # missing, or with StorageError (exit 6) from trainer/storage/gcs.py; _no_export() tells them apart.
   remotes = [storage.join(model_dir, "export"), model_dir]
   remote = next((r for r in remotes if storage.is_complete(r, marker)), None)
   if remote is None:
@@ -128,7 +128,7 @@ def _download_export(model_dir: str) -> Export:
 def _no_export(model_dir: str, marker: str) -> None:
   """Raises why a gs:// model_dir has no complete export. Listing it is a request on the bucket
   itself, which GCS answers with 404 for a missing bucket and 403 without access: StorageError
-  naming the bucket and the fix (trainer/gcs.py errors_of), exit 6."""
+  naming the bucket and the fix (trainer/storage/gcs.py errors_of), exit 6."""
   from trainer import storage
   if not storage.listdir(model_dir):
     raise errors.DataError(f"--model_dir={model_dir} holds nothing: fix --model_dir, or train "

@@ -127,7 +127,7 @@ class EvalModel:
       self.model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
     finally:
       keras.mixed_precision.set_global_policy(policy)
-    # With the CPU split into single-threaded devices (trainer/distribute.py), one batch would
+    # With the CPU split into single-threaded devices (trainer/runtime/distribute.py), one batch would
     # run on one core: its parts are independent branches of the graph, which TensorFlow's
     # inter-op threads run side by side.
     self._parts = max(1, tf.config.threading.get_inter_op_parallelism_threads())

@@ -9,10 +9,10 @@ from absl import flags
 from absl import logging
 
 from trainer import cli
-from trainer import cluster as cluster_lib
+from trainer.runtime import cluster as cluster_lib
 from trainer import config as config_lib
 from trainer import errors
-from trainer import gpu
+from trainer.runtime import gpu
 from trainer import logs
 
 # C++ INFO logs (oneDNN, CUDA probing) drown the training log; WARNING and up still show.

@@ -16,18 +16,18 @@ import tensorflow as tf
 
 from trainer import actions as actions_lib
 from trainer import checkpoint as checkpoint_lib
-from trainer import cluster as cluster_lib
+from trainer.runtime import cluster as cluster_lib
 from trainer import config as config_lib
 from trainer import data
-from trainer import distribute
+from trainer.runtime import distribute
 from trainer import errors
 from trainer import history
 from trainer import outputs as outputs_lib
 from trainer import phases as phases_lib
-from trainer import preemption
+from trainer.runtime import preemption
 from trainer import step as step_lib
-from trainer import stream
-from trainer import watchdog as watchdog_lib
+from trainer.data import stream
+from trainer.runtime import watchdog as watchdog_lib
 
 # What a collective raises when a peer dies, times out or the coordination service gives up.
 _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,

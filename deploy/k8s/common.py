@@ -3,7 +3,7 @@
 The three APIs (deploy/k8s/__init__.py) run the same container: the image's `python -m
 trainer.task` with the same arguments, security context, resources and grace period. Only how
 the pods learn the cluster differs: the training operator writes TF_CONFIG for a TFJob; a JobSet
-or TrainJob pod gets the names trainer/indexed_pod.py builds it from.
+or TrainJob pod gets the names trainer/runtime/indexed_pod.py builds it from.
 """
 
 import dataclasses
@@ -12,7 +12,7 @@ import re
 
 from deploy import trainer_args
 from deploy.option_flags import option
-from trainer import indexed_pod
+from trainer.runtime import indexed_pod
 
 API_TFJOB = "tfjob"
 API_JOBSET = "jobset"
@@ -320,7 +320,7 @@ def pod_template(o: Options, pod_labels: dict, the_container: dict,
 
 
 def downward_env() -> list:
-  """The JobSet names a pod reads from its own labels (trainer/indexed_pod.py builds TF_CONFIG
+  """The JobSet names a pod reads from its own labels (trainer/runtime/indexed_pod.py builds TF_CONFIG
   from them); JobSet puts the labels on every pod (jobset_controller.go labelAndAnnotateObject)."""
   return [{"name": name, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{label}']"}}}
           for name, label in indexed_pod.DOWNWARD_LABELS.items()]

@@ -4,7 +4,7 @@ The workers are one replicated job of one Indexed Job with --workers pods; the e
 asked, a second replicated job of one pod. JobSet puts every pod behind a headless Service named
 after the JobSet and gives it the host name `<jobset>-<replicated job>-<job index>-<pod
 index>`, so each pod builds the same worker list from its own environment
-(trainer/indexed_pod.py) and the operator never writes TF_CONFIG.
+(trainer/runtime/indexed_pod.py) and the operator never writes TF_CONFIG.
 
 The exit-code contract (trainer/errors.py; the local launcher's RETRYABLE_EXIT_CODES) is written
 in Kubernetes' own terms, at two levels:
@@ -26,7 +26,7 @@ in Kubernetes' own terms, at two levels:
 
 from deploy.k8s import common
 from deploy.k8s.common import Options
-from trainer import indexed_pod
+from trainer.runtime import indexed_pod
 
 WORKER_JOB = "worker"
 EVALUATOR_JOB = "evaluator"
@@ -105,7 +105,7 @@ def replicated_job(o: Options, name: str, pods: int, container_name: str, worker
                    with_args: bool = True) -> dict:
   """One replicated job of one Indexed Job with `pods` pods, each running the trainer.
 
-  Every pod gets the names trainer/indexed_pod.py builds TF_CONFIG from: its JobSet, replicated
+  Every pod gets the names trainer/runtime/indexed_pod.py builds TF_CONFIG from: its JobSet, replicated
   job and Job index through the downward API, the worker count, the two replicated jobs' names
   and the port as values. (A Trainer v2 runtime passes its own labels, and no arguments: the
   TrainJob gives them.)

@@ -11,7 +11,7 @@ Node; pkg/runtime/core/trainingruntime.go takes the pod count from mlPolicy.numN
 creates a JobSet with the TrainJob's name from the runtime's template
 (pkg/runtime/framework/plugins/jobset/jobset.go Build; builder.go gives the TrainJob's image and
 args to the "node" container), so the pods are the same JobSet pods as --api=jobset's and build
-TF_CONFIG themselves the same way (trainer/indexed_pod.py): nobody writes TF_CONFIG.
+TF_CONFIG themselves the same way (trainer/runtime/indexed_pod.py): nobody writes TF_CONFIG.
 
 The runtime is cluster-scoped and shared: it holds what every TensorFlow job of this image has
 in common (the pod, the exit-code contract, DNS); the TrainJob holds this job's image,
@@ -22,7 +22,7 @@ so a TrainJob that changes one changes both.
 from deploy.k8s import common
 from deploy.k8s import jobsets
 from deploy.k8s.common import Options
-from trainer import indexed_pod
+from trainer.runtime import indexed_pod
 
 API_GROUP = "trainer.kubeflow.org"
 API_VERSION = f"{API_GROUP}/v1alpha1"

@@ -7,7 +7,7 @@ import logging
 from typing import Mapping, Optional
 
 from trainer import errors
-from trainer import indexed_pod
+from trainer.runtime import indexed_pod
 
 # Vertex AI names its worker pools; pool 0 is the chief, pool 1 the workers, 2 parameter servers,
 # 3 the evaluator (cloud.google.com/vertex-ai/docs/training/distributed-training).
@@ -114,7 +114,7 @@ def parse_cluster(environ: Mapping[str, str]) -> ClusterInfo:
   """Validates TF_CONFIG (or CLUSTER_SPEC) before any training; errors name the variable.
 
   Without either, a pod of a deploy/k8s JobSet or TrainJob builds its TF_CONFIG from its own
-  environment (trainer/indexed_pod.py); anything else is a single process.
+  environment (trainer/runtime/indexed_pod.py); anything else is a single process.
   """
   name = "TF_CONFIG"
   text = environ.get("TF_CONFIG", "").strip()

@@ -28,7 +28,7 @@ class RecordSource:
   # time, after the shuffle, so the buffer holds small encoded records, not decoded images
   decode: Callable = dataclasses.field(compare=False)
   # path -> dataset of the file's serialized records (TFRecord files; decoded copies are
-  # fixed-length records: trainer/decoded_records.py)
+  # fixed-length records: trainer/data/decoded_records.py)
   reader: Callable = dataclasses.field(compare=False, default=tf.data.TFRecordDataset)
   # Decoded copies cost next to nothing to read: read in turn, on one input thread, so input
   # never takes turns with the training step. Encoded records are read and decoded in parallel.

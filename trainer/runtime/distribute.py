@@ -6,10 +6,10 @@ import os
 
 import tensorflow as tf
 
-from trainer import cluster as cluster_lib
-from trainer import cores as cores_lib
+from trainer.runtime import cluster as cluster_lib
+from trainer.runtime import cores as cores_lib
 from trainer import errors
-from trainer import gpu as gpu_lib
+from trainer.runtime import gpu as gpu_lib
 
 # Auto CPU replicas stop at this many examples each: smaller per-replica batches leave the
 # kernels too little work to beat one multi-threaded device (not measured beyond 2 cores).

@@ -2,7 +2,7 @@
 
 The chief locks model_dir and the checkpoint dir (trainer/outputs.py). Holding a lock is not
 enough: a lock can be lost while its run goes on (a deleted lock file, a bucket lock taken over
-from a paused owner), so each lock is registered with trainer/fencing.py, which every writer
+from a paused owner), so each lock is registered with trainer/storage/fencing.py, which every writer
 asks first; a lost lock stops the run with ConfigError (exit 2) before its next write.
 """
 
@@ -17,7 +17,7 @@ import time
 import uuid
 
 from trainer import errors
-from trainer import fencing
+from trainer.storage import fencing
 from trainer import storage
 
 LOCK_NAME = ".trainer-lock"
@@ -37,7 +37,7 @@ def acquire(directory: str, local_directory: str, flag: str = "--model_dir"):
   Local directories use flock, which the kernel releases when the owner dies, so a stale lock
   is simply a free one. A bucket has no such thing: the owner keeps renewing the lock object,
   and one unchanged for the stale window is taken over. Either way the lock is registered with
-  trainer/fencing.py until release(). `flag` names the directory in messages.
+  trainer/storage/fencing.py until release(). `flag` names the directory in messages.
   """
   if storage.is_gcs(directory):
     lock = _BucketLock(storage.join(directory, LOCK_NAME), directory, flag)
@@ -201,9 +201,9 @@ def _read_quietly(path: str) -> bytes:
 
 
 def _gcs():
-  """trainer/gcs.py, imported by the first bucket lock: local runs never load the Google
+  """trainer/storage/gcs.py, imported by the first bucket lock: local runs never load the Google
   libraries."""
-  from trainer import gcs  # pylint: disable=import-outside-toplevel
+  from trainer.storage import gcs  # pylint: disable=import-outside-toplevel
   return gcs
 
 
@@ -220,7 +220,7 @@ class _BucketLock:
     new object under ifGenerationMatch and ifMetagenerationMatch of what it saw, so a renewal
     that lands first, however late, makes the takeover fail instead of racing it;
   - every upload of the holder is a compose that lists this object, with ifGenerationMatch=G,
-    as a source (trainer/gcs.py): the object is empty, so it adds no byte, and a takeover makes
+    as a source (trainer/storage/gcs.py): the object is empty, so it adds no byte, and a takeover makes
     the upload fail on the storage side;
   - release deletes it under ifGenerationMatch=G.
   """

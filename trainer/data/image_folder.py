@@ -156,7 +156,7 @@ def _unlistable(error: OSError) -> None:
 
 
 def _gcs_files(source: str) -> list:
-  from trainer import gcs
+  from trainer.storage import gcs
   from trainer import storage
   bucket, name = storage.split_gcs(source)
   prefix = gcs.dir_prefix(name)
@@ -174,7 +174,7 @@ def _key(source: str, files: tuple, image_size: int, eval_fraction: float) -> st
 
 
 def _read_builder(target: str):
-  from trainer import tfds_metadata
+  from trainer.data import tfds_metadata
   return tfds_metadata.open_read_only(os.path.join(target, NAME, VERSION))
 
 

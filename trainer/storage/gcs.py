@@ -22,10 +22,10 @@ from google.cloud import storage as gcs_client
 from google.cloud.storage import exceptions as gcs_exceptions
 
 from trainer import errors
-from trainer import fencing
-from trainer import watchdog
+from trainer.storage import fencing
+from trainer.runtime import watchdog
 # The path helpers live apart, so that local paths never load the Google libraries above.
-from trainer.gspath import FLAG, dir_prefix, is_gcs, split_gcs, uri  # noqa: F401
+from trainer.storage.gspath import FLAG, dir_prefix, is_gcs, split_gcs, uri  # noqa: F401
 
 _LOG = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def upload(uri: str, open_source, size: int, crc32c: str, generation=None,
   concurrent writer visible instead of silently overwritten.
 
   fenced (all but the run lock's own objects): the write is allowed only while this process
-  still holds its run locks (trainer/fencing.py), else ConfigError before any byte is sent.
+  still holds its run locks (trainer/storage/fencing.py), else ConfigError before any byte is sent.
   Into a bucket that holds some of those lock objects, the condition is also enforced by the
   bucket itself: the bytes go to a staging object next to a lock, and a compose whose sources
   are that object and the (empty) lock objects, each under ifGenerationMatch, publishes them
@@ -368,7 +368,7 @@ def download_bytes(bucket: str, name: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- lock objects
-# Empty objects whose custom metadata names their owner (trainer/run_lock.py). Each write is
+# Empty objects whose custom metadata names their owner (trainer/storage/lock.py). Each write is
 # conditional; a retried write whose first attempt landed is recognised by its metadata, which
 # holds a token unique to the owner.
 

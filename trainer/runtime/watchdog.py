@@ -92,10 +92,10 @@ def _timeout_message(task_name: str, phase: str, waited_s: float, lost: list, no
 
 
 def _storage_deadline() -> tuple:
-  """(seconds, variable): how long trainer.gcs retries a failing request, and its setting."""
-  # Imported here: the reporter child (python -m trainer.watchdog) must start without the
+  """(seconds, variable): how long trainer.storage.gcs retries a failing request, and its setting."""
+  # Imported here: the reporter child (python -m trainer.runtime.watchdog) must start without the
   # storage client libraries.
-  from trainer import gcs  # pylint: disable=import-outside-toplevel
+  from trainer.storage import gcs  # pylint: disable=import-outside-toplevel
   return gcs.retry_deadline_s(), gcs.RETRY_DEADLINE_ENV
 
 
@@ -282,13 +282,14 @@ def _start_exit_timer(seconds: float, code: int):
 
 def _start_reporter(args: dict):
   """The child process that prints the FATAL message at the deadline; None if it cannot start."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
   try:
     # -S: the reporter needs only the standard library and this module.
-    return subprocess.Popen([sys.executable, "-S", "-m", "trainer.watchdog", json.dumps(args)],
-                            stdin=subprocess.PIPE, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-S", "-m", "trainer.runtime.watchdog", json.dumps(args)],
+        stdin=subprocess.PIPE, env=env)
   except OSError as e:
     logging.warning("Cannot start the watchdog reporter (%s): a timeout will exit silently.", e)
     return None

@@ -5,7 +5,7 @@ import signal
 import threading
 
 from trainer import errors
-from trainer import watchdog
+from trainer.runtime import watchdog
 
 
 class PreemptionHandler:

@@ -1,6 +1,6 @@
 """The run locks this process holds, asked before every write to the directories they guard.
 
-A chief holds locks (trainer/run_lock.py) on model_dir and on the checkpoint dir. A lock can be
+A chief holds locks (trainer/storage/lock.py) on model_dir and on the checkpoint dir. A lock can be
 lost while the run goes on: its local lock file deleted or replaced, or its bucket lock object
 taken over by another run after this one stopped renewing it (a paused process, a stopped VM,
 a partition). From then on the run must not write another byte there. So every writer asks
@@ -11,7 +11,7 @@ here first, and a lost lock raises ConfigError (exit 2, README "Exit codes") bef
 - verify(): check() plus one storage round trip per bucket lock, before a gs:// delete (GCS
   has no precondition on another object for deletes) and a gs:// upload into a bucket that
   holds none of our locks;
-- bucket_fences(bucket): the held locks in that bucket, which trainer/gcs.py makes the
+- bucket_fences(bucket): the held locks in that bucket, which trainer/storage/gcs.py makes the
   upload's condition on the storage side (a compose whose sources include the lock objects,
   each under ifGenerationMatch), so that a lock taken over between the check and the upload
   fails the write instead of letting it land.

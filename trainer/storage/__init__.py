@@ -1,6 +1,6 @@
 """Artifacts on local paths and gs:// alike: files, directories, completion markers, preflight.
 
-The bucket transport (client, retries, error mapping) is trainer/gcs.py; nothing here talks HTTP.
+The bucket transport (client, retries, error mapping) is trainer/storage/gcs.py; nothing here talks HTTP.
 """
 
 import contextlib
@@ -14,7 +14,7 @@ import uuid
 
 from trainer import errors
 # Path helpers callers use, re-exported so callers need only this module.
-from trainer.gspath import FLAG, for_flag, is_gcs, join, split_gcs  # noqa: F401  (re-exported)
+from trainer.storage.gspath import FLAG, for_flag, is_gcs, join, split_gcs  # noqa: F401  (re-exported)
 
 _LOG = logging.getLogger(__name__)
 CACHE_DIR_ENV = "TRAINER_CACHE_DIR"
@@ -22,10 +22,10 @@ _COPY_BUFFER = 1 << 20
 
 
 def _gcs():
-  """The bucket transport (trainer/gcs.py), imported by the first gs:// path: google-cloud-storage
+  """The bucket transport (trainer/storage/gcs.py), imported by the first gs:// path: google-cloud-storage
   and google-api-core take a quarter of a second to import on their own, which a run on local
   paths never needs. Python's import lock makes a first use from two threads safe."""
-  from trainer import gcs  # pylint: disable=import-outside-toplevel
+  from trainer.storage import gcs  # pylint: disable=import-outside-toplevel
   return gcs
 
 

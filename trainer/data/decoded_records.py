@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from trainer import errors
 from trainer import storage
-from trainer import stream
+from trainer.data import stream
 
 LABEL_BYTES = 4  # int32, in the machine's byte order (written and read on the same machine)
 SUFFIX = ".decoded"

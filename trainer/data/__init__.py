@@ -67,7 +67,7 @@ class Splits:
 
 def vendored_mnist_dir() -> str:
   """The repository's copy of MNIST (absent in an installed package: see download_mnist)."""
-  return str(pathlib.Path(__file__).resolve().parent.parent / "data" / "mnist")
+  return str(pathlib.Path(__file__).resolve().parents[2] / "data" / "mnist")
 
 
 def _sha256(path: str) -> str:
@@ -163,7 +163,7 @@ def _builder(dataset: str, data_dir: str):
 def _prepared_builder(dataset: str, data_dir: str):
   """A read-only builder of the one version of `dataset` prepared in data_dir, or None.
 
-  It reads the prepared metadata alone (trainer/tfds_metadata.py without TFDS, else TFDS's
+  It reads the prepared metadata alone (trainer/data/tfds_metadata.py without TFDS, else TFDS's
   builder_from_directory), where tfds.builder first imports TFDS's whole catalog of dataset
   modules (about a quarter of a second every run). TFDS lays a prepared dataset out as
   data_dir/NAME/VERSION/dataset_info.json and renames it into place when complete (a folder
@@ -178,7 +178,7 @@ def _prepared_builder(dataset: str, data_dir: str):
     return None
   if len(versions) != 1:
     return None
-  from trainer import tfds_metadata
+  from trainer.data import tfds_metadata
   builder = tfds_metadata.open_read_only(os.path.join(folder, versions[0]))
   features = builder.info.features
   if builder.name != dataset or "image" not in features or "label" not in features:
@@ -459,14 +459,14 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards:
   num_shards (0: TFDS's choice) sets how many record files each split gets when it is prepared
   here; stream mode shards by file, so it wants at least one per input pipeline, and a dataset
   already prepared with another count is a ConfigError (it is never prepared twice).
-  image_folder:DIR datasets are prepared by trainer/image_folder.py (image_size, eval_fraction).
+  image_folder:DIR datasets are prepared by trainer/data/image_folder.py (image_size, eval_fraction).
   A dataset already prepared is only read: data_dir need not be writable then.
   """
   given = data_dir
   data_dir = stage(data_dir, "--data_dir")
   if mnist_source_dir:
     mnist_source_dir = stage(mnist_source_dir, "--mnist_source_dir")
-  from trainer import image_folder
+  from trainer.data import image_folder
   if image_folder.is_image_folder(dataset):
     builder = image_folder.prepare(dataset, data_dir, image_size, eval_fraction, num_shards)
   else:
@@ -884,11 +884,11 @@ def record_source(builder, split: str = "train", data_dir: str = "", num_pipelin
   of a gs:// data_dir, just those are fetched (every file when there are fewer files than
   pipelines, since then every pipeline reads every file). When these pipelines read at least
   all the examples of those files (examples_read), the files are decoded once, up front, into
-  fixed-length records (trainer/decoded_records.py) instead of at every epoch.
+  fixed-length records (trainer/data/decoded_records.py) instead of at every epoch.
   """
-  from trainer import decoded_records
+  from trainer.data import decoded_records
   from trainer import storage
-  from trainer import stream
+  from trainer.data import stream
   info = builder.info.splits[split]
   features = builder.info.features
 

@@ -1,0 +1,1 @@
+"""The process in its cluster: layout, strategy, devices, bounded waits, preemption, restarts."""
