@@ -1,5 +1,5 @@
 """Shared fixtures: MNIST (real or a tiny synthetic one) prepared once per session, tiny configs,
-and a subprocess runner."""
+a subprocess runner and a GCS emulator."""
 
 import gzip
 import os
@@ -129,3 +129,21 @@ def small_disk(tmp_path, request):
     yield mount_point
   finally:
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture(scope="module")
+def emulator(request):
+  """A gcp-storage-emulator process (tests/gcs_emulator.py) for the test module that asks for it,
+  with the buckets the module names in its EMULATOR_BUCKETS (a tuple of bucket names) created.
+
+  One per module, as each module had its own before: a module's objects and the emulator's
+  request log (Emulator.downloads) are its own. A module without EMULATOR_BUCKETS gets an empty
+  emulator; a test may create more buckets with emulator.create_bucket(name). (A fixture reading
+  the requesting module through request.module is pytest's documented pattern: "Fixtures can
+  introspect the requesting test context", docs.pytest.org/en/stable/how-to/fixtures.html.)
+  """
+  from gcs_emulator import Emulator
+  with Emulator() as emu:
+    for bucket in getattr(request.module, "EMULATOR_BUCKETS", ()):
+      emu.create_bucket(bucket)
+    yield emu

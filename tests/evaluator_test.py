@@ -191,30 +191,28 @@ def test_sigterm_stops_a_waiting_evaluator_at_once_with_143(tmp_path, tfds_dir):
 
 
 @pytest.mark.slow
-def test_evaluator_reads_only_complete_checkpoints_from_a_bucket(tmp_path, tfds_dir):
-  from gcs_emulator import Emulator
-  with Emulator() as emulator:
-    emulator.create_bucket("runs")
-    env = child_env(**emulator.env(), TRAINER_CACHE_DIR=tmp_path / "cache",
-                    TRAINER_STORAGE_RETRY_DEADLINE_S=60)
-    uri = "gs://runs/side"
-    trained = run_module("trainer.task", *tiny_flags(uri, tfds_dir, export=False), env=env)
-    assert trained.returncode == 0, trained.stdout[-3000:]
-    # A newer checkpoint whose upload never finished (no _COMPLETE marker).
-    _upload(emulator, "side/checkpoints/ckpt-25/ckpt-25.index", b"half")
-    proc, log = _start_evaluator(
-        tiny_flags(uri, tfds_dir, evaluator_timeout_s=60),
-        tmp_path / "eval.log", env=dict(env, TRAINER_CACHE_DIR=str(tmp_path / "cache-eval")))
-    code = _finish(proc, log)
-    out = (tmp_path / "eval.log").read_text()
-    assert code == 0, out[-3000:]
-    assert "ckpt-25 has no _COMPLETE yet" in out
-    metrics = json.loads(_read(emulator, "side/metrics.json"))
-    history = json.loads(_read(emulator, "side/eval_metrics.json"))["history"]
-    assert [e["step"] for e in history] == [20]
-    assert history[0]["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9)
-    names = emulator.object_names("runs", "side/logs/")
-    assert any(n.startswith("side/logs/eval/events.out.tfevents.") for n in names), names
+def test_evaluator_reads_only_complete_checkpoints_from_a_bucket(emulator, tmp_path, tfds_dir):
+  emulator.create_bucket("runs")
+  env = child_env(**emulator.env(), TRAINER_CACHE_DIR=tmp_path / "cache",
+                  TRAINER_STORAGE_RETRY_DEADLINE_S=60)
+  uri = "gs://runs/side"
+  trained = run_module("trainer.task", *tiny_flags(uri, tfds_dir, export=False), env=env)
+  assert trained.returncode == 0, trained.stdout[-3000:]
+  # A newer checkpoint whose upload never finished (no _COMPLETE marker).
+  _upload(emulator, "side/checkpoints/ckpt-25/ckpt-25.index", b"half")
+  proc, log = _start_evaluator(
+      tiny_flags(uri, tfds_dir, evaluator_timeout_s=60),
+      tmp_path / "eval.log", env=dict(env, TRAINER_CACHE_DIR=str(tmp_path / "cache-eval")))
+  code = _finish(proc, log)
+  out = (tmp_path / "eval.log").read_text()
+  assert code == 0, out[-3000:]
+  assert "ckpt-25 has no _COMPLETE yet" in out
+  metrics = json.loads(_read(emulator, "side/metrics.json"))
+  history = json.loads(_read(emulator, "side/eval_metrics.json"))["history"]
+  assert [e["step"] for e in history] == [20]
+  assert history[0]["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+  names = emulator.object_names("runs", "side/logs/")
+  assert any(n.startswith("side/logs/eval/events.out.tfevents.") for n in names), names
 
 
 def _upload(emulator, name, body):

@@ -7,18 +7,12 @@ import re
 import pytest
 
 from conftest import child_env, run_module, tiny_flags
-from gcs_emulator import Emulator, FaultProxy
+from gcs_emulator import FaultProxy
 from trainer import errors
 
 pytestmark = pytest.mark.slow
 BUCKET = "runs"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  with Emulator() as emu:
-    emu.create_bucket(BUCKET)
-    yield emu
+EMULATOR_BUCKETS = (BUCKET,)  # for conftest's emulator
 
 
 def _env(emu_or_proxy, tmp_path, cache="cache", **extra):

@@ -83,16 +83,14 @@ def test_profile_past_a_run_set_in_epochs_is_an_error(tiny):
 
 
 @pytest.mark.slow
-def test_trace_of_a_bucket_run_is_published(tmp_path, tfds_dir):
+def test_trace_of_a_bucket_run_is_published(emulator, tmp_path, tfds_dir):
   """gs://: the trace is written to the local log mirror and uploaded with the other logs."""
-  from gcs_emulator import Emulator
-  with Emulator() as emulator:
-    emulator.create_bucket("runs")
-    result = run_module("trainer.task", *tiny_flags("gs://runs/prof", tfds_dir,
-                                                    profile_steps="6,10", export=False),
-                        env=child_env(**emulator.env(), TRAINER_CACHE_DIR=tmp_path / "cache"))
-    assert result.returncode == 0, result.stdout[-3000:]
-    names = emulator.object_names("runs", "prof/logs/")
+  emulator.create_bucket("runs")
+  result = run_module("trainer.task", *tiny_flags("gs://runs/prof", tfds_dir,
+                                                  profile_steps="6,10", export=False),
+                      env=child_env(**emulator.env(), TRAINER_CACHE_DIR=tmp_path / "cache"))
+  assert result.returncode == 0, result.stdout[-3000:]
+  names = emulator.object_names("runs", "prof/logs/")
   traces = [n for n in names if re.fullmatch(r"prof/logs/train/plugins/profile/[^/]+/[^/]+"
                                              r"\.xplane\.pb", n)]
   assert len(traces) == 1, names

@@ -17,6 +17,7 @@ from trainer.storage import lock as run_lock
 from trainer import storage
 
 BUCKET = "lock-test"
+EMULATOR_BUCKETS = (BUCKET,)  # for conftest's emulator
 
 
 def test_local_lock_refuses_a_second_holder_and_frees_on_release(tmp_path):
@@ -46,13 +47,6 @@ def test_local_lock_of_a_killed_owner_is_free(tmp_path):
   holder.kill()  # kill -9: no chance to release
   holder.wait(timeout=10)
   run_lock.acquire(str(tmp_path), str(tmp_path)).release()
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  with gcs_emulator.Emulator() as emu:
-    emu.create_bucket(BUCKET)
-    yield emu
 
 
 @pytest.fixture

@@ -16,11 +16,12 @@ import time
 import pytest
 
 from conftest import ROOT, child_env, tiny_flags
-from gcs_emulator import Emulator, FaultProxy
+from gcs_emulator import FaultProxy
 from trainer.storage import lock as run_lock
 
 pytestmark = pytest.mark.slow
 BUCKET = "single-writer"
+EMULATOR_BUCKETS = (BUCKET,)  # for conftest's emulator
 STALE_S = 2  # the bucket lock's stale window for these runs ($TRAINER_LOCK_STALE_S)
 
 
@@ -63,13 +64,6 @@ def runs():
   yield started
   for run in started:
     run.kill()
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  with Emulator() as emu:
-    emu.create_bucket(BUCKET)
-    yield emu
 
 
 def test_a_paused_bucket_owner_stops_before_its_next_write(emulator, runs, tmp_path, tfds_dir):

@@ -18,18 +18,13 @@ from google.oauth2 import credentials as oauth2_credentials
 
 from trainer import errors
 from trainer.storage import gcs
+from trainer.storage import retries
 from trainer import storage
 
 BUCKET = "storage-test"
+EMULATOR_BUCKETS = (BUCKET,)  # for conftest's emulator
 MARKER = "_COMPLETE"
 BIG = 11 << 20  # above google-cloud-storage's 8 MiB multipart limit: a resumable upload
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  with gcs_emulator.Emulator() as emu:
-    emu.create_bucket(BUCKET)
-    yield emu
 
 
 @pytest.fixture
@@ -408,9 +403,37 @@ def test_retry_jitter_leaves_the_global_random_state_alone():
   import random
   random.seed(7)
   state = random.getstate()
-  delays = [gcs._backoff_s(attempt) for attempt in (1, 2, 3, 4)]
+  delays = [retries._backoff_s(attempt) for attempt in (1, 2, 3, 4)]
   assert random.getstate() == state, "a seeded run must not depend on its storage retries"
   assert all(0 < d <= 10 for d in delays) and len(set(delays)) == 4
+
+
+def test_retry_listeners_hear_each_retry_until_removed(monkeypatch):
+  """Storage's only tie to the collective watchdog (trainer/runtime/watchdog.py registers one):
+  a callback told what is retrying and how long the retries may still take."""
+  monkeypatch.setenv(gcs.RETRY_DEADLINE_ENV, "30")
+  heard = []
+  failures = []
+
+  def flaky():
+    if failures:
+      raise failures.pop()
+    return "done"
+
+  def listener(what, remaining_s):
+    heard.append((what, remaining_s))
+
+  retries.add_listener(listener)
+  try:
+    failures[:] = [ConnectionResetError("reset"), TimeoutError("slow")]
+    assert gcs.retry(flaky, "upload gs://b/x") == "done"
+  finally:
+    retries.remove_listener(listener)
+  assert [what for what, _ in heard] == ["upload gs://b/x"] * 2
+  assert all(0 < remaining <= 30 for _, remaining in heard)
+  failures[:] = [ConnectionResetError("reset")]
+  assert gcs.retry(flaky, "upload gs://b/y") == "done"
+  assert len(heard) == 2, "a removed listener hears nothing more"
 
 
 def test_write_if_generation_creates_once(proxy, gcs_root):
@@ -446,13 +469,13 @@ def test_local_paths_never_load_the_bucket_libraries(tmp_path):
       "assert storage.is_complete(storage.join(root, 'c'), '_DONE')\n"
       # (google.cloud itself is a namespace package a .pth file may create at start-up)
       "loaded = sorted(m for m in sys.modules if m.startswith(('google.cloud.', 'google.api_core',"
-      " 'trainer.storage.gcs')))\n"
+      " 'trainer.storage.gcs', 'trainer.storage.bucket')))\n"
       "assert not loaded, loaded\n"
       "try:\n"
       "  storage.exists('gs://no-such-bucket-here/x')\n"
       "except Exception:\n"
       "  pass\n"
-      "assert 'google.cloud.storage' in sys.modules and 'trainer.storage.gcs' in sys.modules\n"
+      "assert 'google.cloud.storage' in sys.modules and 'trainer.storage.bucket' in sys.modules\n"
       "print('ok')\n")
   env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", gcs.RETRY_DEADLINE_ENV: "0"}
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

@@ -7,22 +7,16 @@ import re
 
 import pytest
 
-from gcs_emulator import Emulator, FaultProxy
+from gcs_emulator import FaultProxy
 from trainer import data
 from trainer import errors
 from trainer import storage
 
 pytestmark = pytest.mark.slow
 BUCKET = "data"
+EMULATOR_BUCKETS = (BUCKET,)  # for conftest's emulator
 TRAIN = [f"mnist/3.0.1/mnist-train.tfrecord-{i:05d}-of-00004" for i in range(4)]
 TEST = [f"mnist/3.0.1/mnist-test.tfrecord-{i:05d}-of-00004" for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  with Emulator() as emu:
-    emu.create_bucket(BUCKET)
-    yield emu
 
 
 @pytest.fixture(scope="module")

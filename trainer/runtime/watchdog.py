@@ -14,6 +14,8 @@ import threading
 import time
 
 from trainer import errors
+# Standard library only (no bucket client), so the reporter child below can import it too.
+from trainer.storage import retries as storage_retries
 
 # Phase names the training loop arms (trainer/train.py): after a checkpoint the chief may still
 # be uploading it while the other workers already wait in the next collective.
@@ -91,27 +93,6 @@ def _timeout_message(task_name: str, phase: str, waited_s: float, lost: list, no
           "checkpoint.")
 
 
-def _storage_deadline() -> tuple:
-  """(seconds, variable): how long trainer.storage.gcs retries a failing request, and its setting."""
-  # Imported here: the reporter child (python -m trainer.runtime.watchdog) must start without the
-  # storage client libraries.
-  from trainer.storage import gcs  # pylint: disable=import-outside-toplevel
-  return gcs.retry_deadline_s(), gcs.RETRY_DEADLINE_ENV
-
-
-# Watchdogs of this process, for storage_retrying(); a set because a notebook may run several.
-_live = set()
-_live_lock = threading.Lock()
-
-
-def storage_retrying(what: str, remaining_s: float) -> None:
-  """trainer.storage calls this while it retries: slow storage is not a silent peer."""
-  with _live_lock:
-    watchdogs = list(_live)
-  for watchdog in watchdogs:
-    watchdog.extend(f"storage was slow in this phase ({what} was retrying)", remaining_s)
-
-
 class Watchdog:
   """Exits 143 when a phase that waits on peers makes no progress for timeout_s.
 
@@ -119,9 +100,10 @@ class Watchdog:
   mid-run; a cluster operator needs a bounded failure that names the lost task instead.
 
   Storage time is not peer silence: this task's own storage retries extend the running phase
-  (storage_retrying), and on a worker that is not the chief (is_chief=False) the phases in which
-  the chief may be preflighting or uploading (start-up until the first training chunk, and the
-  phase right after a checkpoint) get the storage retry deadline on top of timeout_s.
+  (storage_retrying, which the watchdog hands to trainer/storage/retries.py as a listener while
+  it runs), and on a worker that is not the chief (is_chief=False) the phases in which the chief
+  may be preflighting or uploading (start-up until the first training chunk, and the phase right
+  after a checkpoint) get the storage retry deadline on top of timeout_s.
   """
 
   def __init__(self, peers, timeout_s: float, task_name: str, is_chief: bool = True):
@@ -129,7 +111,8 @@ class Watchdog:
     self._timeout_s = timeout_s
     self._task_name = task_name
     self._chief_storage_s, self._storage_setting = (
-        (0.0, "") if is_chief or not self._peers else _storage_deadline())
+        (0.0, "") if is_chief or not self._peers
+        else (storage_retries.retry_deadline_s(), storage_retries.RETRY_DEADLINE_ENV))
     # Why the chief may be away from the collectives right now (None: it is not).
     self._chief_busy = ("the chief may still be starting up (storage preflight, checkpoint "
                         "download)")
@@ -143,8 +126,7 @@ class Watchdog:
     if self._peers:
       self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
       self._thread.start()
-      with _live_lock:
-        _live.add(self)
+      storage_retries.add_listener(self.storage_retrying)
 
   def arm(self, phase: str, timeout_s: float = None) -> None:
     with self._lock:
@@ -179,6 +161,11 @@ class Watchdog:
       self._deadline = max(self._deadline, time.monotonic() + seconds + self._timeout_s)
       self._note = reason
 
+  def storage_retrying(self, what: str, remaining_s: float) -> None:
+    """Storage's retry listener (trainer/storage/retries.py): this task's storage is retrying
+    `what` for up to remaining_s more; slow storage is not a silent peer."""
+    self.extend(f"storage was slow in this phase ({what} was retrying)", remaining_s)
+
   @contextlib.contextmanager
   def phase(self, name: str, timeout_s: float = None, holds_gil: bool = False):
     """`with watchdog.phase(name):` arms on entry and disarms on exit; not nestable.
@@ -202,8 +189,7 @@ class Watchdog:
 
   def close(self) -> None:
     self._stop.set()
-    with _live_lock:
-      _live.discard(self)
+    storage_retries.remove_listener(self.storage_retrying)
 
   def _run(self) -> None:
     while not self._stop.wait(0.5):
@@ -286,7 +272,7 @@ def _start_reporter(args: dict):
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
   try:
-    # -S: the reporter needs only the standard library and this module.
+    # -S: the reporter needs only the standard library and trainer modules built on it alone.
     return subprocess.Popen(
         [sys.executable, "-S", "-m", "trainer.runtime.watchdog", json.dumps(args)],
         stdin=subprocess.PIPE, env=env)

@@ -1,4 +1,8 @@
-"""The GCS transport: client, time-bounded retries, error mapping and object primitives."""
+"""The GCS transport: client, time-bounded retries, error mapping and object primitives.
+
+Imported by the first gs:// path only (trainer/storage/bucket.py): google-cloud-storage and
+google-api-core take a quarter of a second to import, which a run on local paths never needs.
+"""
 
 import base64
 import contextlib
@@ -8,9 +12,6 @@ import http.client
 import io
 import logging
 import os
-import random
-import re
-import time
 
 import google_crc32c
 import requests
@@ -23,20 +24,18 @@ from google.cloud.storage import exceptions as gcs_exceptions
 
 from trainer import errors
 from trainer.storage import fencing
-from trainer.runtime import watchdog
-# The path helpers live apart, so that local paths never load the Google libraries above.
+from trainer.storage import retries
+# The path helpers and the retry budget live apart, so that local paths never load the Google
+# libraries above; re-exported for the transport's callers.
 from trainer.storage.gspath import FLAG, dir_prefix, is_gcs, split_gcs, uri  # noqa: F401
+from trainer.storage.retries import RETRY_DEADLINE_ENV, describe, retry_deadline_s  # noqa: F401
 
 _LOG = logging.getLogger(__name__)
 
 EMULATOR_HOST_ENV = "STORAGE_EMULATOR_HOST"
 PROJECT_ENV = "GOOGLE_CLOUD_PROJECT"
-RETRY_DEADLINE_ENV = "TRAINER_STORAGE_RETRY_DEADLINE_S"
-DEFAULT_RETRY_DEADLINE_S = 60.0
 DEFAULT_EMULATOR_PROJECT = "test-project"
 
-_INITIAL_BACKOFF_S = 0.25
-_MAX_BACKOFF_S = 10.0
 # (connect, read) seconds per HTTP request; read is per socket operation, so big files still fit.
 REQUEST_TIMEOUT = (10.0, 120.0)
 COPY_BUFFER = 1 << 20
@@ -60,8 +59,6 @@ _TRANSIENT_TYPES = (
     # A transfer whose checksum did not match was corrupted in flight: sending it again is the fix.
     gcs_exceptions.DataCorruption,
 )
-_JITTER = random.Random()
-_URL_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
 
 
 # --------------------------------------------------------------------------- client
@@ -77,7 +74,7 @@ def _client_for(emulator_host, project):
   if emulator_host:
     # google-cloud-storage reads STORAGE_EMULATOR_HOST itself; the emulator needs no credentials.
     return gcs_client.Client(project=project or DEFAULT_EMULATOR_PROJECT,
-                      credentials=auth_credentials.AnonymousCredentials())
+                             credentials=auth_credentials.AnonymousCredentials())
   try:
     return gcs_client.Client(project=project) if project else gcs_client.Client()
   except auth_exceptions.DefaultCredentialsError as exc:
@@ -89,14 +86,10 @@ def _client_for(emulator_host, project):
 # --------------------------------------------------------------------------- retries
 
 
-def retry_deadline_s() -> float:
-  raw = os.environ.get(RETRY_DEADLINE_ENV)
-  if not raw:
-    return DEFAULT_RETRY_DEADLINE_S
-  try:
-    return max(0.0, float(raw))
-  except ValueError as exc:
-    raise errors.ConfigError(f"{RETRY_DEADLINE_ENV}={raw!r} is not a number of seconds") from exc
+def retry(fn, what: str):
+  """fn() retried on transient errors (trainer/storage/retries.py: the deadline, the backoff and
+  the listeners); permanent errors propagate at once."""
+  return retries.retry(fn, what, _is_transient)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -107,49 +100,6 @@ def _is_transient(exc: BaseException) -> bool:
   if isinstance(exc, gcs_exceptions.InvalidResponse):
     return getattr(exc.response, "status_code", None) in _TRANSIENT_STATUS
   return False
-
-
-def describe(exc: BaseException) -> str:
-  """A one-line description safe to log: URLs lose their query strings (signatures, ids)."""
-  text = _URL_QUERY.sub(r"\1", f"{type(exc).__name__}: {exc}")
-  return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _backoff_s(attempt: int) -> float:
-  # Jitter spreads the retries of many workers hitting the same outage. It has its own random
-  # source: drawing from Python's global one would change a seeded run's weights.
-  cap = min(_MAX_BACKOFF_S, _INITIAL_BACKOFF_S * 2 ** (attempt - 1))
-  return _JITTER.uniform(cap / 2, cap)
-
-
-def retry(fn, what: str):
-  """fn() retried on transient errors; permanent errors propagate at once.
-
-  The deadline counts from the first failure, not from the start, so that a long transfer that
-  fails late still gets a full retry budget.
-  """
-  deadline_s = retry_deadline_s()
-  first_failure = None
-  attempt = 0
-  while True:
-    try:
-      return fn()
-    except Exception as exc:  # pylint: disable=broad-except
-      if not _is_transient(exc):
-        raise
-      now = time.monotonic()
-      first_failure = now if first_failure is None else first_failure
-      attempt += 1
-      remaining = first_failure + deadline_s - now
-      if remaining <= 0:
-        raise errors.RetryableError(
-            f"{what}: still failing after {attempt} attempts over {deadline_s:.0f} s "
-            f"(last: {describe(exc)})") from exc
-      delay = min(remaining, _backoff_s(attempt))
-      _LOG.warning("%s failed (%s); retry %d in %.2f s", what, describe(exc), attempt, delay)
-      # Retrying storage is not a silent peer: the collective watchdog allows for it.
-      watchdog.storage_retrying(what, remaining)
-      time.sleep(delay)
 
 
 def _missing_bucket_message(bucket: str) -> str:
@@ -213,7 +163,7 @@ def get_blob(bucket: str, name: str):
 
 
 def list_objects(bucket: str, prefix: str, delimiter: str | None = None,
-          max_results: int | None = None) -> tuple[list, list[str]]:
+                 max_results: int | None = None) -> tuple[list, list[str]]:
   """(blobs, prefixes) under prefix; a whole listing is one retried unit."""
   def attempt():
     it = client().list_blobs(bucket, prefix=prefix, delimiter=delimiter, max_results=max_results,
@@ -236,8 +186,9 @@ def upload(uri: str, open_source, size: int, crc32c: str, generation=None,
   Into a bucket that holds some of those lock objects, the condition is also enforced by the
   bucket itself: the bytes go to a staging object next to a lock, and a compose whose sources
   are that object and the (empty) lock objects, each under ifGenerationMatch, publishes them
-  under `uri`; a takeover of a lock between our check and the compose makes it fail with 412. ComposeRequest.sourceObjects[].objectPreconditions.ifGenerationMatch is GCS's condition
-  on a source's generation (JSON API reference, objects/compose).
+  under `uri`; a takeover of a lock between our check and the compose makes it fail with 412.
+  ComposeRequest.sourceObjects[].objectPreconditions.ifGenerationMatch is GCS's condition on a
+  source's generation (JSON API reference, objects/compose).
   """
   bucket, name = split_gcs(uri)
   fences = []

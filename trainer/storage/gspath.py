@@ -1,4 +1,4 @@
-"""gs:// path strings, with no I/O and no Google libraries: recognise, split, join, name the flag."""
+"""gs:// path strings, no I/O and no Google libraries: recognise, split, join, name the flag."""
 
 import contextlib
 import contextvars

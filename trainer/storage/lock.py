@@ -49,7 +49,7 @@ def acquire(directory: str, local_directory: str, flag: str = "--model_dir"):
 
 
 def windows() -> tuple:
-  """(stale after, heartbeat, poll) in seconds: the module's, or derived from $TRAINER_LOCK_STALE_S."""
+  """(stale after, heartbeat, poll) in seconds: the module's, or from $TRAINER_LOCK_STALE_S."""
   raw = os.environ.get(STALE_ENV)
   if not raw:
     return STALE_AFTER_S, HEARTBEAT_S, _POLL_S
@@ -220,8 +220,8 @@ class _BucketLock:
     new object under ifGenerationMatch and ifMetagenerationMatch of what it saw, so a renewal
     that lands first, however late, makes the takeover fail instead of racing it;
   - every upload of the holder is a compose that lists this object, with ifGenerationMatch=G,
-    as a source (trainer/storage/gcs.py): the object is empty, so it adds no byte, and a takeover makes
-    the upload fail on the storage side;
+    as a source (trainer/storage/gcs.py): the object is empty, so it adds no byte, and a
+    takeover makes the upload fail on the storage side;
   - release deletes it under ifGenerationMatch=G.
   """
 
