@@ -14,6 +14,7 @@ from trainer import errors
 from trainer import storage
 
 BUCKET = "data"
+EMULATOR_BUCKETS = (BUCKET,)  # for conftest's emulator
 TRAIN = [f"mnist/3.0.1/mnist-train.tfrecord-{i:05d}-of-00004" for i in range(4)]
 
 
@@ -135,14 +136,6 @@ def test_read_only_cache_with_a_bucket_model_dir_exits_2(synthetic_tfds_dir, tmp
 
 
 # ---------------------------------------------------------------- gs:// data: the bucket decides
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  from gcs_emulator import Emulator
-  with Emulator() as emu:
-    emu.create_bucket(BUCKET)
-    yield emu
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def synthetic_tfds_dir(tmp_path_factory):
     _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", 0x0803, images)
     _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 0x0801, labels)
   path = str(tmp_path_factory.mktemp("synthetic-tfds"))
-  builder = data._builder("mnist", path)
+  builder = data.tfds_builder("mnist", path)
   builder.URL = str(source) + "/"  # data.prepare would insist on the canonical files' hashes
   import tensorflow_datasets as tfds
   from tensorflow_datasets.image_classification import mnist

@@ -17,6 +17,10 @@ import tensorflow as tf
 
 from trainer import data
 from trainer import errors
+from trainer.data import cache
+from trainer.data import files
+from trainer.data import mnist
+from trainer.data import sources
 
 
 def test_vendored_files_verify():
@@ -184,7 +188,7 @@ def test_divisibility_error_prints_the_numbers():
 def test_offline_install_without_vendored_mnist_fails_fast(tmp_path, monkeypatch):
   """The real download from the CVDF mirror, on this machine without internet: DataError (exit 3)
   within a bound, naming the flags that avoid the download. TFDS's own took 200 s to forever."""
-  monkeypatch.setattr(data, "vendored_mnist_dir", lambda: str(tmp_path / "no_vendored_copy"))
+  monkeypatch.setattr(mnist, "vendored_mnist_dir", lambda: str(tmp_path / "no_vendored_copy"))
   # No network, whatever the machine has: every request goes to a proxy port nobody serves.
   for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
     monkeypatch.setenv(name, "http://127.0.0.1:9")
@@ -283,12 +287,7 @@ def test_download_probe():
 # ---- data.stage: a gs:// directory is used only once it is completely copied ----
 
 
-@pytest.fixture(scope="module")
-def emulator():
-  from gcs_emulator import Emulator
-  with Emulator() as emu:
-    emu.create_bucket("data")
-    yield emu
+EMULATOR_BUCKETS = ("data",)  # for conftest's emulator
 
 
 @pytest.fixture
@@ -352,13 +351,13 @@ def test_stage_of_an_empty_source_names_the_flag(gcs_source):
 
 def test_lock_wait_is_bounded(tmp_path):
   """A live process holding the data lock too long is an error naming the lock, not a hang."""
-  with data._lock(str(tmp_path), "mnist"):
+  with files.lock(str(tmp_path), "mnist"):
     start = time.monotonic()
     with pytest.raises(errors.DataError, match=r"has held .*\.mnist\.lock for 1 s"):
-      with data._lock(str(tmp_path), "mnist", timeout_s=1):
+      with files.lock(str(tmp_path), "mnist", timeout_s=1):
         pass
     assert time.monotonic() - start < 5
-  with data._lock(str(tmp_path), "mnist", timeout_s=1):
+  with files.lock(str(tmp_path), "mnist", timeout_s=1):
     pass  # released: taken at once
 
 
@@ -367,22 +366,22 @@ def test_decoded_splits_are_cached_by_the_record_files_hash(synthetic_tfds_dir, 
   copy = str(tmp_path / "tfds")
   shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
   builder = data.prepare("mnist", copy)
-  assert data._decoded_from_cache(builder, "test") == (None, None)
-  first = data._load_split(builder, "test", 0)
-  cached = data._decoded_from_cache(builder, "test")
+  assert cache.read_cached(builder, "test") == (None, None)
+  first = cache.load_split(builder, "test", 0)
+  cached = cache.read_cached(builder, "test")
   assert cached[0] is not None
   np.testing.assert_array_equal(cached[0], first[0])
   np.testing.assert_array_equal(cached[1], first[1])
-  again = data._load_split(builder, "test", 100)
+  again = cache.load_split(builder, "test", 100)
   np.testing.assert_array_equal(again[0], first[0][:100])
-  before = data._decoded_paths(builder, "test")
+  before = cache.decoded_paths(builder, "test")
   record = str(builder.info.splits["test"].filepaths[0])
   modes = {os.stat(p).st_mode & 0o777 for p in (record, *before)}
   assert len(modes) == 1, "the arrays are as readable as the records they come from"
   with open(record, "ab") as f:
     f.write(b"\0")  # any change to the records
-  assert data._decoded_paths(builder, "test") != before
-  assert data._decoded_from_cache(builder, "test") == (None, None)
+  assert cache.decoded_paths(builder, "test") != before
+  assert cache.read_cached(builder, "test") == (None, None)
 
 
 def test_synthetic_dataset_loads_in_both_modes(synthetic_tfds_dir):
@@ -396,7 +395,7 @@ def test_synthetic_dataset_loads_in_both_modes(synthetic_tfds_dir):
   assert splits.train_images.shape == (SYNTHETIC_SIZES["train"], 28, 28, 1)
   assert splits.test_images.shape == (SYNTHETIC_SIZES["test"], 28, 28, 1)
   assert splits.num_classes == 10 and set(np.unique(splits.train_labels)) == set(range(10))
-  assert data.choose_input_mode(config, builder) == "in_memory"
+  assert data.choose_input_mode(config, builder)[0] == "in_memory"
   expected_mb = SYNTHETIC_SIZES["train"] * (28 * 28 + 4) / 2 ** 20  # image bytes + int32 label
   assert data.decoded_train_mb(builder) == pytest.approx(expected_mb)
   source = data.record_source(builder)
@@ -404,6 +403,45 @@ def test_synthetic_dataset_loads_in_both_modes(synthetic_tfds_dir):
   images, labels = source.decode(next(iter(tf.data.TFRecordDataset(source.files[0]).batch(5))))
   assert images.shape == (5, 28, 28, 1) and images.dtype == tf.uint8
   assert all(0 <= int(label) < 10 for label in labels)
+
+
+def test_the_input_plan_is_decided_once_and_read_by_the_pipelines(synthetic_tfds_dir, tmp_path):
+  """Issue 34: the input mode, the steps and who reads which files are decided in one place
+  (data.plan); the run shape and the input functions read the plan, and stream mode's pipelines
+  run the epoch plan its step count came from (a pipeline built for another one is refused)."""
+  from trainer import config as config_lib
+  from trainer.data import stream
+  from trainer.runtime import cluster, distribute
+  copy = str(tmp_path / "tfds")  # stream mode writes decoded copies beside the records
+  shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
+  runtime = distribute.Runtime(tf.distribute.OneDeviceStrategy("/cpu:0"), cluster.ClusterInfo(),
+                               "one_device")
+  config = config_lib.Config(epochs=2, data_dir=copy, global_batch_size=100)
+  memory = data.plan(config, runtime)
+  assert memory.mode == "in_memory" and "within --in_memory_limit_mb=2048" in memory.reason
+  assert (memory.steps_per_epoch, memory.total_steps, memory.num_train) == (12, 24, 1200)
+  assert (memory.pipelines, memory.local_pipeline_ids, memory.source, memory.record_files,
+          memory.epoch) == (0, (), None, 0, None), "in memory the order depends on none"
+  splits = data.load(config, memory.builder, with_test=False)
+  x, _, w = next(iter(data.train_input(memory, splits, config, 0)(tf.distribute.InputContext())))
+  assert x.shape == (100, 28, 28, 1) and float(tf.reduce_sum(w)) == 100
+
+  config = config_lib.Config(epochs=2, data_dir=copy, global_batch_size=100, input_mode="stream",
+                             shuffle_buffer=8)
+  streamed = data.plan(config, runtime)
+  assert (streamed.mode, streamed.reason) == ("stream", "--input_mode")
+  assert (streamed.pipelines, streamed.local_pipeline_ids, streamed.record_files) == (1, (0,), 4)
+  assert streamed.epoch == stream.plan_epoch(streamed.source.counts, 1, 100)
+  assert (streamed.steps_per_epoch, streamed.total_steps) == (streamed.epoch.steps, 24)
+  assert streamed.source.decoded, "the run reads its files whole: decoded once, up front"
+  ctx = tf.distribute.InputContext()
+  batches = list(data.train_input(streamed, None, config, 0)(ctx).take(12))
+  assert sum(float(tf.reduce_sum(w)) for _, _, w in batches) == 1200, "each example once"
+  other = stream.plan_epoch(streamed.source.counts, 2, 50)
+  fn = stream.train_dataset_fn(streamed.source, 100, 1, 8, total_steps=24, epoch_plan=other)
+  with pytest.raises(RuntimeError, match="planned 2 input pipelines of 50 examples a step, but "
+                     "tf.distribute builds 1 of 100"):
+    fn(ctx)
 
 
 def test_a_prepared_dataset_opens_from_its_metadata(synthetic_tfds_dir):
@@ -426,14 +464,14 @@ def test_several_versions_or_one_being_prepared_take_the_full_path(synthetic_tfd
                                                                       tmp_path):
   copy = tmp_path / "tfds"
   shutil.copytree(synthetic_tfds_dir, copy)
-  assert data._prepared_builder("mnist", str(copy)).name == "mnist"
+  assert sources.prepared_builder("mnist", str(copy)).name == "mnist"
   version = copy / "mnist" / "3.0.1"
   shutil.copytree(version, copy / "mnist" / "3.0.1.incomplete12AB")  # TFDS at work: ignored
-  assert data._prepared_builder("mnist", str(copy)) is not None
+  assert sources.prepared_builder("mnist", str(copy)) is not None
   shutil.copytree(version, copy / "mnist" / "2.0.0")
-  assert data._prepared_builder("mnist", str(copy)) is None, "which one TFDS picks is its call"
-  assert data._prepared_builder("fashion_mnist", str(copy)) is None
-  assert data._prepared_builder("mnist", str(tmp_path / "absent")) is None
+  assert sources.prepared_builder("mnist", str(copy)) is None, "which one TFDS picks is its call"
+  assert sources.prepared_builder("fashion_mnist", str(copy)) is None
+  assert sources.prepared_builder("mnist", str(tmp_path / "absent")) is None
 
 
 def test_damaged_decoded_labels_are_decoded_again_with_one_warning(synthetic_tfds_dir,
@@ -444,8 +482,8 @@ def test_damaged_decoded_labels_are_decoded_again_with_one_warning(synthetic_tfd
   copy = str(tmp_path / "tfds")
   shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
   builder = data.prepare("mnist", copy)
-  images, labels = data._load_split(builder, "test", 0)
-  images_path, labels_path = data._decoded_paths(builder, "test")
+  images, labels = cache.load_split(builder, "test", 0)
+  images_path, labels_path = cache.decoded_paths(builder, "test")
   size = os.path.getsize(labels_path)
   damaged = np.load(labels_path)
   damaged[: len(damaged) // 3] = 200  # no such class
@@ -454,7 +492,7 @@ def test_damaged_decoded_labels_are_decoded_again_with_one_warning(synthetic_tfd
     f.write(damaged.tobytes())
   assert os.path.getsize(labels_path) == size
   with caplog.at_level("INFO"):
-    again_images, again_labels = data._load_split(builder, "test", 0)
+    again_images, again_labels = cache.load_split(builder, "test", 0)
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
   assert len(warnings) == 1 and labels_path in warnings[0], warnings
   assert "do not match the checksum recorded" in warnings[0]
@@ -463,9 +501,9 @@ def test_damaged_decoded_labels_are_decoded_again_with_one_warning(synthetic_tfd
   np.testing.assert_array_equal(np.load(labels_path), labels)  # rewritten whole
   caplog.clear()
   with caplog.at_level("INFO"):
-    data._load_split(builder, "test", 0)
+    cache.load_split(builder, "test", 0)
   assert not [r for r in caplog.records if r.levelname == "WARNING"], "sound again: no word"
-  assert data._decoded_from_cache(builder, "test")[0] is not None
+  assert cache.read_cached(builder, "test")[0] is not None
 
 
 def test_decoded_arrays_without_checksums_are_decoded_again(synthetic_tfds_dir, tmp_path):
@@ -473,11 +511,11 @@ def test_decoded_arrays_without_checksums_are_decoded_again(synthetic_tfds_dir, 
   copy = str(tmp_path / "tfds")
   shutil.copytree(synthetic_tfds_dir, copy, ignore=shutil.ignore_patterns("decoded-*"))
   builder = data.prepare("mnist", copy)
-  data._load_split(builder, "test", 0)
-  sums = data._checksums_path(data._decoded_paths(builder, "test")[0])
+  cache.load_split(builder, "test", 0)
+  sums = cache.checksums_path(cache.decoded_paths(builder, "test")[0])
   os.remove(sums)
-  assert data._decoded_from_cache(builder, "test") == (None, None)
-  data._load_split(builder, "test", 0)
+  assert cache.read_cached(builder, "test") == (None, None)
+  cache.load_split(builder, "test", 0)
   assert os.path.isfile(sums)
 
 
@@ -503,7 +541,7 @@ def test_leftovers_of_a_killed_preparation_are_removed(synthetic_tfds_dir, tmp_p
   unfinished = copy / "mnist" / "incomplete.K1LL3D_3.0.1"
   unfinished.mkdir()
   (unfinished / "mnist-train.tfrecord-00000-of-00004").write_bytes(b"\0" * 1000)
-  downloads = copy / "downloads" / ".preparing-mnist"  # data._download_dir(copy, "mnist")
+  downloads = copy / "downloads" / ".preparing-mnist"  # sources.download_dir(copy, "mnist")
   (downloads / "extracted").mkdir(parents=True)
   (downloads / "extracted" / "GZIP.train-images-idx3-ubyte.gz").write_bytes(b"\0" * 1000)
   other = copy / "mnist" / "incomplete.OTHER1_4.0.0"  # another version's: not this one's
@@ -512,7 +550,7 @@ def test_leftovers_of_a_killed_preparation_are_removed(synthetic_tfds_dir, tmp_p
   assert builder.info.splits["train"].num_examples == 1200
   assert not unfinished.exists() and not downloads.exists()
   assert other.exists()
-  assert str(downloads) == data._download_dir(str(copy), "mnist")
+  assert str(downloads) == sources.download_dir(str(copy), "mnist")
 
 
 @pytest.mark.slow

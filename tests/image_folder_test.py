@@ -11,7 +11,9 @@ from conftest import run_module
 from trainer import config as config_lib
 from trainer import data
 from trainer import errors
+from trainer.data import cache
 from trainer.data import image_folder
+from trainer.data import image_scan
 
 # Easy to learn: each class is one dominant colour with noise.
 COLOURS = {"blue": (20, 30, 220), "green": (30, 200, 40), "red": (220, 30, 20)}
@@ -47,7 +49,7 @@ def _prepare(folder, data_dir, **kwargs):
 
 def _test_split(builder):
   """(images, labels) of the prepared test split, in its stored order."""
-  return data._decode_split(builder, "test")  # pylint: disable=protected-access
+  return cache.decode_split(builder, "test")
 
 
 # ---- preparation: deterministic split, prepared once, re-prepared on change ----
@@ -62,7 +64,7 @@ def test_prepare_writes_both_splits_with_class_names(tmp_path):
   train, test = info.splits["train"].num_examples, info.splits["test"].num_examples
   assert train + test == 60 and 1 <= test <= 15
   assert len(info.splits["train"].filepaths) == 2  # --num_shards record files per split
-  split_of = image_folder._split_of  # pylint: disable=protected-access
+  split_of = image_scan.split_of
   expected = sum(split_of(f"{c}/{n}", 0.1) == "test"
                  for c in COLOURS for n in os.listdir(os.path.join(folder, c)))
   assert test == expected
@@ -75,10 +77,10 @@ def test_prepare_writes_both_splits_with_class_names(tmp_path):
 
 def test_split_depends_on_the_path_only(tmp_path):
   folder = make_folder(tmp_path / "images", per_class=30)
-  _, before = image_folder.scan(folder, 0.2)
+  _, before = image_scan.scan(folder, 0.2)
   # Another order of creation, more images: the images already there keep their split.
   make_folder(tmp_path / "images", per_class=40, seed=1)
-  _, after = image_folder.scan(folder, 0.2)
+  _, after = image_scan.scan(folder, 0.2)
   split_before = {i.rel: i.split for i in before}
   split_after = {i.rel: i.split for i in after}
   assert all(split_after[rel] == split for rel, split in split_before.items())
@@ -156,7 +158,7 @@ def test_hidden_entries_are_not_classes(tmp_path):
   for path in (".DS_Store", "a/.DS_Store", "README.txt"):
     with open(os.path.join(folder, path), "w") as f:
       f.write("x")
-  class_names, images = image_folder.scan(folder, 0.5)
+  class_names, images = image_scan.scan(folder, 0.5)
   assert class_names == ["a", "b"] and len(images) == 8
 
 
@@ -375,12 +377,7 @@ def test_trains_on_a_folder_and_predicts_names(tmp_path, input_mode):
 # ---- a gs:// folder: listed for the key, copied down only to prepare ----
 
 
-@pytest.fixture(scope="module")
-def emulator():
-  from gcs_emulator import Emulator
-  with Emulator() as emu:
-    emu.create_bucket("images")
-    yield emu
+EMULATOR_BUCKETS = ("images",)  # for conftest's emulator
 
 
 @pytest.mark.slow

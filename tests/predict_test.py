@@ -20,6 +20,7 @@ from trainer.storage import gcs
 from trainer import predict
 
 BUCKET = "predict-test"
+EMULATOR_BUCKETS = (BUCKET,)  # for conftest's emulator
 DATA = "variables/variables.data-00000-of-00001"
 REEXPORT = "export it again: rerun the training command with the same --model_dir"
 
@@ -185,13 +186,6 @@ def test_directory_given_as_an_image(tmp_path):
 
 
 # ----------------------------------------------------------------------------- gs:// exports
-
-
-@pytest.fixture(scope="module")
-def emulator():
-  with gcs_emulator.Emulator() as emu:
-    emu.create_bucket(BUCKET)
-    yield emu
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 
 from image_folder_test import make_folder
 from trainer import data
+from trainer.data import cache
 from trainer.data import tfds_metadata
 
 
@@ -55,7 +56,7 @@ def test_an_image_folder_with_class_names_as_tfds_reads_it(tmp_path):
   ours = _assert_same_as_tfds(builder.data_dir)
   assert len(ours.info.features["label"].names) == ours.info.features["label"].num_classes > 1
   # Decoding (a cache miss) is TFDS's job, through the same object.
-  images, labels = data._decode_split(ours, "test")  # pylint: disable=protected-access
+  images, labels = cache.decode_split(ours, "test")
   assert len(images) == len(labels) == ours.info.splits["test"].num_examples
 
 

@@ -34,14 +34,16 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                 tf.errors.CancelledError, tf.errors.AbortedError)
 
 
-def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
+def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) -> dict:
   """Trains (resuming from model_dir when it holds a checkpoint), evaluates and exports.
 
-  Returns the metrics dict (the chief also writes it to model_dir/metrics.json).
+  cluster: the ClusterInfo the entry point parsed from environ; None parses it here (a notebook,
+  a test). Returns the metrics dict (the chief also writes it to model_dir/metrics.json).
   """
   environ = os.environ if environ is None else environ
   phases = phases_lib.Phases()
-  cluster = cluster_lib.parse_cluster(environ)  # Bad TF_CONFIG fails before any TF work.
+  if cluster is None:
+    cluster = cluster_lib.parse_cluster(environ)  # Bad TF_CONFIG fails before any TF work.
   step_lib.set_precision_and_seeds(config)
   watchdog = watchdog_lib.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name,
                                  is_chief=cluster.is_chief)
@@ -58,22 +60,22 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
     phases.end("start-up")
-    splits, source, steps_per_epoch, total_steps = _load_data(config, runtime)
+    plan, splits = _load_data(config, runtime)
+    source = plan.source
     phases.end("data")
     # Inputs are valid; now make sure the outputs can be written, still before any training.
     outputs = outputs_lib.RunOutputs(config, cluster.task_name, environ, runtime.is_chief)
     outputs.prepare()
     with watchdog.phase("model initialization (variables are broadcast from the chief)"):
       train_step = step_lib.TrainStep(config, runtime, splits.image_shape, splits.num_classes,
-                                      total_steps)
+                                      plan.total_steps)
     store = checkpoint_lib.CheckpointStore(
         train_step.checkpoint, outputs.paths.local_checkpoint_dir, runtime.is_chief,
         config.keep_checkpoints, remote_dir=outputs.paths.checkpoint_dir)
     store.restore_latest(outputs.paths.model_dir, config.restart_from_scratch)
     # A resumed run keeps what its order of examples depends on (exit 2 otherwise).
-    store.check_run_shape(checkpoint_lib.run_shape(
-        config, runtime.num_workers, distribute.num_input_pipelines(runtime) if source else 0,
-        len(source.files) if source else 0))
+    store.check_run_shape(checkpoint_lib.run_shape(config, runtime.num_workers, plan.pipelines,
+                                                   plan.record_files))
     start_step = int(train_step.step.numpy())
     outputs.begin(start_step)
     if runtime.is_chief:
@@ -82,9 +84,10 @@ def train_and_evaluate(config: config_lib.Config, environ=None) -> dict:
                                        "num_replicas": runtime.num_replicas,
                                        "strategy": runtime.kind,
                                        "precision_policy": step_lib.policy_name()})
-    run = _Run(config=config, runtime=runtime, splits=splits, source=source, outputs=outputs,
+    run = _Run(config=config, runtime=runtime, splits=splits, plan=plan, outputs=outputs,
                train_step=train_step, store=store, watchdog=watchdog, handler=handler,
-               total_steps=total_steps, steps_per_epoch=steps_per_epoch, start_step=start_step,
+               total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+               start_step=start_step,
                # Chief-only: evaluation during and after training and the export use this copy.
                eval_model=step_lib.EvalModel(config, splits) if runtime.is_chief else None,
                phases=phases)
@@ -128,7 +131,7 @@ class _Run:
   config: config_lib.Config
   runtime: distribute.Runtime
   splits: data.Splits
-  source: stream.RecordSource | None  # stream mode's train files; None in in_memory mode
+  plan: data.InputPlan  # the input mode, its steps and (stream mode) the files read here
   outputs: outputs_lib.RunOutputs
   train_step: step_lib.TrainStep
   store: checkpoint_lib.CheckpointStore
@@ -142,32 +145,13 @@ class _Run:
 
 
 def _load_data(config, runtime) -> tuple:
-  """(splits, stream source or None, steps per epoch, total steps), in the input mode chosen
-  here; the step budget is checked from the metadata, before anything is decoded."""
-  builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir,
-                         config.num_shards, config.image_size, config.eval_fraction)
-  mode = data.choose_input_mode(config, builder)
-  num_train = data.num_train_examples(builder, config.train_examples)
-  data.check_batch_fits(config.global_batch_size, num_train)
-  data.check_divisible(config.global_batch_size, runtime.num_replicas)
-  source = None
-  if mode == "stream":
-    pipelines = distribute.num_input_pipelines(runtime)
-    per_pipeline = config.global_batch_size // pipelines
-    steps_per_epoch = stream.plan_epoch(data.shard_lengths(builder), pipelines,
-                                        per_pipeline).steps
-    total_steps = config_lib.resolve_steps(config, steps_per_epoch)
-    local_ids = distribute.local_pipeline_ids(runtime)
-    # Of gs:// data, only the files this worker's pipelines read are fetched.
-    source = data.record_source(builder, "train", config.data_dir, pipelines, local_ids,
-                                examples_read=total_steps * per_pipeline * len(local_ids))
-    stream.warn_if_record_sharded(source, pipelines)
-  else:
-    steps_per_epoch = data.steps_per_epoch(num_train, config.global_batch_size)
-    total_steps = config_lib.resolve_steps(config, steps_per_epoch)
+  """(the input plan, the splits it holds in memory): the plan (mode, steps, files) is decided
+  from the metadata, and the step budget checked, before anything is decoded."""
+  plan = data.plan(config, runtime)
   # Only the chief evaluates: other workers neither read nor fetch the test split.
-  splits = data.load(config, builder, with_train=source is None, with_test=runtime.is_chief)
-  return splits, source, steps_per_epoch, total_steps
+  splits = data.load(config, plan.builder, with_train=plan.mode == "in_memory",
+                     with_test=runtime.is_chief)
+  return plan, splits
 
 
 def _train(run: _Run) -> dict:
@@ -211,14 +195,7 @@ def _train(run: _Run) -> dict:
 
 def _train_input(run: _Run, start_step: int):
   """The input function of the run's mode; both continue exactly at start_step."""
-  config = run.config
-  if run.source is not None:
-    return stream.train_dataset_fn(run.source, config.global_batch_size, config.seed,
-                                   config.shuffle_buffer, start_step=start_step,
-                                   total_steps=run.total_steps)
-  return data.train_dataset_fn(run.splits.train_images, run.splits.train_labels,
-                               config.global_batch_size, config.seed, start_step=start_step,
-                               total_steps=run.total_steps)
+  return data.train_input(run.plan, run.splits, run.config, start_step)
 
 
 def _eval_schedule(config: config_lib.Config) -> actions_lib.Every:

@@ -1,6 +1,5 @@
 """--dataset=image_folder:DIR: JPEG/PNG images, one folder per class, prepared as TFDS records."""
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -11,8 +10,9 @@ import shutil
 import tempfile
 
 from trainer import config
-from trainer import data
 from trainer import errors
+from trainer.data import files as files_lib
+from trainer.data import image_scan
 
 PREFIX = "image_folder:"
 # The prepared dataset's TFDS name and version; the folder, not the version, tells datasets apart.
@@ -20,7 +20,6 @@ NAME = "image_folder"
 VERSION = "1.0.0"
 # Part of the preparation key: a change in how folders are prepared re-prepares every folder.
 FORMAT = 1
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Written last into a prepared dataset's directory; holds the source DIR.
 PREPARED_MARKER = ".prepared-from"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,14 +43,14 @@ def prepare(dataset: str, data_dir: str, image_size: int = 0, eval_fraction: flo
   key = _key(source, files, image_size, eval_fraction)
   root = os.path.join(data_dir, NAME)
   target = os.path.join(root, key)
-  if data.has_marker(target, PREPARED_MARKER, source):
+  if files_lib.has_marker(target, PREPARED_MARKER, source):
     # Complete (the marker is written last and the folder renamed into place, never replaced
     # once marked): read it without the lock, so a read-only data_dir works.
     return _read_builder(target)
-  data.check_writable(data_dir)
+  files_lib.check_writable(data_dir)
   os.makedirs(root, exist_ok=True)
-  with data._lock(root, key):  # pylint: disable=protected-access
-    if not data.has_marker(target, PREPARED_MARKER, source):
+  with files_lib.lock(root, key):
+    if not files_lib.has_marker(target, PREPARED_MARKER, source):
       _prepare_into(source, files, target, image_size, eval_fraction, num_shards)
   return _read_builder(target)
 
@@ -71,15 +70,6 @@ def source_dir(dataset: str) -> str:
   if storage.is_gcs(path):
     return path.rstrip("/")
   return os.path.abspath(os.path.expanduser(path))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Image:
-  """One image file of the folder."""
-
-  rel: str  # path under DIR with "/" separators: CLASS/FILE or SPLIT/CLASS/FILE
-  label: int
-  split: str  # "train" or "test"
 
 
 # ---------------------------------------------------------------- preparation key
@@ -186,12 +176,12 @@ def _prepare_into(source: str, files: tuple, target: str, image_size: int,
   """Writes the prepared dataset to target; the caller holds the lock on it."""
   parent, key = os.path.split(target)
   partial_prefix = f".{key}.partial-"
-  data._remove_partials(parent, partial_prefix)  # pylint: disable=protected-access
+  files_lib.remove_partials(parent, partial_prefix)
   partial = tempfile.mkdtemp(dir=parent, prefix=partial_prefix)
   try:
     local = _local_copy(source, files, partial)
     try:
-      class_names, images = scan(local, eval_fraction)
+      class_names, images = image_scan.scan(local, eval_fraction)
       shape = _common_shape(local, images, image_size)
       logging.info("Preparing %s: %d images of %d classes as %dx%dx%d into %s", source,
                    len(images), len(class_names), *shape, target)
@@ -207,7 +197,7 @@ def _prepare_into(source: str, files: tuple, target: str, image_size: int,
       shutil.rmtree(os.path.join(partial, leftover), ignore_errors=True)
     with open(os.path.join(partial, PREPARED_MARKER), "w") as f:
       f.write(source)
-    data._replace_dir(partial, target, partial_prefix)  # pylint: disable=protected-access
+    files_lib.replace_dir(partial, target, partial_prefix)
   finally:
     shutil.rmtree(partial, ignore_errors=True)  # only after a failure: the rename moved it
   logging.info("Prepared %s into %s", source, target)
@@ -227,113 +217,6 @@ def _local_copy(source: str, files: tuple, partial: str) -> str:
         f"--dataset=image_folder:{source} changed while it was being copied: run again once "
         "nothing writes to it.")
   return local
-
-
-def scan(root: str, eval_fraction: float) -> tuple:
-  """(class names, [_Image]) of the local folder root; DataError for anything that is not
-  one sub-folder of images per class (a file is never skipped without a word).
-
-  With train/ and test/ sub-folders, those are the splits; otherwise the test split is the
-  images whose relative path hashes below eval_fraction, the same ones every run.
-  """
-  folders = _subfolders(root)
-  if {"train", "test"} <= set(folders):
-    extra = sorted(set(folders) - {"train", "test"})
-    if extra:
-      raise errors.DataError(
-          f"{root} has train/ and test/ sub-folders and also {', '.join(extra)}: with train/ "
-          "and test/, every class folder goes inside both; move or remove the others.")
-    train = _class_images(os.path.join(root, "train"), "train/")
-    test = _class_images(os.path.join(root, "test"), "test/")
-    class_names = sorted(train)
-    _check_classes(os.path.join(root, "train"), class_names)
-    unknown = sorted(set(test) - set(train))
-    if unknown:
-      raise errors.DataError(
-          f"{root}/test has class folder(s) {', '.join(unknown)} that {root}/train lacks: "
-          "every test class needs training images; add them or remove those folders.")
-    labels = {name: i for i, name in enumerate(class_names)}
-    images = [_Image(rel, labels[name], split)
-              for split, by_class in (("train", train), ("test", test))
-              for name, rels in sorted(by_class.items()) for rel in rels]
-  else:
-    by_class = _class_images(root, "")
-    class_names = sorted(by_class)
-    _check_classes(root, class_names)
-    images = [_Image(rel, i, _split_of(rel, eval_fraction))
-              for i, name in enumerate(class_names) for rel in by_class[name]]
-  _check_splits(root, images, eval_fraction)
-  return class_names, images
-
-
-def _subfolders(directory: str) -> list:
-  return sorted(n for n in os.listdir(directory)
-                if not n.startswith(".") and os.path.isdir(os.path.join(directory, n)))
-
-
-def _class_images(directory: str, rel_prefix: str) -> dict:
-  """{class folder name: [relative paths of its images]}; DataError for an empty class folder,
-  a nested folder, a non-image file, or an image outside any class folder."""
-  by_class = {}
-  for name in sorted(os.listdir(directory)):
-    path = os.path.join(directory, name)
-    if name.startswith("."):
-      continue  # hidden (.DS_Store, .ipynb_checkpoints): not data
-    if os.path.isdir(path):
-      by_class[name] = _images_in(path, f"{rel_prefix}{name}/")
-    elif name.lower().endswith(IMAGE_SUFFIXES):
-      raise errors.DataError(
-          f"Image {path} is not inside a class folder: move it into {directory}/CLASS_NAME/.")
-    else:
-      logging.warning("Ignoring %s: only the sub-folders of %s hold data.", path, directory)
-  return by_class
-
-
-def _images_in(folder: str, rel_prefix: str) -> list:
-  rels = []
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if name.startswith("."):
-      continue  # hidden files (.DS_Store, editors' backups) are not data
-    if os.path.isdir(path):
-      raise errors.DataError(
-          f"{path} is a folder inside the class folder {folder}: classes are one level deep; "
-          "move its images up into the class folder or remove it.")
-    if not name.lower().endswith(IMAGE_SUFFIXES):
-      raise errors.DataError(
-          f"{path} is not a JPEG or PNG file (.jpg, .jpeg, .png): convert it or remove it.")
-    rels.append(rel_prefix + name)
-  if not rels:
-    raise errors.DataError(
-        f"Class folder {folder} holds no images: add JPEG/PNG images to it or remove it.")
-  return rels
-
-
-def _check_classes(directory: str, class_names: list) -> None:
-  if not class_names:
-    raise errors.DataError(
-        f"{directory} has no class folders: put one sub-folder of JPEG/PNG images per class in "
-        "it (e.g. DIR/cat/1.jpg, DIR/dog/2.jpg).")
-  if len(class_names) == 1:
-    raise errors.DataError(
-        f"{directory} has only one class folder ({class_names[0]}): a classifier needs at least "
-        "two; add a sub-folder of images for each other class.")
-
-
-def _split_of(rel: str, eval_fraction: float) -> str:
-  """test for the fraction of paths whose hash falls below eval_fraction: independent of the
-  listing order and of the other files, so adding images never moves existing ones."""
-  digest = hashlib.sha256(rel.encode()).digest()
-  return "test" if int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction else "train"
-
-
-def _check_splits(root: str, images: list, eval_fraction: float) -> None:
-  for split in ("train", "test"):
-    if not any(image.split == split for image in images):
-      raise errors.DataError(
-          f"{root}: none of its {len(images)} images falls in the {split} split "
-          f"(--eval_fraction={eval_fraction}): add images, change --eval_fraction, or give DIR "
-          "train/ and test/ sub-folders.")
 
 
 def _common_shape(root: str, images: list, image_size: int) -> tuple:

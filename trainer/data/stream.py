@@ -14,7 +14,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from trainer import data
+from trainer.data import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,20 +44,30 @@ class RecordSource:
 
 
 def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
-                     shuffle_buffer: int, start_step: int = 0, total_steps: int = 0):
+                     shuffle_buffer: int, start_step: int = 0, total_steps: int = 0,
+                     epoch_plan: "EpochPlan | None" = None):
   """The input function (InputContext -> dataset) of stream mode, for distribute.input_iterator.
 
   Epoch e of pipeline p reads p's files in an order drawn from (seed, e), shuffles within a
   buffer seeded by (seed, e, p), pads to the epoch's fixed length and batches. The order is a
   function of (seed, step) alone, so a resumed run skips to its step and continues exactly as
   an uninterrupted run would (the skipped records are read again, not trained on).
+
+  epoch_plan is the plan the run's step count was computed from (trainer/data/input_plan.py);
+  the pipelines tf.distribute builds must be the ones it was made for. Without it, the plan is
+  made from the InputContext.
   """
 
   def dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     per_replica = ctx.get_per_replica_batch_size(global_batch_size)
     local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     per_pipeline = per_replica * local_replicas
-    plan = plan_epoch(source.counts, ctx.num_input_pipelines, per_pipeline)
+    plan = epoch_plan or plan_epoch(source.counts, ctx.num_input_pipelines, per_pipeline)
+    if (plan.num_pipelines, plan.batch) != (ctx.num_input_pipelines, per_pipeline):
+      # A bug, not bad input: the step count would not be the one every pipeline yields.
+      raise RuntimeError(
+          f"Stream mode planned {plan.num_pipelines} input pipelines of {plan.batch} examples "
+          f"a step, but tf.distribute builds {ctx.num_input_pipelines} of {per_pipeline}.")
     start_epoch, offset = divmod(start_step, plan.steps)
     end_epoch = max(start_epoch + 1, -(-max(total_steps, 1) // plan.steps))
     epochs = [_epoch(source, plan, ctx.input_pipeline_id, seed, epoch, shuffle_buffer)
@@ -70,10 +80,10 @@ def train_dataset_fn(source: RecordSource, global_batch_size: int, seed: int,
         real=plan.examples[ctx.input_pipeline_id])
     # Skipped batches (a resumed run) are read but never decoded.
     ds = ds.batch(per_replica, drop_remainder=True).enumerate().skip(offset * local_replicas)
-    decode = data.no_autograph(
+    decode = pipeline.no_autograph(
         lambda index, records: _decoded(source, records, weights(index), per_replica))
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = data.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
+    ds = pipeline.without_autotune_thread(ds.prefetch(tf.data.AUTOTUNE))
     return _on_one_thread(ds) if source.decoded else ds
 
   return dataset_fn
