@@ -18,8 +18,8 @@ setuptools.setup(
         # TF 2.21 no longer pulls it in; tf.summary needs it.
         "tensorboard>=2.20,<3",
         "numpy>=1.26,<3",
-        # TensorFlow 2.21 accepts ml_dtypes >=0.5.1,<1; importing 0.7.0's extension took 0.7-0.9 s
-        # here against 0.01 s for 0.5.1-0.6.0, on every run's start-up (bench/README.md).
+        # TensorFlow accepts ml_dtypes >=0.5.1,<1; 0.7's extension alone makes every run's
+        # start-up most of a second longer (bench/README.md, "ml_dtypes < 0.7").
         "ml_dtypes>=0.5.1,<0.7",
         # Reports the tuning metric inside Vertex AI hyperparameter-tuning trials.
         "cloudml-hypertune>=0.1.0.dev6",
@@ -54,5 +54,13 @@ setuptools.setup(
             "PyYAML>=6,<7",
         ],
         "vertex": ["google-cloud-aiplatform>=2.7,<3"],
+    },
+    # Each runs its module as `python -m` does (trainer/cli.py): same flags, help and exit codes.
+    entry_points={
+        "console_scripts": [
+            "mnist-train = trainer.cli:train",  # python -m trainer.task
+            "mnist-predict = trainer.cli:predict",  # python -m trainer.predict
+            "mnist-launch = trainer.cli:launch",  # python -m trainer.launcher
+        ],
     },
 )

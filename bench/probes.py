@@ -116,7 +116,7 @@ def keras_throughput() -> dict:
   from trainer import model as model_lib
   splits = data.load(_config())
   keras.utils.set_random_seed(FLAGS.seed)
-  model = model_lib.build_model(_config(**SAME_MODEL), splits.image_shape, splits.num_classes)
+  model = model_lib.build_model(_config(**SAME_MODEL).model, splits.image_shape, splits.num_classes)
   model.compile(optimizer=keras.optimizers.Adam(1e-3),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   n = FLAGS.steps * BATCH
@@ -134,13 +134,13 @@ def pipeline() -> dict:
   from trainer import data
   from trainer.data import stream
   config = _config()
-  batch, n = config.global_batch_size, FLAGS.batches
+  batch, n = config.training.global_batch_size, FLAGS.batches
   if FLAGS.mode == "stream":
-    builder = data.prepare(config.dataset, config.data_dir)
+    builder = data.prepare(config.data.dataset, config.data.data_dir)
     # As in training: the run reads its files whole, so they are decoded once, up front.
     source = data.record_source(builder, examples_read=(n + 250) * batch)
     fn = stream.train_dataset_fn(source, batch, seed=1,
-                                 shuffle_buffer=config.shuffle_buffer, total_steps=n + 200)
+                                 shuffle_buffer=config.data.shuffle_buffer, total_steps=n + 200)
   else:
     splits = data.load(config)
     fn = data.train_dataset_fn(splits.train_images, splits.train_labels, batch, seed=1,
@@ -168,7 +168,7 @@ def hardware() -> dict:
   from bench import flops
   from trainer import model as model_lib
   from trainer import step
-  model = model_lib.build_model(_config(), (28, 28, 1), 10)
+  model = model_lib.build_model(_config().model, (28, 28, 1), 10)
   out = {"default_model": flops.model_flops(model)}
   dtypes = [("", tf.float32)]
   if step.cpu_computes_bfloat16():

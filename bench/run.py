@@ -639,8 +639,10 @@ def run_all(row_names, s: Settings, cache_dir: str, quiet_wait_s: float, only=()
 def run_undisturbed(job: Job, b) -> dict:
   """The job's record; measured again (up to MEASUREMENT_TRIES in all) while other processes
   took more than DISTURBED_SHARE of the CPU during it. The record says how many tries it took
-  and, when every try was disturbed, `disturbed`; preparation is never repeated."""
-  tries = 1 if job.group.startswith("prepare") else MEASUREMENT_TRIES
+  and, when every try was disturbed, `disturbed`; preparation and --quick runs are never
+  repeated."""
+  quick = b is not None and b.s.quick  # a smoke run: its rows say DISTURBED, no repeats
+  tries = 1 if quick or job.group.startswith("prepare") else MEASUREMENT_TRIES
   for attempt in range(1, tries + 1):
     try:
       record = job.run(b)

@@ -1,6 +1,5 @@
 """Checks on the trainer arguments that operators pass through the deploy tools."""
 
-import dataclasses
 from typing import Optional, Sequence
 
 
@@ -39,4 +38,4 @@ def reject(args: Sequence[str], names: Sequence[str], why: str) -> None:
 def trainer_default(name: str):
   """The trainer's default for a flag, from its Config dataclass (the flags' single source)."""
   from trainer import config  # Lazy: only the checks that need a default pay for the import.
-  return {f.name: f.default for f in dataclasses.fields(config.Config)}[name]
+  return config.default(name)

@@ -26,9 +26,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from deploy import option_flags
+from trainer import options as option_flags
 from deploy import trainer_args
-from deploy.option_flags import option
+from deploy.defaults import DEFAULT_MAX_JOB_RESTARTS  # vertex.DEFAULT_MAX_JOB_RESTARTS too
+from trainer.options import option
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 # setup.py's project name as setuptools spells it in sdist file names.
@@ -46,8 +47,6 @@ STRATEGY_OF = {"one_gpu": "one_device", "multi_gpu": "mirrored",
                "multi_worker": "multi_worker_mirrored", "hp_tuning": "one_device"}
 HP_METRIC = "test_accuracy"
 TUNED_FLAGS = ("learning_rate", "global_batch_size")
-# The trainer's --max_job_restarts: starts of the chief without a finished run, then exit 7.
-DEFAULT_MAX_JOB_RESTARTS = 5
 # Artifact Registry's multi-regions (https://cloud.google.com/artifact-registry/docs/repositories/
 # repo-locations); Vertex AI publishes its prebuilt images in us-, europe- and asia-docker.pkg.dev.
 MULTI_REGIONS = ("us", "europe", "asia")
@@ -117,7 +116,7 @@ class SpecError(ValueError):
 class Options:
   """Everything a job spec depends on; built from flags (or directly by tests).
 
-  Each field is also a command-line flag with the help text given here (deploy/option_flags.py).
+  Each field is also a command-line flag with the help text given here (trainer/options.py).
   """
 
   output_dir: str = option(help="gs:// prefix; each job writes under OUTPUT_DIR/<job>.")

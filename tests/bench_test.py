@@ -63,7 +63,7 @@ def test_default_model_flops():
   pytest.importorskip("keras")
   from trainer import config as config_lib
   from trainer import model as model_lib
-  model = model_lib.build_model(config_lib.Config(epochs=1), (28, 28, 1), 10)
+  model = model_lib.build_model(config_lib.Config(epochs=1).model, (28, 28, 1), 10)
   # 2x2 fold to 14x14x4, conv 3x3 same to 32 then 48 (14x14), pool to 7x7x48, dense 128.
   expected = (2 * 14 * 14 * 9 * 4 * 32 + 2 * 14 * 14 * 9 * 32 * 48 + 2 * 7 * 7 * 48 * 128
               + 2 * 128 * 10)
@@ -77,7 +77,8 @@ def test_same_model_is_the_keras_io_convnet():
   assert probes.model_flags(probes.SAME_MODEL)[:2] == ["--model_widths=32,64",
                                                        "--kernel_sizes=3,3"]
   assert "--batch_norm=false" in probes.model_flags(probes.SAME_MODEL)
-  ours = model_lib.build_model(config_lib.Config(epochs=1, **probes.SAME_MODEL), (28, 28, 1), 10)
+  ours = model_lib.build_model(config_lib.Config(epochs=1, **probes.SAME_MODEL).model,
+                              (28, 28, 1), 10)
   reference = probes.keras_io_model()
   assert ours.count_params() == reference.count_params() == 34_826
   assert flops.model_flops(ours)["forward"] == flops.model_flops(reference)["forward"]
@@ -417,7 +418,9 @@ def test_quick_bench_end_to_end(tmp_path):
   assert all("ETA" in l for l in progress)
   text = (tmp_path / "results.md").read_text()
   row = next(l for l in text.splitlines() if l.startswith("| fixed_cost_s |"))
-  assert ("| PASS |" in row or "| FAIL |" in row) and "of the default run's" in row, text
+  # DISTURBED when other processes (a neighbouring test) took the CPU while it measured.
+  assert any(f"| {status} |" in row for status in ("PASS", "FAIL", "DISTURBED")), text
+  assert "of the default run's" in row, text
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["metrics"]["fixed_cost_s"]["value"] > 0
 

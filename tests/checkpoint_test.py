@@ -38,7 +38,7 @@ def run_40(trained_40, tmp_path):
 
 
 def _ckpt_dir(config):
-  return os.path.join(config.model_dir, "checkpoints")
+  return os.path.join(config.outputs.model_dir, "checkpoints")
 
 
 def _digests(directory):
@@ -182,7 +182,7 @@ def test_max_job_restarts_stops_a_run_that_never_finishes(tiny):
     train.train_and_evaluate(config)
   assert raised.value.exit_code == errors.EXIT_RESTARTS_EXHAUSTED == 7
   assert "--max_job_restarts=1" in str(raised.value)
-  starts_file = os.path.join(config.model_dir, "checkpoints", restarts.FILE_NAME)
+  starts_file = os.path.join(config.outputs.model_dir, "checkpoints", restarts.FILE_NAME)
   assert len(json.load(open(starts_file))["starts"]) == 2
   # A finished run starts the count afresh.
   train.train_and_evaluate(config.replace(inject_nan_at_step=0, max_job_restarts=5))

@@ -10,7 +10,7 @@ from trainer import errors
 
 def test_defaults_are_valid():
   c = config_lib.Config(epochs=2)
-  assert c.dataset == "mnist" and c.strategy == "auto"
+  assert c.data.dataset == "mnist" and c.runtime.strategy == "auto"
 
 
 def test_config_is_frozen():
@@ -53,14 +53,14 @@ def test_steps_or_epochs_required():
 
 
 def test_resolve_steps():
-  assert config_lib.resolve_steps(config_lib.Config(epochs=2), 469) == 938
-  assert config_lib.resolve_steps(config_lib.Config(train_steps=7), 469) == 7
-  assert config_lib.resolve_steps(config_lib.Config(train_steps=938, epochs=2), 469) == 938
+  assert config_lib.resolve_steps(config_lib.Config(epochs=2).training, 469) == 938
+  assert config_lib.resolve_steps(config_lib.Config(train_steps=7).training, 469) == 7
+  assert config_lib.resolve_steps(config_lib.Config(train_steps=938, epochs=2).training, 469) == 938
   with pytest.raises(errors.ConfigError, match="contradicts --epochs=2 "):
-    config_lib.resolve_steps(config_lib.Config(train_steps=900, epochs=2), 469)
+    config_lib.resolve_steps(config_lib.Config(train_steps=900, epochs=2).training, 469)
   # Fractional epochs: a started step runs whole.
-  assert config_lib.resolve_steps(config_lib.Config(epochs=1.5), 235) == 353
-  assert config_lib.resolve_steps(config_lib.Config(epochs=0.5), 470) == 235
+  assert config_lib.resolve_steps(config_lib.Config(epochs=1.5).training, 235) == 353
+  assert config_lib.resolve_steps(config_lib.Config(epochs=0.5).training, 470) == 235
   with pytest.raises(errors.ConfigError, match="--epochs must be at most"):
     config_lib.Config(epochs=1e300)
 
@@ -82,7 +82,7 @@ def _parse(argv):
     (["--mixed_precision", "--precision=mixed"], "mixed"),
 ])
 def test_precision_flag_and_its_old_spelling(argv, expected):
-  assert config_lib.config_from_flags(_parse(argv), environ={}).precision == expected
+  assert config_lib.config_from_flags(_parse(argv), environ={}).training.precision == expected
 
 
 @pytest.mark.parametrize("argv", [["--mixed_precision", "--precision=float32"],
@@ -95,23 +95,23 @@ def test_old_precision_flag_contradicting_the_new_one_is_an_error(argv):
 def test_config_from_flags_and_env():
   c = config_lib.config_from_flags(_parse(["--model_widths=4,8", "--train_steps=5"]),
                                    environ={"AIP_MODEL_DIR": "gs://b/model"})
-  assert c.model_widths == (4, 8) and c.train_steps == 5 and c.epochs is None
-  assert c.model_dir == "gs://b/model"
+  assert c.model.model_widths == (4, 8) and c.training.train_steps == 5 and c.training.epochs is None
+  assert c.outputs.model_dir == "gs://b/model"
   c2 = config_lib.config_from_flags(_parse(["--model_dir=/tmp/x"]),
                                     environ={"AIP_MODEL_DIR": "gs://b/model"})
-  assert c2.model_dir == "/tmp/x", "an explicit flag wins over the environment"
-  assert c2.epochs == 1.0, "the default recipe: one epoch"
+  assert c2.outputs.model_dir == "/tmp/x", "an explicit flag wins over the environment"
+  assert c2.training.epochs == 1.0, "the default recipe: one epoch"
 
 
 def test_kernel_and_pool_sizes_follow_model_widths_unless_given():
   deeper = config_lib.config_from_flags(_parse(["--model_widths=8,16,32"]), environ={})
-  assert deeper.kernel_sizes == (3, 3, 3), "extra blocks reuse the last default kernel size"
-  assert deeper.pool_sizes == (1, 2, 2)
+  assert deeper.model.kernel_sizes == (3, 3, 3), "extra blocks reuse the last default kernel size"
+  assert deeper.model.pool_sizes == (1, 2, 2)
   one = config_lib.config_from_flags(_parse(["--model_widths=8"]), environ={})
-  assert (one.kernel_sizes, one.pool_sizes) == ((3,), (1,))
+  assert (one.model.kernel_sizes, one.model.pool_sizes) == ((3,), (1,))
   given = config_lib.config_from_flags(_parse(["--model_widths=8,16", "--pool_sizes=1,2"]),
                                        environ={})
-  assert given.pool_sizes == (1, 2)
+  assert given.model.pool_sizes == (1, 2)
   with pytest.raises(errors.ConfigError, match="--pool_sizes"):
     config_lib.config_from_flags(_parse(["--model_widths=8,16,32", "--pool_sizes=1,2"]),
                                  environ={})
@@ -131,9 +131,9 @@ def test_test_hooks_are_not_flags_but_environment_variables():
   config_lib.define_flags(values)
   values(["prog", "--epochs=1"])
   assert "inject_nan_at_step" not in values
-  assert config_lib.config_from_flags(values, environ={}).inject_nan_at_step == 0
+  assert config_lib.config_from_flags(values, environ={}).training.inject_nan_at_step == 0
   hooked = config_lib.config_from_flags(values, environ={"TRAINER_INJECT_NAN_AT_STEP": "7"})
-  assert hooked.inject_nan_at_step == 7
+  assert hooked.training.inject_nan_at_step == 7
   with pytest.raises(errors.ConfigError, match="TRAINER_INJECT_NAN_AT_STEP"):
     config_lib.config_from_flags(values, environ={"TRAINER_INJECT_NAN_AT_STEP": "x"})
 

@@ -10,7 +10,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# As the entry points do before TensorFlow loads (oneDNN on, INFO chatter off), so in-process
+# tests run the kernels a real run does.
+from trainer import startup  # noqa: E402  (after ROOT, before anything imports TensorFlow)
+startup.set_tensorflow_environment()
 
 
 @pytest.fixture(scope="session")

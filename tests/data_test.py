@@ -559,3 +559,54 @@ def test_a_preparation_keeps_no_downloads(tfds_dir):
   downloads = os.path.join(tfds_dir, "downloads")
   assert not os.path.exists(downloads) or os.listdir(downloads) == [], os.listdir(downloads)
   assert os.listdir(os.path.join(tfds_dir, "mnist")) == ["3.0.1"]
+
+
+def test_mnist_prepared_with_images_encoded_in_bulk_equals_tfds_own(tmp_path):
+  """First contact's lever: our MNIST builder hands TFDS PNGs encoded in one tf.data pass. Its
+  records hold the same examples, in the same order, with the same PNG bytes as TFDS's own
+  builder writes, and the same metadata (small IDX files; the split sizes patched as the
+  synthetic fixture does). Serialized bytes may differ in the order of an Example's features,
+  which protobuf leaves open."""
+  import json
+  import numpy as np
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.image_classification import mnist as tfds_mnist
+  from conftest import _write_idx
+  from trainer.data import mnist
+  rng = np.random.default_rng(1)
+  source = tmp_path / "idx"
+  source.mkdir()
+  for prefix, count in (("train", 60), ("t10k", 20)):
+    _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", 0x0803,
+               rng.integers(0, 256, size=(count, 28, 28), dtype="uint8"))
+    _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 0x0801,
+               rng.integers(0, 10, size=count, dtype="uint8"))
+  canonical = tfds_mnist._TRAIN_EXAMPLES, tfds_mnist._TEST_EXAMPLES
+  tfds_mnist._TRAIN_EXAMPLES, tfds_mnist._TEST_EXAMPLES = 60, 20
+  try:
+    builders = {"tfds": data.tfds_builder("mnist", str(tmp_path / "tfds")),
+                "ours": mnist.tfds_builder(str(tmp_path / "ours"))}
+    for builder in builders.values():
+      builder.URL = str(source) + "/"
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=2))
+  finally:
+    tfds_mnist._TRAIN_EXAMPLES, tfds_mnist._TEST_EXAMPLES = canonical
+  dirs = {k: os.path.join(str(tmp_path / k), "mnist", "3.0.1") for k in builders}
+  names = sorted(f for f in os.listdir(dirs["tfds"]) if ".tfrecord" in f)
+  assert len(names) == 4 and names == sorted(f for f in os.listdir(dirs["ours"])
+                                             if ".tfrecord" in f)
+
+  def examples(path):
+    out = []
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      feature = tf.train.Example.FromString(record).features.feature
+      out.append((feature["image"].bytes_list.value[0], feature["label"].int64_list.value[0]))
+    return out
+
+  for name in names:
+    theirs, ours = (examples(os.path.join(dirs[k], name)) for k in ("tfds", "ours"))
+    assert theirs and ours == theirs, name
+  info = {k: json.load(open(os.path.join(d, "dataset_info.json"))) for k, d in dirs.items()}
+  assert info["ours"] == info["tfds"]
+  assert tfds.builder_from_directory(dirs["ours"]).info.splits["train"].num_examples == 60

@@ -114,9 +114,9 @@ def test_the_trainer_parses_the_rendered_arguments():
   config.define_flags(flag_values)
   flag_values(["trainer", *container(replicas(job)["Worker"])["args"]])
   parsed = config.config_from_flags(flag_values, environ={})
-  assert parsed.max_job_restarts == 4
-  assert parsed.model_dir == MODEL_DIR
-  assert parsed.strategy == "multi_worker_mirrored"
+  assert parsed.runtime.max_job_restarts == 4
+  assert parsed.outputs.model_dir == MODEL_DIR
+  assert parsed.runtime.strategy == "multi_worker_mirrored"
 
 
 def test_gang_scheduling_waits_for_every_worker():

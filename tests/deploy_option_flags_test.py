@@ -6,7 +6,7 @@ import pytest
 from absl import flags
 
 from deploy import k8s
-from deploy import option_flags
+from trainer import options as option_flags
 from deploy import vertex
 
 PLATFORMS = [

@@ -533,8 +533,8 @@ def test_the_trainer_parses_every_rendered_argument_list(kind):
   config.define_flags(flag_values)
   flag_values(["trainer", *args])
   parsed = config.config_from_flags(flag_values, environ={"AIP_MODEL_DIR": f"{OUTPUT_DIR}/m"})
-  assert parsed.max_job_restarts == 3
-  assert parsed.strategy == vertex.STRATEGY_OF[kind]
+  assert parsed.runtime.max_job_restarts == 3
+  assert parsed.runtime.strategy == vertex.STRATEGY_OF[kind]
 
 
 def test_package_version_comes_from_setup_py():
@@ -605,9 +605,9 @@ def test_the_trainer_runs_pool_3_as_the_evaluator():
   parsed = config.config_from_flags(flag_values, environ=environ)
   info = cluster.parse_cluster(environ)
   assert info.is_evaluator and info.num_workers == 2
-  cluster.check_strategy(parsed.strategy, info, parsed.num_cpu_devices)
+  cluster.check_strategy(parsed.runtime.strategy, info, parsed.runtime.num_cpu_devices)
   task.check_evaluator_finds_checkpoints(flag_values, environ)  # AIP_* name the dirs
-  assert parsed.checkpoint_dir == f"{OUTPUT_DIR}/multi_worker/checkpoints/"
+  assert parsed.outputs.checkpoint_dir == f"{OUTPUT_DIR}/multi_worker/checkpoints/"
 
 
 def test_evaluator_only_fits_the_multi_worker_job():

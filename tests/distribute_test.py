@@ -195,7 +195,7 @@ def test_multi_worker_strategy_gets_the_communication_options():
       "from trainer import config\nfrom trainer.runtime import cluster, distribute\n"
       "c = config.Config(epochs=1, bytes_per_pack=4096, collective_timeout_s=30.0)\n"
       "s = distribute._multi_worker(cluster.ClusterInfo(), distribute.communication_options(\n"
-      "    c, distribute.choose_collective(c.collective_implementation, 0)))\n"
+      "    c, distribute.choose_collective(c.runtime.collective_implementation, 0)))\n"
       "o = s.extended._communication_options\n"
       "print('options', o.implementation.value, o.bytes_per_pack, o.timeout_seconds)\n"
       "print('sum', float(s.reduce('SUM', s.run(lambda: tf.constant(2.0)), axis=None)))\n")

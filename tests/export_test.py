@@ -113,7 +113,7 @@ def test_trained_export_classifies_digits_in_every_loader(tiny, tmp_path):
   config = tiny(train_steps=150, global_batch_size=64, train_examples=9600, model_widths=(32, 48),
                 steps_per_loop=25, log_every_steps=50, checkpoint_every_steps=150)
   train.train_and_evaluate(config)
-  export_dir = os.path.join(config.model_dir, "export")
+  export_dir = os.path.join(config.outputs.model_dir, "export")
   splits = data.load(config, with_train=False)
   images = splits.test_images[:KNOWN_DIGITS]
   labels = splits.test_labels[:KNOWN_DIGITS]

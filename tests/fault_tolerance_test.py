@@ -143,7 +143,7 @@ def test_nan_stops_both_workers_at_the_same_step(tmp_path, tfds_dir):
 def test_corrupt_newest_checkpoint_falls_back(tiny, caplog):
   config = tiny(train_steps=20, checkpoint_every_steps=10, export=False)
   train.train_and_evaluate(config)
-  ckpt_dir = os.path.join(config.model_dir, "checkpoints")
+  ckpt_dir = os.path.join(config.outputs.model_dir, "checkpoints")
   data_file = os.path.join(ckpt_dir, "ckpt-20.data-00000-of-00001")
   with open(data_file, "r+b") as f:  # flip bytes in the middle of the newest checkpoint
     f.seek(os.path.getsize(data_file) // 2)
@@ -159,7 +159,7 @@ def test_corrupt_newest_checkpoint_falls_back(tiny, caplog):
 def test_torn_checkpoint_without_index_is_skipped(tiny, caplog):
   config = tiny(train_steps=20, checkpoint_every_steps=10, export=False)
   train.train_and_evaluate(config)
-  os.remove(os.path.join(config.model_dir, "checkpoints", "ckpt-20.index"))
+  os.remove(os.path.join(config.outputs.model_dir, "checkpoints", "ckpt-20.index"))
   with caplog.at_level("WARNING"):
     metrics = train.train_and_evaluate(config.replace(train_steps=30))
   assert metrics["start_step"] == 10

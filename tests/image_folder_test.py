@@ -320,7 +320,7 @@ def test_missing_and_empty_folders(tmp_path):
 def test_flags(tmp_path):
   config = config_lib.Config(epochs=1, dataset="image_folder:/x", image_size=28,
                              eval_fraction=0.2)
-  assert config.image_size == 28
+  assert config.data.image_size == 28
   for bad, match in (({"eval_fraction": 0.0}, "--eval_fraction must be in"),
                      ({"eval_fraction": 1.0}, "--eval_fraction must be in"),
                      ({"image_size": -1}, r"--image_size must be in \[0, 1024\]"),
@@ -346,26 +346,26 @@ def test_trains_on_a_folder_and_predicts_names(tmp_path, input_mode):
       steps_per_loop=10, model_widths=(8, 16), learning_rate=0.02, num_shards=2)
   metrics = train.train_and_evaluate(config)
   assert metrics["test_accuracy"] >= 0.9, metrics  # chance is 1/3
-  export = os.path.join(config.model_dir, "export")
+  export = os.path.join(config.outputs.model_dir, "export")
   with open(os.path.join(export, "class_names.json")) as f:
     assert json.load(f) == ["blue", "green", "red"]
   if input_mode == "stream":
     return  # one predict subprocess is enough
   image = str(tmp_path / "query.jpg")
   _write(image, _image(np.random.default_rng(9), COLOURS["green"], (30, 30)))
-  result = run_module("trainer.predict", f"--model_dir={config.model_dir}", image, timeout=120)
+  result = run_module("trainer.predict", f"--model_dir={config.outputs.model_dir}", image, timeout=120)
   assert result.returncode == 0, result.stdout[-3000:]
   assert f"{image}\tclass 1 (green)\tp=" in result.stdout, result.stdout[-3000:]
 
   # A corrupt image added later: the changed folder is prepared again and the command line
   # exits 3 naming the file, before training, leaving the checkpoints as they were.
-  checkpoints = os.path.join(config.model_dir, "checkpoints")
+  checkpoints = os.path.join(config.outputs.model_dir, "checkpoints")
   before = {f: os.path.getmtime(os.path.join(checkpoints, f)) for f in os.listdir(checkpoints)}
   bad = os.path.join(folder, "blue", "broken.jpg")
   with open(bad, "wb") as f:
     f.write(b"\xff\xd8 not really a JPEG")
-  flags = [f"--model_dir={config.model_dir}", f"--data_dir={config.data_dir}",
-           f"--dataset={config.dataset}", "--image_size=16", "--eval_fraction=0.25",
+  flags = [f"--model_dir={config.outputs.model_dir}", f"--data_dir={config.data.data_dir}",
+           f"--dataset={config.data.dataset}", "--image_size=16", "--eval_fraction=0.25",
            "--train_steps=60", "--global_batch_size=16", "--model_widths=8,16"]
   result = run_module("trainer.task", *flags, timeout=120)
   assert result.returncode == errors.EXIT_DATA, result.stdout[-3000:]

@@ -241,7 +241,7 @@ def test_the_trainer_parses_the_jobset_containers_arguments():
   config.define_flags(flag_values)
   flag_values(["trainer", *c["args"]])
   parsed = config.config_from_flags(flag_values, environ={})
-  assert (parsed.max_job_restarts, parsed.model_dir, parsed.strategy, parsed.epochs) == (
+  assert (parsed.runtime.max_job_restarts, parsed.outputs.model_dir, parsed.runtime.strategy, parsed.training.epochs) == (
       3, MODEL_DIR, "multi_worker_mirrored", 1)
 
 

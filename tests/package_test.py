@@ -1,4 +1,5 @@
-"""The sdist (what Vertex AI python-package jobs run) installs in a clean venv and starts."""
+"""The sdist (what Vertex AI python-package jobs run) installs in a clean venv and starts, and so
+do its console scripts."""
 
 import os
 import re
@@ -27,7 +28,9 @@ def test_sdist_installs_and_runs(tmp_path):
     names = tar.getnames()
   assert any(n.endswith("trainer/task.py") for n in names)
   assert any(n.endswith("trainer/storage/__init__.py") for n in names)
-  assert not any("/tests/" in n or "/data/mnist" in n or n.endswith(".gz") for n in names), names
+  # Neither the tests nor the vendored MNIST (the top-level data/, not trainer/data/) ship.
+  top_level = [n.split("/", 1)[1] for n in names if "/" in n]
+  assert not any(n.startswith(("tests/", "data/")) or n.endswith(".gz") for n in top_level), names
 
   with zipfile.ZipFile(wheels[0]) as wheel:
     metadata = next(wheel.read(n).decode() for n in wheel.namelist()
@@ -63,3 +66,22 @@ def test_sdist_installs_and_runs(tmp_path):
   where = subprocess.run([python, "-c", "import trainer; print(trainer.__file__)"],
                          capture_output=True, text=True, cwd=str(tmp_path), env=env)
   assert str(env_dir) in where.stdout, "the installed package, not the checkout, was used"
+
+  # The console scripts run the modules as `python -m` does: the same help, the same exits.
+  with zipfile.ZipFile(wheels[0]) as wheel:
+    entry_points = next(wheel.read(n).decode() for n in wheel.namelist()
+                        if n.endswith(".dist-info/entry_points.txt"))
+  for script, module, flag in (("mnist-train", "trainer.task", "--global_batch_size"),
+                               ("mnist-predict", "trainer.predict", "--samples"),
+                               ("mnist-launch", "trainer.launcher", "--workers")):
+    assert f"{script} = trainer.cli:" in entry_points, entry_points
+    command = str(env_dir / "bin" / script)
+    helped = subprocess.run([command, "--helpfull"], capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path), env=env)
+    assert helped.returncode == 0 and flag in helped.stdout, helped.stdout[-2000:] + helped.stderr
+    as_module = subprocess.run([python, "-m", module, "--helpfull"], capture_output=True,
+                               text=True, timeout=300, cwd=str(tmp_path), env=env)
+    assert helped.stdout == as_module.stdout
+    bad = subprocess.run([command, "--no_such_flag=1"], capture_output=True, text=True,
+                         timeout=300, cwd=str(tmp_path), env=env)
+    assert bad.returncode == 2 and "no_such_flag" in bad.stderr, bad.stderr[-2000:]

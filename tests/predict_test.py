@@ -262,7 +262,7 @@ def test_gcs_export_damaged_after_publishing(untrained, gcs_env, digit, monkeypa
 def test_predict_cli(tiny):
   from trainer import train
   config = tiny(train_steps=40)
-  model_dir = config.model_dir
+  model_dir = config.outputs.model_dir
   train.train_and_evaluate(config)  # In-process: the training CLI has its own tests.
   result = run_module("trainer.predict", f"--model_dir={model_dir}", "--samples=8")
   assert result.returncode == 0, result.stdout[-3000:]

@@ -22,7 +22,7 @@ from trainer import errors
 def test_profile_range(overrides, expected):
   values = dict(train_steps=100)
   values.update(overrides)
-  assert config_lib.profile_range(config_lib.Config(**values)) == expected
+  assert config_lib.profile_range(config_lib.Config(**values).training) == expected
 
 
 @pytest.mark.parametrize("value, message", [
@@ -69,7 +69,7 @@ def test_trace_covers_exactly_the_profiled_steps(tiny):
   from trainer import train
   config = tiny(profile_steps="4,12", export=False)
   train.train_and_evaluate(config)
-  assert _chunks_traced(os.path.join(config.model_dir, "logs")) == [8, 10, 12]
+  assert _chunks_traced(os.path.join(config.outputs.model_dir, "logs")) == [8, 10, 12]
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_profile_past_a_run_set_in_epochs_is_an_error(tiny):
   config = tiny(train_steps=None, epochs=1, profile_steps="10,17")
   with pytest.raises(errors.ConfigError, match=r"END 17 is past the run's last step \(16\)"):
     train.train_and_evaluate(config)
-  assert not glob.glob(os.path.join(config.model_dir, "checkpoints", "ckpt-*"))
+  assert not glob.glob(os.path.join(config.outputs.model_dir, "checkpoints", "ckpt-*"))
 
 
 @pytest.mark.slow

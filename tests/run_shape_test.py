@@ -1,4 +1,4 @@
-"""A resumed run keeps what its order of examples depends on (issue 33, README "Resume
+"""A resumed run keeps what its order of examples depends on (issue 33, docs/data.md "Resume
 guarantee"): another global batch or input mode is refused; another worker count is not."""
 
 import json

@@ -195,7 +195,7 @@ def test_missing_record_file_exits_3_naming_it(tmp_path, tiny):
   with pytest.raises(errors.DataError, match=os.path.basename(victim)) as raised:
     train.train_and_evaluate(config)
   assert raised.value.exit_code == errors.EXIT_DATA
-  assert not os.path.exists(os.path.join(config.model_dir, "checkpoints"))
+  assert not os.path.exists(os.path.join(config.outputs.model_dir, "checkpoints"))
 
 
 def test_files_read_by_matches_the_plan():

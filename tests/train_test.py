@@ -24,7 +24,7 @@ def _checkpoint_files(model_dir):
 def test_train_evaluate_export(tiny):
   config = tiny()
   metrics = train.train_and_evaluate(config)
-  with open(os.path.join(config.model_dir, "metrics.json")) as f:
+  with open(os.path.join(config.outputs.model_dir, "metrics.json")) as f:
     written = json.load(f)
   nested = ("phase_seconds", "precision_segments")
   for key in nested:
@@ -35,18 +35,18 @@ def test_train_evaluate_export(tiny):
     assert key in written
   assert written["global_step"] == 20 and written["test_examples"] == 500
   assert written["test_accuracy"] > 0.3, "20 steps on MNIST beat chance (0.1) by far"
-  assert checkpoint_lib.complete_checkpoints(os.path.join(config.model_dir, "checkpoints"))[0].endswith(
+  assert checkpoint_lib.complete_checkpoints(os.path.join(config.outputs.model_dir, "checkpoints"))[0].endswith(
       "ckpt-20")
-  assert os.path.isfile(os.path.join(config.model_dir, "export", "saved_model.pb"))
-  assert tf.io.gfile.glob(os.path.join(config.model_dir, "logs", "train", "events.*"))
+  assert os.path.isfile(os.path.join(config.outputs.model_dir, "export", "saved_model.pb"))
+  assert tf.io.gfile.glob(os.path.join(config.outputs.model_dir, "logs", "train", "events.*"))
 
   # The export loads in a process that never imports trainer, and agrees with metrics.json.
   script = f"""
 import sys, numpy as np, tensorflow as tf, tensorflow_datasets as tfds
 assert "trainer" not in sys.modules
-m = tf.saved_model.load({os.path.join(config.model_dir, "export")!r})
+m = tf.saved_model.load({os.path.join(config.outputs.model_dir, "export")!r})
 f = m.signatures["serving_default"]
-ds = tfds.load("mnist", split="test[:500]", data_dir={config.data_dir!r}, batch_size=-1)
+ds = tfds.load("mnist", split="test[:500]", data_dir={config.data.data_dir!r}, batch_size=-1)
 x, y = tfds.as_numpy(ds)["image"], tfds.as_numpy(ds)["label"]
 out = f(images=tf.constant(x))
 assert out["probabilities"].dtype == tf.float32 and out["probabilities"].shape == (500, 10)
@@ -69,7 +69,7 @@ def test_space_to_depth_model_trains_and_exports(tiny):
                 eval_examples=200)
   metrics = train.train_and_evaluate(config)
   assert metrics["test_accuracy"] > 0.3
-  served = tf.saved_model.load(os.path.join(config.model_dir, "export"))
+  served = tf.saved_model.load(os.path.join(config.outputs.model_dir, "export"))
   from trainer import data
   splits = data.load(config)
   images = splits.test_images[:200]
@@ -102,7 +102,7 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tiny):
   config = tiny(train_steps=30, inject_nan_at_step=17)
   with pytest.raises(errors.DivergenceError, match="Loss became nan by step 20"):
     train.train_and_evaluate(config)
-  paths = checkpoint_lib.complete_checkpoints(os.path.join(config.model_dir, "checkpoints"))
+  paths = checkpoint_lib.complete_checkpoints(os.path.join(config.outputs.model_dir, "checkpoints"))
   assert paths[0].endswith("ckpt-10")
   reader = tf.train.load_checkpoint(paths[0])
   for name in reader.get_variable_to_shape_map():

@@ -27,7 +27,7 @@ _WORKER_TEMP_PREFIX = "trainer-worker-ckpt-"
 # checkpoint_dir/run_shape.json: what the order of examples of the run that wrote the
 # checkpoints depended on (see run_shape); a resumed run is held to it.
 SHAPE_FILE = "run_shape.json"
-# A resumed run with another value of one of these would replay or skip examples (README,
+# A resumed run with another value of one of these would replay or skip examples (docs/data.md,
 # "Resume guarantee"): refused. The worker and pipeline counts may change (a shrunken or
 # regrown cluster): in memory the order does not depend on them; in stream mode it does, and
 # the run goes on with a warning.
@@ -173,11 +173,11 @@ class CheckpointStore:
 def run_shape(config, num_workers: int, stream_pipelines: int = 0, record_files: int = 0) -> dict:
   """What the order of a run's examples depends on (data.train_dataset_fn, stream.plan_epoch):
   stream_pipelines and record_files are stream mode's (0: in memory)."""
-  shape = {"dataset": config.dataset, "input_mode": "stream" if stream_pipelines else "in_memory",
-           "global_batch_size": config.global_batch_size, "seed": config.seed,
-           "train_examples": config.train_examples, "num_workers": num_workers}
+  shape = {"dataset": config.data.dataset, "input_mode": "stream" if stream_pipelines else "in_memory",
+           "global_batch_size": config.training.global_batch_size, "seed": config.training.seed,
+           "train_examples": config.data.train_examples, "num_workers": num_workers}
   if stream_pipelines:
-    shape.update(shuffle_buffer=config.shuffle_buffer, input_pipelines=stream_pipelines,
+    shape.update(shuffle_buffer=config.data.shuffle_buffer, input_pipelines=stream_pipelines,
                  record_files=record_files)
   return shape
 

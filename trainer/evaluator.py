@@ -60,7 +60,7 @@ def run(config, environ=None) -> list:
 
 def _follow(config, paths, source, evaluator, stop: threading.Event) -> list:
   """The loop: evaluate the newest checkpoint, stop after the final one, time out otherwise."""
-  timeout = config.evaluator_timeout_s
+  timeout = config.runtime.evaluator_timeout_s
   poll = BUCKET_POLL_S if storage.is_gcs(paths.checkpoint_dir) else LOCAL_POLL_S
   last = None  # step of the last checkpoint evaluated by this process
   deadline = time.monotonic() + timeout
@@ -183,13 +183,13 @@ class _Evaluator:
 
   def __init__(self, config, paths):
     self._paths = paths
-    builder = data.prepare(config.dataset, config.data_dir, config.mnist_source_dir,
-                           config.num_shards, config.image_size, config.eval_fraction)
+    builder = data.prepare(config.data.dataset, config.data.data_dir, config.data.mnist_source_dir,
+                           config.data.num_shards, config.data.image_size, config.data.eval_fraction)
     splits = data.load(config, builder, with_train=False)
     self._eval_model = step_lib.EvalModel(config, splits)
     # The same model as the chief's, built once; each checkpoint's weights are restored into it.
     # This process keeps Keras' float32 policy (a mixed-precision run's variables are float32).
-    self._model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
+    self._model = model_lib.build_model(config.model, splits.image_shape, splits.num_classes)
     self._checkpoint = tf.train.Checkpoint(model=self._model)
     self._writer = tf.summary.create_file_writer(os.path.join(paths.local_log_dir, SUMMARY_RUN))
     self.history = _read_history(paths)

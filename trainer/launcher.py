@@ -32,8 +32,6 @@ SETTLE_S = 10.0
 # launcher itself, which then never relaunches, and a crash by signal (SIGSEGV: 139, SIGABRT:
 # 134) is a bug that a relaunch would only repeat.
 RETRYABLE_EXIT_CODES = (137, 143)
-# Trainer flags that tell the evaluator where the checkpoints are.
-CHECKPOINT_FLAGS = ("model_dir", "checkpoint_dir")
 # Once every worker finished, the evaluator has --evaluator_timeout_s plus this long to evaluate
 # the final checkpoint and exit; then it is stopped and the job exits 143. Its own timeout
 # covers a checkpoint that never comes, this one an evaluator that hangs or is stopped (SIGSTOP).
@@ -260,7 +258,7 @@ def _describe(code: int) -> str:
 def evaluator_limit(trainer_args) -> float:
   """Seconds the evaluator may outlive the workers: the trainer's --evaluator_timeout_s (its
   default when the flags do not say, e.g. in a --flagfile) plus EVALUATOR_MARGIN_S."""
-  timeout = config_lib.Config.evaluator_timeout_s
+  timeout = config_lib.default("evaluator_timeout_s")
   args = list(trainer_args)
   for i, arg in enumerate(args):
     value = None
@@ -373,13 +371,10 @@ def check_flags(num_workers: int, max_restarts: int, evaluator: bool, trainer_ar
 
 
 def _finds_checkpoints(trainer_args, environ) -> bool:
-  """The trainer flags (or Vertex AI's variables) name the checkpoint dir; a --flagfile may, and
-  the evaluator checks that itself."""
-  for arg in trainer_args:
-    if arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] in (*CHECKPOINT_FLAGS,
-                                                                     "flagfile"):
-      return True
-  return any(environ.get(name) for name in ("AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR"))
+  """The trainer flags (or Vertex AI's variables) name the checkpoint dir
+  (cli.evaluator_finds_checkpoints); a --flagfile may, and the evaluator checks that itself."""
+  given = {arg.lstrip("-").split("=", 1)[0] for arg in trainer_args if arg.startswith("-")}
+  return "flagfile" in given or cli.evaluator_finds_checkpoints(given, environ)
 
 
 def _define_flags() -> None:

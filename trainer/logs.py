@@ -31,11 +31,12 @@ def verbose() -> bool:
 
 
 # What TensorFlow's native libraries write to fd 2 while they load, before anything calls
-# absl::InitializeLog: in TF 2.21 these lines bypass TF_CPP_MIN_LOG_LEVEL (measured: levels 1-3
-# leave them all; tensorflow/tensorflow#100442 reports the same for 2.19), so no public switch
-# reaches them. INFO/WARNING lines in the native format ("I0000 00:00:<time> <tid> file.cc:N]")
-# are notices (oneDNN on, no CUDA driver); errors are kept, except CUDA's failed cuInit on a
-# machine without an NVIDIA driver, which every CPU machine prints and which means nothing there.
+# absl::InitializeLog: these lines bypass TF_CPP_MIN_LOG_LEVEL (tensorflow/tensorflow#100442), so
+# no public switch reaches them; a start-up trick listed in trainer/startup.py, whose test
+# (tests/startup_test.py) checks that every line the installed TensorFlow writes is recognised.
+# INFO/WARNING lines in the native format ("I0000 00:00:<time> <tid> file.cc:N]") are notices
+# (oneDNN on, no CUDA driver); errors are kept, except CUDA's failed cuInit on a machine without
+# an NVIDIA driver, which every CPU machine prints and which means nothing there.
 _NATIVE_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
 _NATIVE_NOTICE = re.compile(r"^[IW]\d{4} \d\d:\d\d:[\d.]+\s+\d+ [\w.-]+\.cc:\d+\] ")
 _NATIVE_CUINIT = re.compile(r"^E\d{4} .*\bcuda_platform\.cc:\d+\] failed call to cuInit")

@@ -4,9 +4,10 @@ import keras
 import tensorflow as tf
 
 from trainer import errors
+from trainer.config import ModelConfig
 
 
-def build_model(config, image_shape, num_classes: int) -> keras.Model:
+def build_model(config: ModelConfig, image_shape, num_classes: int) -> keras.Model:
   """Builds the model; call under strategy.scope() so variables are distributed."""
   _check_spatial_size(config, image_shape)
   inputs = keras.Input(shape=image_shape, name="images")
@@ -72,7 +73,7 @@ class SpaceToDepth(keras.layers.Layer):
     return {**super().get_config(), "block_size": self.block_size}
 
 
-def _check_spatial_size(config, image_shape) -> None:
+def _check_spatial_size(config: ModelConfig, image_shape) -> None:
   """Folding, valid convolutions and pooling must leave at least 1x1: say which flags."""
   height, width = image_shape[:2]
   if height % config.space_to_depth or width % config.space_to_depth:

@@ -59,7 +59,7 @@ class RunOutputs:
                                             self.paths.local_model_dir)
       # A finished run's marker is stale once this run may train further.
       remove_final_step(self.paths)
-      restarts.record_start(self.paths.checkpoint_dir, self._config.max_job_restarts,
+      restarts.record_start(self.paths.checkpoint_dir, self._config.runtime.max_job_restarts,
                             start_step)
 
   def after_checkpoint(self, path: str) -> None:
@@ -75,7 +75,7 @@ class RunOutputs:
   def export(self, eval_model, weights, image_shape, class_names=()) -> None:
     """The chief exports `weights` (a SavedModel, with the class names) and publishes it, when
     --export is on."""
-    if not (self.is_chief and self._config.export):
+    if not (self.is_chief and self._config.outputs.export):
       return
     fencing.check()  # TensorFlow writes the export, into model_dir itself when it is local
     from trainer import export  # TensorFlow's SavedModel code, only when exporting
@@ -132,10 +132,10 @@ def _local(path: str, mirror_root: str, name: str) -> str:
 
 def resolve(config, task_name: str, environ) -> RunPaths:
   trial = environ.get("CLOUD_ML_TRIAL_ID", "")
-  model_dir = _with_trial(config.model_dir, trial)
-  checkpoint_dir = _with_trial(config.checkpoint_dir, trial) if config.checkpoint_dir else (
+  model_dir = _with_trial(config.outputs.model_dir, trial)
+  checkpoint_dir = _with_trial(config.outputs.checkpoint_dir, trial) if config.outputs.checkpoint_dir else (
       storage.join(model_dir, "checkpoints"))
-  tensorboard_dir = (_with_trial(config.tensorboard_dir, trial) if config.tensorboard_dir
+  tensorboard_dir = (_with_trial(config.outputs.tensorboard_dir, trial) if config.outputs.tensorboard_dir
                      else storage.join(model_dir, "logs"))
   cache = storage.cache_root(environ)
   # One mirror per (run, task): workers sharing a machine must not share files.
@@ -223,7 +223,7 @@ def remove_final_step(paths: RunPaths) -> None:
 
 
 def _budget(config) -> dict:
-  return {"train_steps": config.train_steps, "epochs": config.epochs}
+  return {"train_steps": config.training.train_steps, "epochs": config.training.epochs}
 
 
 def publish_export(paths: RunPaths, local_export: str) -> str:

@@ -1,4 +1,5 @@
-"""Classifies images with an exported SavedModel: `python -m trainer.predict --model_dir DIR a.png`.
+"""Classifies images with an exported SavedModel: `python -m trainer.predict --model_dir DIR a.png`
+(or `mnist-predict`).
 
 What is wrong with the input (no export yet, a damaged or incomplete export, a bucket that does
 not exist, a path that is no image file) exits with a documented code (trainer/errors.py) and one
@@ -11,13 +12,12 @@ import re
 import shutil
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-
 from absl import app
 from absl import flags
 
 from trainer import cli
 from trainer import errors
+from trainer import startup
 
 FLAGS = flags.FLAGS
 # The way back from a damaged or incomplete export, in every message about one. Rerunning the
@@ -372,5 +372,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  startup.set_tensorflow_environment()  # before anything can load TensorFlow
   _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -5,15 +5,17 @@ import math
 import keras
 import tensorflow as tf
 
+from trainer.config import OptimizerConfig
 
-def peak_learning_rate(config) -> float:
+
+def peak_learning_rate(config: OptimizerConfig, global_batch_size: int) -> float:
   """Linear scaling rule: the rate grows with the global batch (Goyal et al., 2017)."""
   if config.lr_scaling == "linear":
-    return config.learning_rate * config.global_batch_size / config.reference_batch_size
+    return config.learning_rate * global_batch_size / config.reference_batch_size
   return config.learning_rate
 
 
-def warmup_steps(config, total_steps: int) -> int:
+def warmup_steps(config: OptimizerConfig, total_steps: int) -> int:
   if config.warmup_steps:
     return min(config.warmup_steps, total_steps)
   if config.lr_schedule == "onecycle":
@@ -43,10 +45,11 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     return {"peak": self.peak, "warmup": self.warmup, "total": self.total, "decay": self.decay}
 
 
-def make_optimizer(config, total_steps: int) -> keras.optimizers.Optimizer:
+def make_optimizer(config: OptimizerConfig, global_batch_size: int,
+                   total_steps: int) -> keras.optimizers.Optimizer:
   decay = "constant" if config.lr_schedule == "constant" else "cosine"
-  schedule = WarmupSchedule(peak_learning_rate(config), warmup_steps(config, total_steps),
-                            total_steps, decay)
+  schedule = WarmupSchedule(peak_learning_rate(config, global_batch_size),
+                            warmup_steps(config, total_steps), total_steps, decay)
   if config.weight_decay:
     optimizer = AdamW(schedule, weight_decay=config.weight_decay, beta_1=config.adam_beta1,
                       beta_2=config.adam_beta2)

@@ -13,6 +13,7 @@ from trainer import data
 from trainer import errors
 from trainer import model as model_lib
 from trainer import schedule
+from trainer import startup
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -31,10 +32,11 @@ class TrainStep:
     # Seeded again right before the weights are drawn: whatever ran since start-up (TFDS, a
     # GCS client's retries and multipart boundaries) may have drawn from the global sources,
     # and a seeded run must not depend on how many storage retries it had.
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.training.seed)
     with self.strategy.scope():
-      self.model = model_lib.build_model(config, image_shape, num_classes)
-      self.optimizer = schedule.make_optimizer(config, total_steps)
+      self.model = model_lib.build_model(config.model, image_shape, num_classes)
+      self.optimizer = schedule.make_optimizer(config.optimizer, config.training.global_batch_size,
+                                                total_steps)
       self.optimizer.build(self.model.trainable_variables)
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
       self.loss_sum = _sum_variable()
@@ -47,7 +49,7 @@ class TrainStep:
     self._num_classes = num_classes
     self._seed_generators = [layer.seed_generator for layer in self.model.layers
                              if getattr(layer, "seed_generator", None) is not None]
-    self._grads = tf.function(self._compute_grads, jit_compile=True) if config.xla else (
+    self._grads = tf.function(self._compute_grads, jit_compile=True) if config.training.xla else (
         self._compute_grads)
     # Written in graph ops (tf.while_loop, no Python control flow on tensors), so AutoGraph's
     # conversion of it and of every Keras call under it, about half a second of tracing, is
@@ -59,12 +61,12 @@ class TrainStep:
       logits = self.model(images, training=True)
       per_example = keras.losses.categorical_crossentropy(
           tf.one_hot(labels, self._num_classes), logits, from_logits=True,
-          label_smoothing=self.config.label_smoothing)
-      if self.config.inject_nan_at_step:
-        poisoned = self.step + 1 >= self.config.inject_nan_at_step
+          label_smoothing=self.config.optimizer.label_smoothing)
+      if self.config.training.inject_nan_at_step:
+        poisoned = self.step + 1 >= self.config.training.inject_nan_at_step
         per_example *= tf.where(poisoned, float("nan"), 1.0)
       # Scaled by the global batch so summing gradients over replicas gives the mean.
-      loss = tf.reduce_sum(per_example * weights) / self.config.global_batch_size
+      loss = tf.reduce_sum(per_example * weights) / self.config.training.global_batch_size
       scaled = self.optimizer.scale_loss(loss) if self._loss_scaled else loss
     grads = tape.gradient(scaled, self.model.trainable_variables)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
@@ -78,7 +80,7 @@ class TrainStep:
     """
     replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
     for generator in self._seed_generators:
-      generator.state.assign(tf.stack([self.config.seed * 1000 + replica, self.step]))
+      generator.state.assign(tf.stack([self.config.training.seed * 1000 + replica, self.step]))
 
   def _replica_step(self, batch):
     images, labels, weights = batch
@@ -124,7 +126,7 @@ class EvalModel:
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-      self.model = model_lib.build_model(config, splits.image_shape, splits.num_classes)
+      self.model = model_lib.build_model(config.model, splits.image_shape, splits.num_classes)
     finally:
       keras.mixed_precision.set_global_policy(policy)
     # With the CPU split into single-threaded devices (trainer/runtime/distribute.py), one batch would
@@ -209,11 +211,11 @@ def weights_fingerprint(model) -> str:
 
 def set_precision_and_seeds(config, environ=None) -> None:
   """Seeds, op determinism and the Keras precision policy; warns of slow CPU switches."""
-  keras.utils.set_random_seed(config.seed)
-  if config.deterministic:
+  keras.utils.set_random_seed(config.training.seed)
+  if config.training.deterministic:
     tf.config.experimental.enable_op_determinism()
   gpus = tf.config.list_physical_devices("GPU")
-  policy = precision_policy(config.precision, bool(gpus),
+  policy = precision_policy(config.training.precision, bool(gpus),
                             os.environ if environ is None else environ, cpu_computes_bfloat16())
   keras.mixed_precision.set_global_policy(policy)
   for warning in cpu_speed_warnings(config, bool(gpus), cpu_flags(), policy):
@@ -258,16 +260,11 @@ def native_bfloat16(cpu_flags: set) -> bool:
 
 def onednn_enabled() -> bool:
   """Whether this process's TensorFlow runs its oneDNN CPU kernels, the only ones with native
-  bfloat16 ($TF_ENABLE_ONEDNN_OPTS, which trainer/__init__.py sets to 1 unless the user set it).
-  TensorFlow's own answer (IsMklEnabled in tensorflow/core/util/port.cc, exposed as
-  _pywrap_util_port); False where that module is missing, so auto then keeps float32. oneDNN
-  also runs bfloat16 on AVX-512 CPUs without AVX512_BF16 (IsDataTypeSupportedByOneDNNOnThisCPU),
-  by conversion, which is why `native_bfloat16` asks for the instructions themselves."""
-  try:
-    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
-    return bool(_pywrap_util_port.IsMklEnabled())
-  except (ImportError, AttributeError):
-    return False
+  bfloat16 (trainer/startup.py: TensorFlow's own answer, else its rule). oneDNN also runs
+  bfloat16 on AVX-512 CPUs without AVX512_BF16 (IsDataTypeSupportedByOneDNNOnThisCPU in
+  tensorflow/core/util/util.cc), by conversion, which is why `native_bfloat16` asks for the
+  instructions themselves."""
+  return startup.onednn_enabled(cpu_flags())
 
 
 def cpu_flags() -> set:
@@ -288,10 +285,10 @@ def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set,
   if has_gpu:
     return []
   warnings = []
-  if config.xla:
+  if config.training.xla:
     warnings.append("--xla on CPU: the XLA-compiled step ran about 2x slower than the default "
                     "one in `make bench`; it is meant for GPUs.")
-  if (config.precision == "mixed" and policy == "mixed_bfloat16"
+  if (config.training.precision == "mixed" and policy == "mixed_bfloat16"
       and not native_bfloat16(cpu_flags)):
     warnings.append("--precision=mixed on a CPU without AVX512_BF16/AMX: bfloat16 is emulated "
                     "and trained about 8x slower than float32 in `make bench`; --precision=auto "

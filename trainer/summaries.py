@@ -9,7 +9,6 @@ Layout under the TensorBoard log dir (TensorBoard names a run by its folder):
            metrics, so runs and tuning trials compare side by side
 """
 
-import dataclasses
 import logging
 import os
 
@@ -95,14 +94,13 @@ class Summaries:
 def hparam_values(config) -> dict:
   """Config's fields as HParams values: bools, numbers and strings (tuples joined, None as "")."""
   values = {}
-  for field in dataclasses.fields(config):
-    value = getattr(config, field.name)
+  for name, value in config.flat().items():
     if isinstance(value, tuple):
       value = ",".join(str(v) for v in value)
     elif value is None:
       value = ""
     if isinstance(value, (bool, int, float, str)):
-      values[field.name] = value
+      values[name] = value
   return values
 
 

@@ -45,14 +45,14 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
   if cluster is None:
     cluster = cluster_lib.parse_cluster(environ)  # Bad TF_CONFIG fails before any TF work.
   step_lib.set_precision_and_seeds(config)
-  watchdog = watchdog_lib.Watchdog(cluster.peers(), config.collective_timeout_s, cluster.task_name,
+  watchdog = watchdog_lib.Watchdog(cluster.peers(), config.runtime.collective_timeout_s, cluster.task_name,
                                  is_chief=cluster.is_chief)
-  handler = preemption.PreemptionHandler(config.preemption_grace_s)
+  handler = preemption.PreemptionHandler(config.runtime.preemption_grace_s)
   store = outputs = source = None
   try:
     if cluster.is_multi_worker:
       watchdog_lib.rendezvous(cluster.address_of(cluster.task_type, cluster.task_index),
-                            cluster.peers(), config.collective_timeout_s, cluster.task_name)
+                            cluster.peers(), config.runtime.collective_timeout_s, cluster.task_name)
     # Before any other TF op. MultiWorkerMirroredStrategy waits here for every peer to join,
     # holding the GIL: hence holds_gil, which bounds it without the watchdog's thread.
     with watchdog.phase("strategy creation (every worker must join)", holds_gil=True):
@@ -71,8 +71,8 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
                                       plan.total_steps)
     store = checkpoint_lib.CheckpointStore(
         train_step.checkpoint, outputs.paths.local_checkpoint_dir, runtime.is_chief,
-        config.keep_checkpoints, remote_dir=outputs.paths.checkpoint_dir)
-    store.restore_latest(outputs.paths.model_dir, config.restart_from_scratch)
+        config.training.keep_checkpoints, remote_dir=outputs.paths.checkpoint_dir)
+    store.restore_latest(outputs.paths.model_dir, config.outputs.restart_from_scratch)
     # A resumed run keeps what its order of examples depends on (exit 2 otherwise).
     store.check_run_shape(checkpoint_lib.run_shape(config, runtime.num_workers, plan.pipelines,
                                                    plan.record_files))
@@ -112,7 +112,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
   except (OSError, tf.errors.OpError) as e:
     if not errors.is_disk_full(e):
       raise
-    where = getattr(e, "filename", None) or config.model_dir
+    where = getattr(e, "filename", None) or config.outputs.model_dir
     raise errors.StorageError(
         f"No space left on the device of {where}: free space and rerun the same command; the "
         "checkpoints saved so far are intact.") from None
@@ -165,7 +165,7 @@ def _train(run: _Run) -> dict:
         run.total_steps)
     return {}
   logging.info("Training steps %d -> %d (%d per epoch, global batch %d, %d replica(s)).", step,
-               run.total_steps, run.steps_per_epoch, config.global_batch_size,
+               run.total_steps, run.steps_per_epoch, config.training.global_batch_size,
                run.runtime.num_replicas)
   iterator = distribute.input_iterator(run.runtime, _train_input(run, step))
   if run.eval_model is not None:
@@ -175,8 +175,8 @@ def _train(run: _Run) -> dict:
   progress, boundary_actions, profiler = _actions(run, profile)
   # Every worker ends its chunks at the same steps (each chunk ends in a collective vote).
   chunker = actions_lib.Chunker(
-      [config.log_every_steps, config.summary_every_steps, config.checkpoint_every_steps],
-      config.steps_per_loop,
+      [config.training.log_every_steps, config.training.summary_every_steps, config.training.checkpoint_every_steps],
+      config.training.steps_per_loop,
       run.total_steps, boundaries=actions_lib.profile_boundaries(profile),
       schedules=[_eval_schedule(config)])
   if profiler:
@@ -199,15 +199,15 @@ def _train_input(run: _Run, start_step: int):
 
 
 def _eval_schedule(config: config_lib.Config) -> actions_lib.Every:
-  return actions_lib.Every(config.eval_every_steps, config.first_eval_step)
+  return actions_lib.Every(config.training.eval_every_steps, config.training.first_eval_step)
 
 
 def _profile_range(run: _Run):
   """--profile_steps as (first, last), or None; also checked against a run set in epochs."""
-  profile = config_lib.profile_range(run.config)
+  profile = config_lib.profile_range(run.config.training)
   if profile and profile[1] > run.total_steps:
     raise errors.ConfigError(
-        f"--profile_steps={run.config.profile_steps}: END {profile[1]} is past the run's last "
+        f"--profile_steps={run.config.training.profile_steps}: END {profile[1]} is past the run's last "
         f"step ({run.total_steps}); choose steps within it.")
   return profile
 
@@ -217,11 +217,11 @@ def _actions(run: _Run, profile) -> tuple:
   profiler (None when not profiling)."""
   config = run.config
   saver = actions_lib.SaveCheckpoint(run.store, run.outputs, run.watchdog,
-                                     config.checkpoint_every_steps, run.total_steps,
+                                     config.training.checkpoint_every_steps, run.total_steps,
                                      run.start_step)
   progress = actions_lib.LogProgress(run.outputs.summaries, run.train_step.optimizer,
-                                     config.log_every_steps, config.summary_every_steps,
-                                     run.total_steps, config.global_batch_size)
+                                     config.training.log_every_steps, config.training.summary_every_steps,
+                                     run.total_steps, config.training.global_batch_size)
   ordered = [actions_lib.StopOnDivergence(saver), actions_lib.PreemptionVote(saver), progress,
              saver]
   if run.runtime.is_chief:

@@ -8,7 +8,7 @@ from absl import app
 from absl import flags
 
 from deploy import k8s
-from deploy import option_flags
+from trainer import options as option_flags
 
 FLAGS = flags.FLAGS
 

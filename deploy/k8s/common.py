@@ -11,7 +11,8 @@ import math
 import re
 
 from deploy import trainer_args
-from deploy.option_flags import option
+from deploy.defaults import DEFAULT_MAX_JOB_RESTARTS
+from trainer.options import option
 from trainer.runtime import indexed_pod
 
 API_TFJOB = "tfjob"
@@ -46,9 +47,6 @@ MAX_BACKOFF_LIMIT = 10
 DEFAULT_BACKOFF_LIMIT = 3
 # runPolicy.ttlSecondsAfterFinished and JobSet's ttlSecondsAfterFinished are int32.
 MAX_INT32 = 2**31 - 1
-# The trainer's --max_job_restarts: starts of the chief without a finished run, then exit 7.
-# (deploy/vertex.py defines its own DEFAULT_MAX_JOB_RESTARTS with the same value.)
-DEFAULT_MAX_JOB_RESTARTS = 5
 # A day of wall clock caps a job that keeps being recreated; a week keeps a finished job's
 # pods and logs around for inspection.
 DEFAULT_ACTIVE_DEADLINE_S = 24 * 3600
@@ -79,7 +77,7 @@ class ManifestError(ValueError):
 class Options:
   """Everything the manifests depend on; built from flags (or directly by tests).
 
-  Each field is also a command-line flag with the help text given here (deploy/option_flags.py).
+  Each field is also a command-line flag with the help text given here (trainer/options.py).
   """
 
   image: str = option(help="Image built from deploy/Dockerfile.")

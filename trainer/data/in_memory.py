@@ -34,16 +34,16 @@ def load(config, builder=None, with_train: bool = True, with_test: bool = True) 
   that does not evaluate) leaves the test split unread, and of gs:// data unfetched.
   """
   if builder is None:
-    builder = sources.prepare(config.dataset, config.data_dir, config.mnist_source_dir,
-                              config.num_shards, config.image_size, config.eval_fraction)
+    builder = sources.prepare(config.data.dataset, config.data.data_dir, config.data.mnist_source_dir,
+                              config.data.num_shards, config.data.image_size, config.data.eval_fraction)
   train_images = train_labels = None
   if with_train:
-    staging.fetch_records(builder, config.data_dir, "train")  # gs:// data: every file
-    train_images, train_labels = cache.load_split(builder, "train", config.train_examples)
+    staging.fetch_records(builder, config.data.data_dir, "train")  # gs:// data: every file
+    train_images, train_labels = cache.load_split(builder, "train", config.data.train_examples)
   test_images = test_labels = None
   if with_test:
-    staging.fetch_records(builder, config.data_dir, "test")
-    test_images, test_labels = cache.load_split(builder, "test", config.eval_examples)
+    staging.fetch_records(builder, config.data.data_dir, "test")
+    test_images, test_labels = cache.load_split(builder, "test", config.data.eval_examples)
   loaded = test_images if test_images is not None else train_images
   image_shape = tuple(loaded.shape[1:]) if loaded is not None else _fixed_image_shape(builder)
   label = builder.info.features["label"]

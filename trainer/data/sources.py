@@ -155,6 +155,7 @@ def _prepare_tfds(dataset: str, data_dir: str, mnist_source_dir: str, num_shards
     if dataset == "mnist":
       source = mnist.source_dir(data_dir, mnist_source_dir)
       mnist.verify_mnist_files(source)
+      builder = mnist.tfds_builder(data_dir)
       builder.URL = source.rstrip("/") + "/"
       logging.info("Preparing TFDS mnist in %s from %s", data_dir, source)
     else:

@@ -62,12 +62,12 @@ def cpu_device_count(config, cluster: cluster_lib.ClusterInfo, num_gpus: int,
   measurements), so auto gives each core its own single-threaded replica, as long as each
   replica keeps MIN_REPLICA_BATCH examples.
   """
-  if config.num_cpu_devices:
-    return config.num_cpu_devices
-  if num_gpus or cluster.is_multi_worker or config.strategy not in ("auto", "mirrored"):
+  if config.runtime.num_cpu_devices:
+    return config.runtime.num_cpu_devices
+  if num_gpus or cluster.is_multi_worker or config.runtime.strategy not in ("auto", "mirrored"):
     return 1
-  count = min(cores, config.global_batch_size // MIN_REPLICA_BATCH)
-  while count > 1 and config.global_batch_size % count:
+  count = min(cores, config.training.global_batch_size // MIN_REPLICA_BATCH)
+  while count > 1 and config.training.global_batch_size % count:
     count -= 1
   return max(1, count)
 
@@ -99,11 +99,11 @@ def _split_cpu(num_cpu_devices: int, cores: int) -> int:
 def create_runtime(config, cluster: cluster_lib.ClusterInfo) -> Runtime:
   """Creates the strategy; must run before any other TensorFlow op (TF's rule)."""
   # Before the strategy: a GPU machine whose GPUs TensorFlow cannot load must not train on CPU.
-  gpus = gpu_lib.usable_gpus(config.require_gpu)
+  gpus = gpu_lib.usable_gpus(config.runtime.require_gpu)
   cores = cores_lib.available()
   num_cpu_devices = cpu_device_count(config, cluster, len(gpus), cores)
-  kind = choose_kind(config.strategy, cluster, len(gpus), num_cpu_devices)
-  collective = choose_collective(config.collective_implementation, len(gpus))
+  kind = choose_kind(config.runtime.strategy, cluster, len(gpus), num_cpu_devices)
+  collective = choose_collective(config.runtime.collective_implementation, len(gpus))
   if kind == "multi_worker_mirrored":
     strategy = _multi_worker(cluster, communication_options(config, collective))
   elif kind == "mirrored":
@@ -140,7 +140,7 @@ def communication_options(config, collective: str):
   "If it's zero, the value is determined automatically").
   """
   return tf.distribute.experimental.CommunicationOptions(
-      bytes_per_pack=config.bytes_per_pack, timeout_seconds=config.collective_timeout_s,
+      bytes_per_pack=config.runtime.bytes_per_pack, timeout_seconds=config.runtime.collective_timeout_s,
       implementation=_IMPLEMENTATIONS[collective])
 
 
@@ -179,12 +179,12 @@ def all_reduce_description(kind: str, collective: str, num_gpus: int, bytes_per_
 
 def _log_all_reduce(config, kind: str, collective: str, num_gpus: int) -> None:
   logging.info("All-reduce: %s (--collective_implementation=%s).",
-               all_reduce_description(kind, collective, num_gpus, config.bytes_per_pack),
-               config.collective_implementation)
-  if config.bytes_per_pack and kind != "multi_worker_mirrored":
+               all_reduce_description(kind, collective, num_gpus, config.runtime.bytes_per_pack),
+               config.runtime.collective_implementation)
+  if config.runtime.bytes_per_pack and kind != "multi_worker_mirrored":
     # MirroredStrategy takes no CommunicationOptions; only the workers' all-reduce packs.
     logging.warning("--bytes_per_pack=%d applies to the all-reduce between workers; this "
-                    "%s run ignores it.", config.bytes_per_pack, kind)
+                    "%s run ignores it.", config.runtime.bytes_per_pack, kind)
 
 
 def _mirrored(gpus, num_cpu_devices: int, cores: int, collective: str) -> tf.distribute.Strategy:

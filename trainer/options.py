@@ -1,8 +1,6 @@
-"""absl flags generated from a deploy Options dataclass: one flag per field, help in its metadata.
-
-The dataclass is the single source of a field's name, type, default and help, as trainer.config
-is for the trainer's flags, so a new option cannot be added to the spec and forgotten on the
-command line (tests/deploy_option_flags_test.py checks every deploy entry point).
+"""absl flags generated from frozen dataclasses: one flag per field, its help in the field's
+metadata. The trainer's Config groups and every deploy/ Options class use this one generator, so a
+field cannot be added and forgotten on the command line, and help text is written once.
 """
 
 import dataclasses
@@ -14,9 +12,16 @@ from absl import flags
 flags.disclaim_key_flags()
 
 
-def option(default=dataclasses.MISSING, help: str = "", **kwargs) -> dataclasses.Field:  # noqa: A002
-  """A dataclass field carrying its flag's help text; no default means a required flag."""
-  return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def option(default=dataclasses.MISSING, help: str = "", choices: Sequence[str] = (),  # noqa: A002
+           flag_type=None, **kwargs) -> dataclasses.Field:
+  """A dataclass field carrying its flag's help text (no help: not a flag, e.g. a test hook).
+
+  No default means a required flag. choices makes an enum flag; flag_type (int or float) types
+  a flag whose default is None (e.g. --train_steps, unset unless given). A tuple default is a
+  comma-separated list of integers.
+  """
+  metadata = {"help": help, "choices": tuple(choices), "flag_type": flag_type}
+  return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def define_flags(options_cls, flag_values=flags.FLAGS, skip: Sequence[str] = ()) -> None:
@@ -25,13 +30,16 @@ def define_flags(options_cls, flag_values=flags.FLAGS, skip: Sequence[str] = ())
   for field in flag_fields(options_cls, skip):
     help_text = field.metadata["help"]
     default = None if field.default is dataclasses.MISSING else field.default
-    if isinstance(default, bool):
+    kind = field.metadata.get("flag_type") or type(default)
+    if field.metadata.get("choices"):
+      flags.DEFINE_enum(field.name, default, field.metadata["choices"], help_text, **where)
+    elif kind is bool:
       flags.DEFINE_boolean(field.name, default, help_text, **where)
-    elif isinstance(default, int):
+    elif kind is int:
       flags.DEFINE_integer(field.name, default, help_text, **where)
-    elif isinstance(default, float):
+    elif kind is float:
       flags.DEFINE_float(field.name, default, help_text, **where)
-    elif isinstance(default, tuple):
+    elif kind is tuple:
       flags.DEFINE_list(field.name, [str(v) for v in default], help_text, **where)
     else:
       flags.DEFINE_string(field.name, default, help_text, **where)
@@ -39,12 +47,12 @@ def define_flags(options_cls, flag_values=flags.FLAGS, skip: Sequence[str] = ())
 
 def values_from_flags(options_cls, flag_values=flags.FLAGS, skip: Sequence[str] = (),
                       error=ValueError) -> dict:
-  """The Options keyword arguments the parsed flags give; an unset required flag gives ""."""
+  """The keyword arguments the parsed flags give; an unset required flag gives ""."""
   values = {}
   for field in flag_fields(options_cls, skip):
     value = flag_values[field.name].value
     if field.default is dataclasses.MISSING:
-      value = value or ""  # validate() names the missing flag and the fix
+      value = value or ""  # validation names the missing flag and the fix
     elif isinstance(field.default, tuple):
       value = _ints(field.name, value, error)
     values[field.name] = value
