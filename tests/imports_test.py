@@ -3,7 +3,7 @@ points down the layers, none forms a circle, and no module reaches for another's
 
 Layers, lowest first; a module may import its own layer's modules (without a circle) and the
 layers below it, never one above:
-  base      trainer/{errors,cli,logs,startup,options}.py and config.py (no TensorFlow at import)
+  base      trainer/{errors,cli,logs,startup,options,validation,config}.py (no TensorFlow)
   storage   trainer/storage/   one interface, its backends, locks and fencing
   runtime   trainer/runtime/   the process in its cluster (knows nothing of data or models)
   data      trainer/data/      sources, preparation, caches, input pipelines
@@ -17,7 +17,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER = os.path.join(ROOT, "trainer")
 BASE = {"trainer", "trainer.errors", "trainer.cli", "trainer.logs", "trainer.startup",
-        "trainer.options", "trainer.config"}
+        "trainer.options", "trainer.validation", "trainer.config"}
 ENTRY = {"trainer.task", "trainer.predict", "trainer.launcher"}
 LAYERS = ("base", "storage", "runtime", "data", "training", "entry")
 
