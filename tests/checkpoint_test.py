@@ -33,7 +33,7 @@ def trained_40(tfds_dir, tmp_path_factory):
 @pytest.fixture
 def run_40(trained_40, tmp_path):
   model_dir = str(tmp_path / "run")
-  shutil.copytree(trained_40.model_dir, model_dir)
+  shutil.copytree(trained_40.outputs.model_dir, model_dir)
   return trained_40.replace(model_dir=model_dir)
 
 
@@ -101,12 +101,12 @@ def test_no_restorable_checkpoint_exits_3_and_leaves_every_file(run_40):
     if ".data-" in name:
       with open(os.path.join(ckpt_dir, name), "r+b") as f:
         f.truncate(7)
-  before = _digests(run_40.model_dir)
+  before = _digests(run_40.outputs.model_dir)
   with pytest.raises(errors.DataError) as raised:
     train.train_and_evaluate(run_40.replace(train_steps=60))
   assert raised.value.exit_code == errors.EXIT_DATA == 3
   assert ckpt_dir in str(raised.value) and "--restart_from_scratch" in str(raised.value)
-  after = _digests(run_40.model_dir)
+  after = _digests(run_40.outputs.model_dir)
   assert {k: v for k, v in after.items() if not k.startswith(".trainer-lock")} == {
       k: v for k, v in before.items() if not k.startswith(".trainer-lock")}
 
@@ -125,7 +125,7 @@ def test_restart_from_scratch_moves_old_checkpoints_aside(run_40):
 def test_crash_leftovers_are_removed_at_the_next_start(run_40, tmp_path, monkeypatch):
   ckpt_dir = _ckpt_dir(run_40)
   os.makedirs(os.path.join(ckpt_dir, "ckpt-60_temp"))
-  export_tmp = os.path.join(run_40.model_dir, ".export-abc123")
+  export_tmp = os.path.join(run_40.outputs.model_dir, ".export-abc123")
   os.makedirs(export_tmp)
   proc = subprocess.Popen(["true"])  # its pid belongs to no live process once it exited
   proc.wait()
@@ -144,7 +144,7 @@ def test_crash_leftovers_are_removed_at_the_next_start(run_40, tmp_path, monkeyp
 
 
 def test_second_run_on_one_model_dir_is_refused(run_40):
-  lock = run_lock.acquire(run_40.model_dir, run_40.model_dir)
+  lock = run_lock.acquire(run_40.outputs.model_dir, run_40.outputs.model_dir)
   try:
     with pytest.raises(errors.ConfigError) as raised:
       train.train_and_evaluate(run_40.replace(train_steps=60))
@@ -155,7 +155,7 @@ def test_second_run_on_one_model_dir_is_refused(run_40):
 
 
 def test_stale_lock_of_a_dead_run_is_taken_over(run_40, caplog):
-  with open(os.path.join(run_40.model_dir, run_lock.LOCK_NAME), "w") as f:
+  with open(os.path.join(run_40.outputs.model_dir, run_lock.LOCK_NAME), "w") as f:
     json.dump({"host": "old-host", "pid": 999999, "started": "2026-01-01T00:00:00Z"}, f)
   with caplog.at_level("WARNING"):
     metrics = train.train_and_evaluate(run_40.replace(train_steps=60))
@@ -217,7 +217,7 @@ def test_epochs_and_steps_disagreement_found_before_decoding(tiny, monkeypatch):
 
 def test_full_disk_while_saving_exits_6_and_keeps_the_previous_checkpoint(small_disk, trained_40):
   model_dir = str(small_disk / "run")
-  shutil.copytree(trained_40.model_dir, model_dir)
+  shutil.copytree(trained_40.outputs.model_dir, model_dir)
   config = trained_40.replace(model_dir=model_dir, train_steps=60)
   ckpt_dir = _ckpt_dir(config)
   before = {k: v for k, v in _digests(ckpt_dir).items() if k.startswith("ckpt-40")}

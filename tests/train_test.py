@@ -91,10 +91,10 @@ def test_resume_continues_from_checkpoint(tiny):
 @pytest.mark.slow
 def test_refuses_checkpoint_of_another_model(tiny):
   train.train_and_evaluate(tiny(train_steps=5, export=False))
-  before = _checkpoint_files(tiny().model_dir)
+  before = _checkpoint_files(tiny().outputs.model_dir)
   with pytest.raises(errors.IncompatibleCheckpointError, match="different model"):
     train.train_and_evaluate(tiny(train_steps=10, model_widths=(8, 24)))
-  assert _checkpoint_files(tiny().model_dir) == before, "the old checkpoint is untouched"
+  assert _checkpoint_files(tiny().outputs.model_dir) == before, "the old checkpoint is untouched"
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_every_run_reports_its_phases(tiny, caplog):
   assert abs(sum(phases.values()) - metrics["wall_seconds"]) < 0.01
   line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("phases: ")]
   assert line and f"total {metrics['wall_seconds']:.1f} s" in line[-1]
-  written = json.load(open(os.path.join(tiny().model_dir, "metrics.json")))
+  written = json.load(open(os.path.join(tiny().outputs.model_dir, "metrics.json")))
   assert written["phase_seconds"] == phases
 
 
