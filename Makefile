@@ -23,10 +23,11 @@ venv: $(STAMP)
 # versions as pip, from PyPI, in about a quarter of pip's time (bench/README.md, "First
 # contact"). INSTALLER=pip uses pip alone, e.g. behind a private index in pip.conf, which uv
 # does not read (uv reads UV_INDEX_URL instead); pip also takes over where uv cannot be had
-# or fails.
+# or fails. --compile-bytecode, as pip does: without it the first run compiles TensorFlow's
+# modules itself (6-7 s more start-up).
 INSTALLER ?= uv
 install = if [ "$(INSTALLER)" = uv ] && $(PY) -m pip install --quiet --disable-pip-version-check uv \
-	  && $(VENV)/bin/uv pip install --quiet --python $(PY) $(1); then :; \
+	  && $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) $(1); then :; \
 	else $(PY) -m pip install --quiet --disable-pip-version-check $(1); fi
 
 $(RUNTIME): setup.py
