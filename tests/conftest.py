@@ -45,16 +45,10 @@ def synthetic_tfds_dir(tmp_path_factory):
     _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", 0x0803, images)
     _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 0x0801, labels)
   path = str(tmp_path_factory.mktemp("synthetic-tfds"))
-  builder = data.tfds_builder("mnist", path)
-  builder.URL = str(source) + "/"  # data.prepare would insist on the canonical files' hashes
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.image_classification import mnist
-  canonical = mnist._TRAIN_EXAMPLES, mnist._TEST_EXAMPLES  # the builder's fixed split sizes
-  mnist._TRAIN_EXAMPLES, mnist._TEST_EXAMPLES = SYNTHETIC_SIZES["train"], SYNTHETIC_SIZES["test"]
-  try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=4))
-  finally:
-    mnist._TRAIN_EXAMPLES, mnist._TEST_EXAMPLES = canonical
+  # As trainer/data/sources.py writes MNIST, without data.prepare's check of the canonical
+  # files' hashes, and without the decoded cache (tests decode it as a later run would).
+  from trainer.data import mnist_tfds
+  mnist_tfds.write(data.tfds_builder("mnist", path), str(source), num_shards=4)
   return path
 
 

@@ -561,52 +561,77 @@ def test_a_preparation_keeps_no_downloads(tfds_dir):
   assert os.listdir(os.path.join(tfds_dir, "mnist")) == ["3.0.1"]
 
 
-def test_mnist_prepared_with_images_encoded_in_bulk_equals_tfds_own(tmp_path):
-  """First contact's lever: our MNIST builder hands TFDS PNGs encoded in one tf.data pass. Its
-  records hold the same examples, in the same order, with the same PNG bytes as TFDS's own
-  builder writes, and the same metadata (small IDX files; the split sizes patched as the
-  synthetic fixture does). Serialized bytes may differ in the order of an Example's features,
-  which protobuf leaves open."""
-  import json
-  import numpy as np
-  import tensorflow as tf
+@pytest.mark.parametrize("num_shards", [0, 3])
+def test_mnist_written_from_idx_equals_what_tfds_own_builder_writes(tmp_path, num_shards):
+  """First contact's lever (trainer/data/mnist_tfds.py): MNIST written without TFDS's builder.
+  Its record files hold the examples TFDS's own builder writes from the same IDX files (same
+  PNG bytes, order, sharding, sizes; only the order of an Example's two features, which
+  protobuf leaves open, may differ), and dataset_info.json and features.json are the same bytes;
+  the arrays it returns are the records' examples decoded. A TFDS upgrade that changes any of it
+  fails here. Small IDX files: TFDS's builder takes its split sizes from module constants,
+  patched here as nowhere else."""
   import tensorflow_datasets as tfds
   from tensorflow_datasets.image_classification import mnist as tfds_mnist
   from conftest import _write_idx
-  from trainer.data import mnist
+  from trainer.data import mnist_tfds
   rng = np.random.default_rng(1)
   source = tmp_path / "idx"
   source.mkdir()
-  for prefix, count in (("train", 60), ("t10k", 20)):
+  for prefix, count in (("train", 61), ("t10k", 20)):
     _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", 0x0803,
                rng.integers(0, 256, size=(count, 28, 28), dtype="uint8"))
     _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 0x0801,
                rng.integers(0, 10, size=count, dtype="uint8"))
   canonical = tfds_mnist._TRAIN_EXAMPLES, tfds_mnist._TEST_EXAMPLES
-  tfds_mnist._TRAIN_EXAMPLES, tfds_mnist._TEST_EXAMPLES = 60, 20
+  tfds_mnist._TRAIN_EXAMPLES, tfds_mnist._TEST_EXAMPLES = 61, 20
   try:
-    builders = {"tfds": data.tfds_builder("mnist", str(tmp_path / "tfds")),
-                "ours": mnist.tfds_builder(str(tmp_path / "ours"))}
-    for builder in builders.values():
-      builder.URL = str(source) + "/"
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=2))
+    theirs = data.tfds_builder("mnist", str(tmp_path / "tfds"))
+    theirs.URL = str(source) + "/"
+    theirs.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        num_shards=num_shards or None))
   finally:
     tfds_mnist._TRAIN_EXAMPLES, tfds_mnist._TEST_EXAMPLES = canonical
-  dirs = {k: os.path.join(str(tmp_path / k), "mnist", "3.0.1") for k in builders}
-  names = sorted(f for f in os.listdir(dirs["tfds"]) if ".tfrecord" in f)
-  assert len(names) == 4 and names == sorted(f for f in os.listdir(dirs["ours"])
-                                             if ".tfrecord" in f)
-
+  arrays = mnist_tfds.write(data.tfds_builder("mnist", str(tmp_path / "ours")), str(source),
+                            num_shards)
+  dirs = {k: os.path.join(str(tmp_path / k), "mnist", "3.0.1") for k in ("tfds", "ours")}
+  names = sorted(os.listdir(dirs["tfds"]))
+  assert sorted(os.listdir(dirs["ours"])) == names
+  assert len([n for n in names if ".tfrecord-" in n]) == 2 * (num_shards or 1)
   def examples(path):
     out = []
     for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
       feature = tf.train.Example.FromString(record).features.feature
-      out.append((feature["image"].bytes_list.value[0], feature["label"].int64_list.value[0]))
+      out.append((set(feature), feature["image"].bytes_list.value, feature["label"].int64_list.value))
     return out
 
   for name in names:
-    theirs, ours = (examples(os.path.join(dirs[k], name)) for k in ("tfds", "ours"))
-    assert theirs and ours == theirs, name
-  info = {k: json.load(open(os.path.join(d, "dataset_info.json"))) for k, d in dirs.items()}
-  assert info["ours"] == info["tfds"]
-  assert tfds.builder_from_directory(dirs["ours"]).info.splits["train"].num_examples == 60
+    paths = [os.path.join(dirs[k], name) for k in ("tfds", "ours")]
+    if ".tfrecord-" in name:
+      assert os.path.getsize(paths[0]) == os.path.getsize(paths[1]), name
+      assert examples(paths[0]) == examples(paths[1]), name
+    else:
+      with open(paths[0], "rb") as a, open(paths[1], "rb") as b:
+        assert a.read() == b.read(), name
+  ours = tfds.builder_from_directory(dirs["ours"])
+  for split, count in (("train", 61), ("test", 20)):
+    assert ours.info.splits[split].num_examples == count
+    records = [e for path in ours.info.splits[split].filepaths for e in examples(str(path))]
+    images = np.stack([tf.io.decode_png(image[0]).numpy() for _, image, _ in records])
+    np.testing.assert_array_equal(arrays[split][0], images)
+    np.testing.assert_array_equal(arrays[split][1], [label[0] for _, _, label in records])
+
+
+def test_the_first_preparation_keeps_the_decoded_arrays_of_its_records(tfds_dir, tmp_path):
+  """The decoded cache of a fresh MNIST preparation comes from the IDX arrays, not from the
+  records: it equals the split as TFDS reads it, and is found (by its key) as any cache is.
+  Several record files TFDS reads interleaved: that split is decoded at its first load."""
+  builder = data.prepare("mnist", tfds_dir)
+  cached = cache.read_cached(builder, "test")
+  assert cached[0] is not None
+  images, labels = cache.decode_split(builder, "test")
+  np.testing.assert_array_equal(cached[0], images)
+  np.testing.assert_array_equal(cached[1], labels)
+  sharded = data.prepare("mnist", str(tmp_path), num_shards=3)
+  assert cache.read_cached(sharded, "test") == (None, None)
+  np.testing.assert_array_equal(cache.load_split(sharded, "test", 0)[1],
+                                cache.decode_split(sharded, "test")[1])

@@ -10,12 +10,13 @@ splits held in memory (in_memory.load) and the input function of the plan's mode
   decoded_records  stream mode's decoded copies of record files, checksummed
   stream         stream mode's pipeline: files sharded over pipelines, each example once an epoch
   pipeline       what every tf.data pipeline here is built with (no AutoGraph, no autotune thread)
-  cache          a split's decoded arrays beside the prepared data, checksummed
   sources        --dataset as a prepared dataset: TFDS (MNIST from local files) or image_folder
   image_folder   --dataset=image_folder:DIR prepared as TFDS records
   image_scan     an image folder's layout: class folders, splits, a DataError for anything else
   tfds_metadata  a prepared TFDS dataset opened from its metadata alone (no TFDS import)
+  mnist_tfds     MNIST's files written as TFDS's own mnist, without TFDS's per-example Python
   mnist          MNIST's files: canonical hashes, the bounded download, IDX reading
+  cache          a split's decoded arrays beside the prepared data, checksummed
   staging        gs:// inputs as local copies: staged metadata, record files fetched and checked
   files          locks, partial folders and the atomic replace every preparation uses
 

@@ -39,7 +39,7 @@ def load_split(builder, split: str, limit: int):
           f"is damaged ({str(e).strip().splitlines()[0][:300]}): prepare the dataset again (a "
           "new --data_dir, or delete the dataset's folder in it); of a gs:// --data_dir, whose "
           "local copies were checked against the bucket, upload a good copy.") from None
-    _save(builder, split, images, labels)
+    save(builder, split, images, labels)
   if limit:
     images, labels = images[:limit], labels[:limit]
   return np.asarray(images), np.asarray(labels)
@@ -101,8 +101,8 @@ def checksums_path(images_path: str) -> str:
   return images_path[:-len("-images.npy")] + "-crc32.json"
 
 
-def _save(builder, split: str, images, labels) -> None:
-  """Best effort (a read-only data_dir just decodes every run); each file lands whole, and the
+def save(builder, split: str, images, labels) -> None:
+  """Keeps a split's whole decoded arrays for the next runs. Best effort (a read-only data_dir just decodes every run); each file lands whole, and the
   checksums go last, so arrays without them are never used."""
   images_path, labels_path = decoded_paths(builder, split)
   sums = json.dumps({"images": _crc32(images), "labels": _crc32(labels)})

@@ -101,47 +101,6 @@ def download_mnist(target_dir: str, base_url: str = MNIST_URL,
   return target_dir
 
 
-def tfds_builder(data_dir: str):
-  """TFDS's own MNIST builder (same name, version, features, splits and record layout), whose
-  examples carry their images already PNG-encoded, all 70,000 in one parallel tf.data pass.
-
-  TFDS's builder encodes each image with its own eager TensorFlow call (image_feature.py,
-  _encode_image): two thirds of the preparation's time. The Image feature takes encoded bytes
-  as they are (encode_image_or_path), and tf.io.encode_png is the op TFDS runs, so the record
-  files come out byte for byte the same (tests/data_test.py compares them); bench/README.md
-  says what it saves. `_generate_examples` is the hook TFDS's builder-authoring guide has
-  every dataset implement; skip_registration keeps TFDS's registered `mnist` the catalog's.
-  """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-
-  class MNIST(tfds.image_classification.MNIST, skip_registration=True):
-    """MNIST, its images encoded in bulk."""
-
-    name = "mnist"
-
-    def _generate_examples(self, num_examples, data_path, label_path):
-      # data_path and label_path are the extracted IDX files: a 16- and an 8-byte header.
-      images = _raw(data_path, 16).reshape(-1, 28, 28, 1)[:num_examples]
-      labels = _raw(label_path, 8)[:num_examples]
-      # Batches of 1,000, each encoded by one map_fn, batches side by side: one element per
-      # image through tf.data's iterator cost more than the encoding itself.
-      encoded = tf.data.Dataset.from_tensor_slices(images).batch(1000).map(
-          lambda batch: tf.map_fn(tf.io.encode_png, batch, fn_output_signature=tf.string),
-          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-      pngs = (png for batch in encoded.as_numpy_iterator() for png in batch)
-      for index, (png, label) in enumerate(zip(pngs, labels)):
-        yield index, {"image": png, "label": int(label)}  # keys as TFDS's builder gives them
-
-  MNIST.__module__ = tfds.image_classification.MNIST.__module__  # dataset_info.json names it
-  return MNIST(data_dir=data_dir)
-
-
-def _raw(path: str, header: int) -> np.ndarray:
-  with open(path, "rb") as f:
-    return np.frombuffer(f.read(), np.uint8, offset=header)
-
-
 def read_idx(path: str) -> np.ndarray:
   """Reads a gzip IDX file (the canonical MNIST format) into a numpy array."""
   import gzip

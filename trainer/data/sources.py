@@ -10,9 +10,11 @@ import urllib.parse
 import urllib.request
 
 from trainer import errors
+from trainer.data import cache
 from trainer.data import files
 from trainer.data import image_folder
 from trainer.data import mnist
+from trainer.data import mnist_tfds
 from trainer.data import staging
 from trainer.data import tfds_metadata
 
@@ -58,7 +60,9 @@ def tfds_builder(dataset: str, data_dir: str):
   if not logs.verbose():
     tfds.disable_progress_bar()  # one log line per phase, not a progress bar per file
   try:
-    builder = tfds.builder(dataset, data_dir=data_dir)
+    # MNIST, the default, without first importing TFDS's catalog (a quarter of a second).
+    builder = (tfds.image_classification.MNIST(data_dir=data_dir) if dataset == "mnist"
+               else tfds.builder(dataset, data_dir=data_dir))
   except tfds.core.registered.DatasetNotFoundError:
     raise errors.ConfigError(f"--dataset={dataset!r} is not a TensorFlow Datasets name: use "
                              "mnist, fashion_mnist, kmnist, cifar10, ...") from None
@@ -153,13 +157,8 @@ def _prepare_tfds(dataset: str, data_dir: str, mnist_source_dir: str, num_shards
       # has empty metadata (no splits).
       return tfds_builder(dataset, data_dir)
     if dataset == "mnist":
-      source = mnist.source_dir(data_dir, mnist_source_dir)
-      mnist.verify_mnist_files(source)
-      builder = mnist.tfds_builder(data_dir)
-      builder.URL = source.rstrip("/") + "/"
-      logging.info("Preparing TFDS mnist in %s from %s", data_dir, source)
-    else:
-      check_download_hosts(dataset, (builder.url_infos or {}).keys())
+      return _prepare_mnist(builder, data_dir, mnist_source_dir, num_shards)
+    check_download_hosts(dataset, (builder.url_infos or {}).keys())
     downloads = download_dir(data_dir, dataset)
     try:
       import tensorflow_datasets as tfds
@@ -174,6 +173,27 @@ def _prepare_tfds(dataset: str, data_dir: str, mnist_source_dir: str, num_shards
                              f"{e}") from e
     finally:
       shutil.rmtree(downloads, ignore_errors=True)
+  return builder
+
+
+def _prepare_mnist(builder, data_dir: str, mnist_source_dir: str, num_shards: int):
+  """TFDS's mnist written from the four local files (trainer/data/mnist_tfds.py), and the
+  decoded cache of each split kept from the same arrays (no PNG decoded back). The caller
+  holds the dataset's lock."""
+  source = mnist.source_dir(data_dir, mnist_source_dir)
+  mnist.verify_mnist_files(source)
+  logging.info("Preparing TFDS mnist in %s from %s", data_dir, source)
+  try:
+    arrays = mnist_tfds.write(builder, source, num_shards)
+  except Exception as e:  # OSError, or TensorFlow's own error types for its writer
+    raise errors.DataError(f"Could not prepare --dataset=mnist in --data_dir={data_dir}: "
+                           f"{e}") from e
+  builder = tfds_builder("mnist", data_dir)
+  for split, (images, labels) in arrays.items():
+    # The cache holds a split in the order TFDS reads it: one file's order; several files
+    # TFDS interleaves (as_dataset), and those are decoded once by cache.load_split.
+    if len(builder.info.splits[split].filepaths) == 1:
+      cache.save(builder, split, images, labels)
   return builder
 
 
