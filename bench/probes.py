@@ -114,7 +114,7 @@ def keras_throughput() -> dict:
   import keras
   from trainer import data
   from trainer import model as model_lib
-  splits = data.load(_config())
+  splits = data.load(_config().data)
   keras.utils.set_random_seed(FLAGS.seed)
   model = model_lib.build_model(_config(**SAME_MODEL).model, splits.image_shape, splits.num_classes)
   model.compile(optimizer=keras.optimizers.Adam(1e-3),
@@ -142,7 +142,7 @@ def pipeline() -> dict:
     fn = stream.train_dataset_fn(source, batch, seed=1,
                                  shuffle_buffer=config.data.shuffle_buffer, total_steps=n + 200)
   else:
-    splits = data.load(config)
+    splits = data.load(config.data)
     fn = data.train_dataset_fn(splits.train_images, splits.train_labels, batch, seed=1,
                                total_steps=n + 200)
   iterator = iter(fn(tf.distribute.InputContext()))
@@ -204,7 +204,7 @@ def prepare() -> dict:
   from trainer import data
   if FLAGS.mode == "mnist":
     data.prepare("mnist", FLAGS.data_dir, num_shards=4)
-    splits = data.load(_config())
+    splits = data.load(_config().data)
     if not os.path.exists(FLAGS.npz):
       np.savez_compressed(FLAGS.npz + ".tmp.npz", x_train=splits.train_images[..., 0],
                y_train=splits.train_labels.astype(np.uint8), x_test=splits.test_images[..., 0],
@@ -216,7 +216,7 @@ def prepare() -> dict:
       name = synth.name_for(multiple)
       synth.write(FLAGS.data_dir, name, int(multiple) * synth.MNIST_TRAIN)
       if multiple in FLAGS.in_memory:
-        data.load(_config(dataset=name))
+        data.load(_config(dataset=name).data)
   with open(FLAGS.marker, "w"):
     pass
   return {}

@@ -375,7 +375,7 @@ def test_synthetic_dataset_is_readable_by_the_trainer(tmp_path):
   assert source.counts == (84, 83, 83) and source.image_shape == (28, 28, 1)
   config = config_lib.Config(model_dir=str(tmp_path / "m"), data_dir=str(tmp_path),
                              dataset="synth_mnist_tiny", epochs=1)
-  splits = data.load(config)
+  splits = data.load(config.data)
   pixels, labels = synth.images(100, seed=1)
   # TFDS interleaves the files, so compare (image, label) pairs as multisets: the 100 distinct
   # ones, repeated past `distinct`.

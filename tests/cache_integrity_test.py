@@ -66,7 +66,7 @@ def test_read_only_prepared_data_dir_loads_in_memory_and_streams(synthetic_tfds_
   frozen = read_only(copy)
   before = sorted(os.listdir(os.path.join(frozen, "mnist", "3.0.1")))
   builder = data.prepare("mnist", frozen)
-  splits = data.load(config_lib.Config(epochs=1, data_dir=frozen), builder)
+  splits = data.load(config_lib.Config(epochs=1, data_dir=frozen).data, builder)
   assert splits.train_images.shape == (1200, 28, 28, 1)
   source = data.record_source(builder, examples_read=10 ** 9)
   assert source.decoded and [os.path.basename(f) for f in source.files] == [

@@ -67,7 +67,7 @@ def test_not_image_classification(tmp_path):
 @pytest.mark.slow
 def test_real_mnist_splits(tfds_dir):
   from trainer import config as config_lib
-  splits = data.load(config_lib.Config(epochs=1, data_dir=tfds_dir))
+  splits = data.load(config_lib.Config(epochs=1, data_dir=tfds_dir).data)
   assert splits.train_images.shape == (60000, 28, 28, 1)
   assert splits.test_images.shape == (10000, 28, 28, 1)
   assert splits.train_images.dtype == np.uint8 and splits.train_labels.dtype == np.int32
@@ -391,11 +391,11 @@ def test_synthetic_dataset_loads_in_both_modes(synthetic_tfds_dir):
   from trainer import config as config_lib
   config = config_lib.Config(epochs=1, data_dir=synthetic_tfds_dir)
   builder = data.prepare("mnist", synthetic_tfds_dir)
-  splits = data.load(config, builder)
+  splits = data.load(config.data, builder)
   assert splits.train_images.shape == (SYNTHETIC_SIZES["train"], 28, 28, 1)
   assert splits.test_images.shape == (SYNTHETIC_SIZES["test"], 28, 28, 1)
   assert splits.num_classes == 10 and set(np.unique(splits.train_labels)) == set(range(10))
-  assert data.choose_input_mode(config, builder)[0] == "in_memory"
+  assert data.choose_input_mode(config.data, builder)[0] == "in_memory"
   expected_mb = SYNTHETIC_SIZES["train"] * (28 * 28 + 4) / 2 ** 20  # image bytes + int32 label
   assert data.decoded_train_mb(builder) == pytest.approx(expected_mb)
   source = data.record_source(builder)
@@ -417,25 +417,25 @@ def test_the_input_plan_is_decided_once_and_read_by_the_pipelines(synthetic_tfds
   runtime = distribute.Runtime(tf.distribute.OneDeviceStrategy("/cpu:0"), cluster.ClusterInfo(),
                                "one_device")
   config = config_lib.Config(epochs=2, data_dir=copy, global_batch_size=100)
-  memory = data.plan(config, runtime)
+  memory = data.plan(config.data, config.training, runtime)
   assert memory.mode == "in_memory" and "within --in_memory_limit_mb=2048" in memory.reason
   assert (memory.steps_per_epoch, memory.total_steps, memory.num_train) == (12, 24, 1200)
   assert (memory.pipelines, memory.local_pipeline_ids, memory.source, memory.record_files,
           memory.epoch) == (0, (), None, 0, None), "in memory the order depends on none"
-  splits = data.load(config, memory.builder, with_test=False)
-  x, _, w = next(iter(data.train_input(memory, splits, config, 0)(tf.distribute.InputContext())))
+  splits = data.load(config.data, memory.builder, with_test=False)
+  x, _, w = next(iter(data.train_input(memory, splits, config.data, config.training, 0)(tf.distribute.InputContext())))
   assert x.shape == (100, 28, 28, 1) and float(tf.reduce_sum(w)) == 100
 
   config = config_lib.Config(epochs=2, data_dir=copy, global_batch_size=100, input_mode="stream",
                              shuffle_buffer=8)
-  streamed = data.plan(config, runtime)
+  streamed = data.plan(config.data, config.training, runtime)
   assert (streamed.mode, streamed.reason) == ("stream", "--input_mode")
   assert (streamed.pipelines, streamed.local_pipeline_ids, streamed.record_files) == (1, (0,), 4)
   assert streamed.epoch == stream.plan_epoch(streamed.source.counts, 1, 100)
   assert (streamed.steps_per_epoch, streamed.total_steps) == (streamed.epoch.steps, 24)
   assert streamed.source.decoded, "the run reads its files whole: decoded once, up front"
   ctx = tf.distribute.InputContext()
-  batches = list(data.train_input(streamed, None, config, 0)(ctx).take(12))
+  batches = list(data.train_input(streamed, None, config.data, config.training, 0)(ctx).take(12))
   assert sum(float(tf.reduce_sum(w)) for _, _, w in batches) == 1200, "each example once"
   other = stream.plan_epoch(streamed.source.counts, 2, 50)
   fn = stream.train_dataset_fn(streamed.source, 100, 1, 8, total_steps=24, epoch_plan=other)

@@ -40,7 +40,8 @@ def _config(**kw):
     (dict(num_cpu_devices=3), SINGLE, 0, 2, 3),
 ])
 def test_cpu_device_count(kw, the_cluster, gpus, cores, expected):
-  assert distribute.cpu_device_count(_config(**kw), the_cluster, gpus, cores) == expected
+  assert distribute.cpu_device_count(_config(**kw).runtime, _config(**kw).training.global_batch_size,
+                                     the_cluster, gpus, cores) == expected
 
 
 @pytest.mark.parametrize("devices, gpus, expected", [
@@ -74,10 +75,10 @@ def test_nccl_without_gpus_is_an_error():
     ("nccl", tf.distribute.experimental.CommunicationImplementation.NCCL)])
 def test_communication_options_carry_the_flags(collective, implementation):
   options = distribute.communication_options(
-      _config(bytes_per_pack=4 << 20, collective_timeout_s=42.0), collective)
+      _config(bytes_per_pack=4 << 20, collective_timeout_s=42.0).runtime, collective)
   assert options.implementation == implementation
   assert options.bytes_per_pack == 4 << 20 and options.timeout_seconds == 42.0
-  assert distribute.communication_options(_config(), collective).bytes_per_pack == 0
+  assert distribute.communication_options(_config().runtime, collective).bytes_per_pack == 0
 
 
 def test_mirrored_all_reduce_by_device():
@@ -104,13 +105,13 @@ def test_all_reduce_description(kind, collective, gpus, pack, expected):
 
 def test_start_up_log_names_the_all_reduce_and_an_ignored_pack_size(caplog):
   caplog.set_level("INFO")
-  distribute._log_all_reduce(_config(bytes_per_pack=1024), "mirrored", "ring", 0)
+  distribute._log_all_reduce(_config(bytes_per_pack=1024).runtime, "mirrored", "ring", 0)
   assert "All-reduce: ReductionToOneDevice across this machine's CPU devices " \
          "(--collective_implementation=auto)." in caplog.text
   assert "--bytes_per_pack=1024 applies to the all-reduce between workers; this mirrored run " \
          "ignores it." in caplog.text
   caplog.clear()
-  distribute._log_all_reduce(_config(bytes_per_pack=1024), "multi_worker_mirrored", "ring", 0)
+  distribute._log_all_reduce(_config(bytes_per_pack=1024).runtime, "multi_worker_mirrored", "ring", 0)
   assert "packs of 1024 bytes" in caplog.text and "ignores it" not in caplog.text
 
 
@@ -130,7 +131,8 @@ def test_tensorflow_started_before_the_run_keeps_its_devices():
       "import tensorflow as tf\n"
       "from trainer import config\nfrom trainer.runtime import cluster, distribute\n"
       "tf.constant(1.0) + 1  # TensorFlow starts with one CPU device\n"
-      "rt = distribute.create_runtime(config.Config(epochs=1, num_cpu_devices=2),"
+      "c = config.Config(epochs=1, num_cpu_devices=2)\n"
+      "rt = distribute.create_runtime(c.runtime, c.training.global_batch_size,"
       " cluster.ClusterInfo())\n"
       "print('replicas', rt.kind, rt.num_replicas)\n"
       "print('sum', float(rt.strategy.reduce('SUM', rt.strategy.run(lambda: tf.constant(2.0)),"
@@ -154,9 +156,8 @@ kind = sys.argv[1]
 if kind == "multi_worker_mirrored":  # one local worker: no TF_CONFIG needed
   rt = distribute.Runtime(tf.distribute.MultiWorkerMirroredStrategy(), cluster.ClusterInfo(), kind)
 else:
-  rt = distribute.create_runtime(config.Config(
-      epochs=1, strategy=kind, num_cpu_devices=2 if kind == "mirrored" else 1),
-      cluster.ClusterInfo())
+  c = config.Config(epochs=1, strategy=kind, num_cpu_devices=2 if kind == "mirrored" else 1)
+  rt = distribute.create_runtime(c.runtime, c.training.global_batch_size, cluster.ClusterInfo())
 labels = np.arange(100, dtype=np.int32)
 fn = data.train_dataset_fn(np.zeros((100, 2, 2, 1), np.uint8), labels, 8, 3, 0, 26)
 def take(iterator):
@@ -195,7 +196,7 @@ def test_multi_worker_strategy_gets_the_communication_options():
       "from trainer import config\nfrom trainer.runtime import cluster, distribute\n"
       "c = config.Config(epochs=1, bytes_per_pack=4096, collective_timeout_s=30.0)\n"
       "s = distribute._multi_worker(cluster.ClusterInfo(), distribute.communication_options(\n"
-      "    c, distribute.choose_collective(c.runtime.collective_implementation, 0)))\n"
+      "    c.runtime, distribute.choose_collective(c.runtime.collective_implementation, 0)))\n"
       "o = s.extended._communication_options\n"
       "print('options', o.implementation.value, o.bytes_per_pack, o.timeout_seconds)\n"
       "print('sum', float(s.reduce('SUM', s.run(lambda: tf.constant(2.0)), axis=None)))\n")

@@ -42,15 +42,15 @@ def test_a_bad_evaluator_timeout_exits_2_before_tensorflow_loads(tmp_path):
 
 def test_the_final_marker_belongs_to_the_step_budget_that_wrote_it(tmp_path):
   config = config_lib.Config(model_dir=str(tmp_path / "run"), train_steps=20)
-  paths = outputs.resolve(config, "evaluator:0", {})
-  assert outputs.final_step(paths, config) is None
-  outputs.write_final_step(paths, 20, config)
-  assert outputs.final_step(paths, config) == 20
+  paths = outputs.resolve(config.outputs, "evaluator:0", {})
+  assert outputs.final_step(paths, config.training) is None
+  outputs.write_final_step(paths, 20, config.training)
+  assert outputs.final_step(paths, config.training) == 20
   # A run that goes on to 40 steps must not take the 20-step run's marker for its own.
-  assert outputs.final_step(paths, config.replace(train_steps=40)) is None
-  assert outputs.final_step(paths, config.replace(train_steps=None, epochs=1)) is None
+  assert outputs.final_step(paths, config.replace(train_steps=40).training) is None
+  assert outputs.final_step(paths, config.replace(train_steps=None, epochs=1).training) is None
   (tmp_path / "run" / "checkpoints" / outputs.FINAL_MARKER).write_text("{not json")
-  assert outputs.final_step(paths, config) is None
+  assert outputs.final_step(paths, config.training) is None
   outputs.remove_final_step(paths)
   outputs.remove_final_step(paths)  # a missing marker is fine
   assert not (tmp_path / "run" / "checkpoints" / outputs.FINAL_MARKER).exists()

@@ -28,12 +28,12 @@ def untrained(tfds_dir, tmp_path_factory):
   from trainer import step
   root = tmp_path_factory.mktemp("untrained")
   config = config_lib.Config(model_dir=str(root / "run"), data_dir=tfds_dir, train_steps=1)
-  splits = data.load(config, with_train=False)
+  splits = data.load(config.data, with_train=False)
   keras.utils.set_random_seed(0)
   policy = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy("mixed_bfloat16")
   try:
-    eval_model = step.EvalModel(config, splits)
+    eval_model = step.EvalModel(config.model, splits)
     export_dir = export.export_saved_model(
         eval_model, eval_model.model.get_weights(), splits.image_shape,
         str(root / "run" / "export"), splits.class_names)
@@ -114,7 +114,7 @@ def test_trained_export_classifies_digits_in_every_loader(tiny, tmp_path):
                 steps_per_loop=25, log_every_steps=50, checkpoint_every_steps=150)
   train.train_and_evaluate(config)
   export_dir = os.path.join(config.outputs.model_dir, "export")
-  splits = data.load(config, with_train=False)
+  splits = data.load(config.data, with_train=False)
   images = splits.test_images[:KNOWN_DIGITS]
   labels = splits.test_labels[:KNOWN_DIGITS]
 

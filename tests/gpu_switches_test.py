@@ -149,9 +149,9 @@ from trainer.runtime import distribute
 from trainer import step
 c = config.Config(epochs=1, global_batch_size=8, num_cpu_devices=2, model_widths=(4,),
                   kernel_sizes=(3,), pool_sizes=(2,), precision="mixed")
-rt = distribute.create_runtime(c, cluster.ClusterInfo())
-step.set_precision_and_seeds(c, {step.POLICY_OVERRIDE: "mixed_float16"})
-train_step = step.TrainStep(c, rt, (28, 28, 1), 10, 10)
+rt = distribute.create_runtime(c.runtime, c.training.global_batch_size, cluster.ClusterInfo())
+step.set_precision_and_seeds(c.training, {step.POLICY_OVERRIDE: "mixed_float16"})
+train_step = step.TrainStep(c.model, c.optimizer, c.training, rt, (28, 28, 1), 10, 10)
 
 def replica_input(ctx):  # replica 1's images are inf: only its gradients overflow
   x = np.full((4, 28, 28, 1), np.inf if ctx.input_pipeline_id == 1 else 0.5, np.float32)

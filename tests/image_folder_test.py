@@ -69,7 +69,7 @@ def test_prepare_writes_both_splits_with_class_names(tmp_path):
                  for c in COLOURS for n in os.listdir(os.path.join(folder, c)))
   assert test == expected
   splits = data.load(config_lib.Config(epochs=1, dataset=f"image_folder:{folder}",
-                                       data_dir=str(tmp_path / "tfds")), builder)
+                                       data_dir=str(tmp_path / "tfds")).data, builder)
   assert splits.image_shape == (20, 20, 3) and splits.num_classes == 3
   assert splits.class_names == ("blue", "green", "red")
   assert splits.train_images.dtype == np.uint8 and len(splits.train_labels) == train

@@ -44,7 +44,7 @@ def untrained(tmp_path_factory):
   splits = data.Splits(None, None, None, None, num_classes=10, image_shape=(28, 28, 1),
                        class_names=tuple(str(i) for i in range(10)))
   keras.utils.set_random_seed(0)
-  eval_model = step.EvalModel(config, splits)
+  eval_model = step.EvalModel(config.model, splits)
   export.export_saved_model(eval_model, eval_model.model.get_weights(), splits.image_shape,
                             str(model_dir / "export"), splits.class_names)
   return str(model_dir)

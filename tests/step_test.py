@@ -13,12 +13,12 @@ from trainer import step
 def test_cpu_speed_warnings_name_the_flag():
   from trainer import config as config_lib
   c = config_lib.Config(epochs=1, xla=True, precision="mixed")
-  warnings = step.cpu_speed_warnings(c, has_gpu=False, cpu_flags={"avx2", "fma"})
+  warnings = step.cpu_speed_warnings(c.training, has_gpu=False, cpu_flags={"avx2", "fma"})
   assert any("--xla" in w for w in warnings) and any("--precision=mixed" in w for w in warnings)
   assert not any("--precision" in w
-                 for w in step.cpu_speed_warnings(c, False, {"avx512_bf16"}))
-  assert step.cpu_speed_warnings(c, has_gpu=True, cpu_flags=set()) == []
-  assert step.cpu_speed_warnings(config_lib.Config(epochs=1), False, set()) == []
+                 for w in step.cpu_speed_warnings(c.training, False, {"avx512_bf16"}))
+  assert step.cpu_speed_warnings(c.training, has_gpu=True, cpu_flags=set()) == []
+  assert step.cpu_speed_warnings(config_lib.Config(epochs=1).training, False, set()) == []
 
 
 @pytest.mark.parametrize("precision, gpu, environ, cpu_bf16, expected", [
@@ -49,7 +49,7 @@ def test_auto_precision_follows_this_machine():
   bfloat16 and TensorFlow runs oneDNN (TF_ENABLE_ONEDNN_OPTS=0 turns it off)."""
   import keras
   try:
-    step.set_precision_and_seeds(config_lib.Config(epochs=1), environ={})
+    step.set_precision_and_seeds(config_lib.Config(epochs=1).training, environ={})
     expected = "mixed_bfloat16" if step.cpu_computes_bfloat16() else "float32"
     assert step.policy_name() == expected
   finally:
@@ -64,8 +64,8 @@ def test_bad_policy_override_names_the_variable():
 def test_no_bfloat16_warning_for_float16():
   from trainer import config as config_lib
   c = config_lib.Config(epochs=1, precision="mixed")
-  assert step.cpu_speed_warnings(c, False, set(), "mixed_float16") == []
-  assert step.cpu_speed_warnings(c, False, set(), "mixed_bfloat16")
+  assert step.cpu_speed_warnings(c.training, False, set(), "mixed_float16") == []
+  assert step.cpu_speed_warnings(c.training, False, set(), "mixed_bfloat16")
 
 
 @pytest.mark.parametrize("test_examples", [2500, 600])
@@ -77,7 +77,7 @@ def test_warm_up_traces_what_evaluation_then_uses(test_examples):
                        rng.integers(0, 10, test_examples).astype(np.int32), num_classes=10,
                        image_shape=(28, 28, 1))
   config = config_lib.Config(epochs=1, model_widths=(8, 16))
-  cold, warm = step.EvalModel(config, splits), step.EvalModel(config, splits)
+  cold, warm = step.EvalModel(config.model, splits), step.EvalModel(config.model, splits)
   weights = cold.model.get_weights()
   warm.warm_up()
   assert warm._sums.experimental_get_tracing_count() == 1  # pylint: disable=protected-access

@@ -105,14 +105,14 @@ def test_load_fetches_what_it_decodes(env, emulator, uri, tmp_path):
   config = config_lib.Config(model_dir=str(tmp_path / "run"), data_dir=uri, epochs=1,
                              train_examples=100, eval_examples=100)
   before = emulator.downloads(BUCKET)
-  splits = data.load(config, builder, with_train=False, with_test=False)  # not the chief
+  splits = data.load(config.data, builder, with_train=False, with_test=False)  # not the chief
   assert splits.test_images is None and splits.image_shape == (28, 28, 1)
   assert not emulator.downloads(BUCKET) - before, "a worker that does not evaluate fetches none"
-  splits = data.load(config, builder, with_train=False)
+  splits = data.load(config.data, builder, with_train=False)
   assert splits.test_images.shape == (100, 28, 28, 1)
   assert {n[len("mnist4/"):] for n in emulator.downloads(BUCKET) - before} == set(TEST)
   before = emulator.downloads(BUCKET)
-  splits = data.load(config, builder, with_train=True)
+  splits = data.load(config.data, builder, with_train=True)
   assert splits.train_images.shape == (100, 28, 28, 1)
   assert {n[len("mnist4/"):] for n in emulator.downloads(BUCKET) - before} == set(TRAIN)
 

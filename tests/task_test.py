@@ -166,7 +166,7 @@ def test_a_local_run_loads_no_plotting_or_bucket_libraries(tmp_path, tfds_dir):
   from trainer import config as config_lib  # pylint: disable=import-outside-toplevel
   from trainer import data  # pylint: disable=import-outside-toplevel
   assert importlib.util.find_spec("matplotlib") is not None  # else this test proves nothing
-  data.load(config_lib.Config(data_dir=tfds_dir, epochs=1))  # decoded once, as a first run does
+  data.load(config_lib.Config(data_dir=tfds_dir, epochs=1).data)  # decoded once, as a first run does
   code = (
       "import atexit, runpy, sys\n"
       "atexit.register(lambda: print('LOADED', 'keras' in sys.modules, sorted(\n"

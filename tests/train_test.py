@@ -71,7 +71,7 @@ def test_space_to_depth_model_trains_and_exports(tiny):
   assert metrics["test_accuracy"] > 0.3
   served = tf.saved_model.load(os.path.join(config.outputs.model_dir, "export"))
   from trainer import data
-  splits = data.load(config)
+  splits = data.load(config.data)
   images = splits.test_images[:200]
   classes = served.signatures["serving_default"](images=tf.constant(images))["classes"].numpy()
   accuracy = float((classes == splits.test_labels[:200]).mean())

@@ -170,14 +170,16 @@ class CheckpointStore:
     self._manager = tf.train.CheckpointManager(self._checkpoint, save_dir, max_to_keep=keep)
 
 
-def run_shape(config, num_workers: int, stream_pipelines: int = 0, record_files: int = 0) -> dict:
-  """What the order of a run's examples depends on (data.train_dataset_fn, stream.plan_epoch):
-  stream_pipelines and record_files are stream mode's (0: in memory)."""
-  shape = {"dataset": config.data.dataset, "input_mode": "stream" if stream_pipelines else "in_memory",
-           "global_batch_size": config.training.global_batch_size, "seed": config.training.seed,
-           "train_examples": config.data.train_examples, "num_workers": num_workers}
+def run_shape(data, training, num_workers: int, stream_pipelines: int = 0,
+              record_files: int = 0) -> dict:
+  """What the order of a run's examples depends on (data.train_dataset_fn, stream.plan_epoch),
+  from its DataConfig and TrainingConfig: stream_pipelines and record_files are stream mode's
+  (0: in memory)."""
+  shape = {"dataset": data.dataset, "input_mode": "stream" if stream_pipelines else "in_memory",
+           "global_batch_size": training.global_batch_size, "seed": training.seed,
+           "train_examples": data.train_examples, "num_workers": num_workers}
   if stream_pipelines:
-    shape.update(shuffle_buffer=config.data.shuffle_buffer, input_pipelines=stream_pipelines,
+    shape.update(shuffle_buffer=data.shuffle_buffer, input_pipelines=stream_pipelines,
                  record_files=record_files)
   return shape
 

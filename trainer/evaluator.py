@@ -40,7 +40,7 @@ def run(config, environ=None) -> list:
   checkpoint appears for --evaluator_timeout_s while training has not finished, or on SIGTERM.
   """
   environ = os.environ if environ is None else environ
-  paths = outputs_lib.resolve(config, TASK_NAME, environ)
+  paths = outputs_lib.resolve(config.outputs, TASK_NAME, environ)
   # The evaluator writes eval_metrics.json into model_dir and summaries into tensorboard_dir:
   # a 403 or a missing bucket fails here, naming the flag, as it does on the chief.
   outputs_lib.preflight(paths, is_chief=True)
@@ -49,7 +49,7 @@ def run(config, environ=None) -> list:
   source = _Checkpoints(paths.checkpoint_dir)
   evaluator = None
   try:
-    evaluator = _Evaluator(config, paths)
+    evaluator = _Evaluator(config.data, config.model, paths)
     return _follow(config, paths, source, evaluator, stop)
   finally:
     signal.signal(signal.SIGTERM, previous)
@@ -73,7 +73,7 @@ def _follow(config, paths, source, evaluator, stop: threading.Event) -> list:
           "rerun it to go on (it starts from the newest checkpoint).")
     # The marker first: the chief writes it after the final checkpoint, so a marker seen here
     # means the listing below already shows that checkpoint.
-    final = outputs_lib.final_step(paths, config)
+    final = outputs_lib.final_step(paths, config.training)
     found = source.newest_after(last)
     if found is not None:
       evaluator.evaluate(*found)
@@ -181,15 +181,13 @@ class _Evaluator:
   """The test split, the model checkpoints are restored into, the float32 EvalModel the chief
   evaluates with, the eval summaries and the history."""
 
-  def __init__(self, config, paths):
+  def __init__(self, data_config, model_config, paths):
     self._paths = paths
-    builder = data.prepare(config.data.dataset, config.data.data_dir, config.data.mnist_source_dir,
-                           config.data.num_shards, config.data.image_size, config.data.eval_fraction)
-    splits = data.load(config, builder, with_train=False)
-    self._eval_model = step_lib.EvalModel(config, splits)
+    splits = data.load(data_config, with_train=False)
+    self._eval_model = step_lib.EvalModel(model_config, splits)
     # The same model as the chief's, built once; each checkpoint's weights are restored into it.
     # This process keeps Keras' float32 policy (a mixed-precision run's variables are float32).
-    self._model = model_lib.build_model(config.model, splits.image_shape, splits.num_classes)
+    self._model = model_lib.build_model(model_config, splits.image_shape, splits.num_classes)
     self._checkpoint = tf.train.Checkpoint(model=self._model)
     self._writer = tf.summary.create_file_writer(os.path.join(paths.local_log_dir, SUMMARY_RUN))
     self.history = _read_history(paths)

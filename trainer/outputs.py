@@ -24,9 +24,14 @@ class RunOutputs:
   this object publishes them: after each checkpoint and at the end.
   """
 
-  def __init__(self, config, task_name: str, environ, is_chief: bool):
+  def __init__(self, config, training, max_job_restarts: int, task_name: str, environ,
+               is_chief: bool):
+    """config: the OutputsConfig; training: the TrainingConfig, whose step budget the final
+    step's marker records; max_job_restarts: --max_job_restarts."""
     self.paths = resolve(config, task_name, environ)
     self._config = config
+    self._training = training
+    self._max_job_restarts = max_job_restarts
     self._environ = environ
     self.is_chief = is_chief
     self._locks = []
@@ -59,8 +64,7 @@ class RunOutputs:
                                             self.paths.local_model_dir)
       # A finished run's marker is stale once this run may train further.
       remove_final_step(self.paths)
-      restarts.record_start(self.paths.checkpoint_dir, self._config.runtime.max_job_restarts,
-                            start_step)
+      restarts.record_start(self.paths.checkpoint_dir, self._max_job_restarts, start_step)
 
   def after_checkpoint(self, path: str) -> None:
     if self.is_chief:
@@ -75,7 +79,7 @@ class RunOutputs:
   def export(self, eval_model, weights, image_shape, class_names=()) -> None:
     """The chief exports `weights` (a SavedModel, with the class names) and publishes it, when
     --export is on."""
-    if not (self.is_chief and self._config.outputs.export):
+    if not (self.is_chief and self._config.export):
       return
     fencing.check()  # TensorFlow writes the export, into model_dir itself when it is local
     from trainer import export  # TensorFlow's SavedModel code, only when exporting
@@ -90,7 +94,7 @@ class RunOutputs:
       return
     fencing.check()
     write_metrics(self.paths, metrics)
-    write_final_step(self.paths, metrics["global_step"], self._config)
+    write_final_step(self.paths, metrics["global_step"], self._training)
     self.summaries.flush()
     publish_logs(self.paths)
     report_hypertune(metrics, self._environ)
@@ -131,11 +135,12 @@ def _local(path: str, mirror_root: str, name: str) -> str:
 
 
 def resolve(config, task_name: str, environ) -> RunPaths:
+  """The paths of an OutputsConfig for one task (a hyperparameter-tuning trial's own)."""
   trial = environ.get("CLOUD_ML_TRIAL_ID", "")
-  model_dir = _with_trial(config.outputs.model_dir, trial)
-  checkpoint_dir = _with_trial(config.outputs.checkpoint_dir, trial) if config.outputs.checkpoint_dir else (
-      storage.join(model_dir, "checkpoints"))
-  tensorboard_dir = (_with_trial(config.outputs.tensorboard_dir, trial) if config.outputs.tensorboard_dir
+  model_dir = _with_trial(config.model_dir, trial)
+  checkpoint_dir = (_with_trial(config.checkpoint_dir, trial) if config.checkpoint_dir
+                    else storage.join(model_dir, "checkpoints"))
+  tensorboard_dir = (_with_trial(config.tensorboard_dir, trial) if config.tensorboard_dir
                      else storage.join(model_dir, "logs"))
   cache = storage.cache_root(environ)
   # One mirror per (run, task): workers sharing a machine must not share files.
@@ -184,17 +189,18 @@ def write_metrics(paths: RunPaths, metrics: dict) -> None:
                      json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-def write_final_step(paths: RunPaths, step: int, config) -> None:
-  """Marks `step` as the run's last checkpoint, with the step budget that made it the last.
+def write_final_step(paths: RunPaths, step: int, training) -> None:
+  """Marks `step` as the run's last checkpoint, with the step budget (of the TrainingConfig)
+  that made it the last.
 
   The budget (--train_steps, --epochs) tells a marker left by an earlier run with another
   budget from this run's: an evaluator may start before the chief removes it (begin()).
   """
   storage.write_text(storage.join(paths.checkpoint_dir, FINAL_MARKER), json.dumps(
-      {"step": int(step), **_budget(config)}, sort_keys=True) + "\n")
+      {"step": int(step), **_budget(training)}, sort_keys=True) + "\n")
 
 
-def final_step(paths: RunPaths, config):
+def final_step(paths: RunPaths, training):
   """The finished run's last step from its marker, or None while training has not finished.
 
   A marker written under another step budget, or unreadable, is not this run's: None.
@@ -210,7 +216,7 @@ def final_step(paths: RunPaths, config):
   if not isinstance(marker, dict) or type(marker.get("step")) is not int:
     logging.warning("%s has no integer step; treating training as unfinished.", path)
     return None
-  if {k: marker.get(k) for k in _budget(config)} != _budget(config):
+  if {k: marker.get(k) for k in _budget(training)} != _budget(training):
     return None  # an earlier run's, with another --train_steps/--epochs
   return marker["step"]
 
@@ -222,8 +228,8 @@ def remove_final_step(paths: RunPaths) -> None:
     pass
 
 
-def _budget(config) -> dict:
-  return {"train_steps": config.training.train_steps, "epochs": config.training.epochs}
+def _budget(training) -> dict:
+  return {"train_steps": training.train_steps, "epochs": training.epochs}
 
 
 def publish_export(paths: RunPaths, local_export: str) -> str:

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import config as config_lib
 from trainer import data
 from trainer import errors
 from trainer import model as model_lib
@@ -26,17 +27,19 @@ MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
 class TrainStep:
   """Model, optimizer, step counter and the compiled multi-step training function."""
 
-  def __init__(self, config, runtime, image_shape, num_classes, total_steps):
-    self.config = config
+  def __init__(self, model: config_lib.ModelConfig, optimizer: config_lib.OptimizerConfig,
+               training: config_lib.TrainingConfig, runtime, image_shape, num_classes,
+               total_steps):
+    self._training = training
+    self._label_smoothing = optimizer.label_smoothing
     self.strategy = runtime.strategy
     # Seeded again right before the weights are drawn: whatever ran since start-up (TFDS, a
     # GCS client's retries and multipart boundaries) may have drawn from the global sources,
     # and a seeded run must not depend on how many storage retries it had.
-    keras.utils.set_random_seed(config.training.seed)
+    keras.utils.set_random_seed(training.seed)
     with self.strategy.scope():
-      self.model = model_lib.build_model(config.model, image_shape, num_classes)
-      self.optimizer = schedule.make_optimizer(config.optimizer, config.training.global_batch_size,
-                                                total_steps)
+      self.model = model_lib.build_model(model, image_shape, num_classes)
+      self.optimizer = schedule.make_optimizer(optimizer, training.global_batch_size, total_steps)
       self.optimizer.build(self.model.trainable_variables)
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
       self.loss_sum = _sum_variable()
@@ -49,7 +52,7 @@ class TrainStep:
     self._num_classes = num_classes
     self._seed_generators = [layer.seed_generator for layer in self.model.layers
                              if getattr(layer, "seed_generator", None) is not None]
-    self._grads = tf.function(self._compute_grads, jit_compile=True) if config.training.xla else (
+    self._grads = tf.function(self._compute_grads, jit_compile=True) if training.xla else (
         self._compute_grads)
     # Written in graph ops (tf.while_loop, no Python control flow on tensors), so AutoGraph's
     # conversion of it and of every Keras call under it, about half a second of tracing, is
@@ -61,12 +64,12 @@ class TrainStep:
       logits = self.model(images, training=True)
       per_example = keras.losses.categorical_crossentropy(
           tf.one_hot(labels, self._num_classes), logits, from_logits=True,
-          label_smoothing=self.config.optimizer.label_smoothing)
-      if self.config.training.inject_nan_at_step:
-        poisoned = self.step + 1 >= self.config.training.inject_nan_at_step
+          label_smoothing=self._label_smoothing)
+      if self._training.inject_nan_at_step:
+        poisoned = self.step + 1 >= self._training.inject_nan_at_step
         per_example *= tf.where(poisoned, float("nan"), 1.0)
       # Scaled by the global batch so summing gradients over replicas gives the mean.
-      loss = tf.reduce_sum(per_example * weights) / self.config.training.global_batch_size
+      loss = tf.reduce_sum(per_example * weights) / self._training.global_batch_size
       scaled = self.optimizer.scale_loss(loss) if self._loss_scaled else loss
     grads = tape.gradient(scaled, self.model.trainable_variables)
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
@@ -80,7 +83,7 @@ class TrainStep:
     """
     replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
     for generator in self._seed_generators:
-      generator.state.assign(tf.stack([self.config.training.seed * 1000 + replica, self.step]))
+      generator.state.assign(tf.stack([self._training.seed * 1000 + replica, self.step]))
 
   def _replica_step(self, batch):
     images, labels, weights = batch
@@ -121,12 +124,12 @@ class EvalModel:
   rebuild or retrace anything. The chief and the side-car evaluator share this code.
   """
 
-  def __init__(self, config, splits):
+  def __init__(self, model: config_lib.ModelConfig, splits):
     self._splits = splits
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-      self.model = model_lib.build_model(config.model, splits.image_shape, splits.num_classes)
+      self.model = model_lib.build_model(model, splits.image_shape, splits.num_classes)
     finally:
       keras.mixed_precision.set_global_policy(policy)
     # With the CPU split into single-threaded devices (trainer/runtime/distribute.py), one batch would
@@ -209,13 +212,14 @@ def weights_fingerprint(model) -> str:
   return digest.hexdigest()
 
 
-def set_precision_and_seeds(config, environ=None) -> None:
-  """Seeds, op determinism and the Keras precision policy; warns of slow CPU switches."""
-  keras.utils.set_random_seed(config.training.seed)
-  if config.training.deterministic:
+def set_precision_and_seeds(config: config_lib.TrainingConfig, environ=None) -> None:
+  """Seeds, op determinism and the Keras precision policy of the TrainingConfig; warns of slow
+  CPU switches."""
+  keras.utils.set_random_seed(config.seed)
+  if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   gpus = tf.config.list_physical_devices("GPU")
-  policy = precision_policy(config.training.precision, bool(gpus),
+  policy = precision_policy(config.precision, bool(gpus),
                             os.environ if environ is None else environ, cpu_computes_bfloat16())
   keras.mixed_precision.set_global_policy(policy)
   for warning in cpu_speed_warnings(config, bool(gpus), cpu_flags(), policy):
@@ -279,16 +283,17 @@ def cpu_flags() -> set:
   return set()
 
 
-def cpu_speed_warnings(config, has_gpu: bool, cpu_flags: set,
+def cpu_speed_warnings(config: config_lib.TrainingConfig, has_gpu: bool, cpu_flags: set,
                        policy: str = "mixed_bfloat16") -> list:
-  """The GPU switches run on CPU too (they are tested there), but mostly slower: say so."""
+  """The GPU switches of a TrainingConfig run on CPU too (they are tested there), but mostly
+  slower: say so."""
   if has_gpu:
     return []
   warnings = []
-  if config.training.xla:
+  if config.xla:
     warnings.append("--xla on CPU: the XLA-compiled step ran about 2x slower than the default "
                     "one in `make bench`; it is meant for GPUs.")
-  if (config.training.precision == "mixed" and policy == "mixed_bfloat16"
+  if (config.precision == "mixed" and policy == "mixed_bfloat16"
       and not native_bfloat16(cpu_flags)):
     warnings.append("--precision=mixed on a CPU without AVX512_BF16/AMX: bfloat16 is emulated "
                     "and trained about 8x slower than float32 in `make bench`; --precision=auto "

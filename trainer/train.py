@@ -44,7 +44,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
   phases = phases_lib.Phases()
   if cluster is None:
     cluster = cluster_lib.parse_cluster(environ)  # Bad TF_CONFIG fails before any TF work.
-  step_lib.set_precision_and_seeds(config)
+  step_lib.set_precision_and_seeds(config.training)
   watchdog = watchdog_lib.Watchdog(cluster.peers(), config.runtime.collective_timeout_s, cluster.task_name,
                                  is_chief=cluster.is_chief)
   handler = preemption.PreemptionHandler(config.runtime.preemption_grace_s)
@@ -56,7 +56,8 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
     # Before any other TF op. MultiWorkerMirroredStrategy waits here for every peer to join,
     # holding the GIL: hence holds_gil, which bounds it without the watchdog's thread.
     with watchdog.phase("strategy creation (every worker must join)", holds_gil=True):
-      runtime = distribute.create_runtime(config, cluster)
+      runtime = distribute.create_runtime(config.runtime, config.training.global_batch_size,
+                                          cluster)
     # After the strategy: TF's coordination service installs its own SIGTERM handler.
     handler.install()
     phases.end("start-up")
@@ -64,17 +65,20 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
     source = plan.source
     phases.end("data")
     # Inputs are valid; now make sure the outputs can be written, still before any training.
-    outputs = outputs_lib.RunOutputs(config, cluster.task_name, environ, runtime.is_chief)
+    outputs = outputs_lib.RunOutputs(config.outputs, config.training,
+                                     config.runtime.max_job_restarts, cluster.task_name, environ,
+                                     runtime.is_chief)
     outputs.prepare()
     with watchdog.phase("model initialization (variables are broadcast from the chief)"):
-      train_step = step_lib.TrainStep(config, runtime, splits.image_shape, splits.num_classes,
-                                      plan.total_steps)
+      train_step = step_lib.TrainStep(config.model, config.optimizer, config.training, runtime,
+                                      splits.image_shape, splits.num_classes, plan.total_steps)
     store = checkpoint_lib.CheckpointStore(
         train_step.checkpoint, outputs.paths.local_checkpoint_dir, runtime.is_chief,
         config.training.keep_checkpoints, remote_dir=outputs.paths.checkpoint_dir)
     store.restore_latest(outputs.paths.model_dir, config.outputs.restart_from_scratch)
     # A resumed run keeps what its order of examples depends on (exit 2 otherwise).
-    store.check_run_shape(checkpoint_lib.run_shape(config, runtime.num_workers, plan.pipelines,
+    store.check_run_shape(checkpoint_lib.run_shape(config.data, config.training,
+                                                   runtime.num_workers, plan.pipelines,
                                                    plan.record_files))
     start_step = int(train_step.step.numpy())
     outputs.begin(start_step)
@@ -89,7 +93,7 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
                total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
                start_step=start_step,
                # Chief-only: evaluation during and after training and the export use this copy.
-               eval_model=step_lib.EvalModel(config, splits) if runtime.is_chief else None,
+               eval_model=step_lib.EvalModel(config.model, splits) if runtime.is_chief else None,
                phases=phases)
     phases.end("build")
     train_stats = _train(run)
@@ -147,9 +151,9 @@ class _Run:
 def _load_data(config, runtime) -> tuple:
   """(the input plan, the splits it holds in memory): the plan (mode, steps, files) is decided
   from the metadata, and the step budget checked, before anything is decoded."""
-  plan = data.plan(config, runtime)
+  plan = data.plan(config.data, config.training, runtime)
   # Only the chief evaluates: other workers neither read nor fetch the test split.
-  splits = data.load(config, plan.builder, with_train=plan.mode == "in_memory",
+  splits = data.load(config.data, plan.builder, with_train=plan.mode == "in_memory",
                      with_test=runtime.is_chief)
   return plan, splits
 
@@ -195,7 +199,7 @@ def _train(run: _Run) -> dict:
 
 def _train_input(run: _Run, start_step: int):
   """The input function of the run's mode; both continue exactly at start_step."""
-  return data.train_input(run.plan, run.splits, run.config, start_step)
+  return data.train_input(run.plan, run.splits, run.config.data, run.config.training, start_step)
 
 
 def _eval_schedule(config: config_lib.Config) -> actions_lib.Every:

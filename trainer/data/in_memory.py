@@ -27,23 +27,23 @@ class Splits:
   class_names: tuple = ()  # label i's name (exported next to the SavedModel)
 
 
-def load(config, builder=None, with_train: bool = True, with_test: bool = True) -> Splits:
-  """Loads the splits into memory (MNIST is 55 MB decoded; decode once, not every epoch).
+def load(data, builder=None, with_train: bool = True, with_test: bool = True) -> Splits:
+  """Loads the splits of the DataConfig `data` into memory (MNIST is 55 MB decoded; decoded
+  once, not every epoch); builder: the dataset already prepared.
 
   with_train=False (stream mode) leaves the train split in its files; with_test=False (a worker
   that does not evaluate) leaves the test split unread, and of gs:// data unfetched.
   """
   if builder is None:
-    builder = sources.prepare(config.data.dataset, config.data.data_dir, config.data.mnist_source_dir,
-                              config.data.num_shards, config.data.image_size, config.data.eval_fraction)
+    builder = sources.prepare_data(data)
   train_images = train_labels = None
   if with_train:
-    staging.fetch_records(builder, config.data.data_dir, "train")  # gs:// data: every file
-    train_images, train_labels = cache.load_split(builder, "train", config.data.train_examples)
+    staging.fetch_records(builder, data.data_dir, "train")  # gs:// data: every file
+    train_images, train_labels = cache.load_split(builder, "train", data.train_examples)
   test_images = test_labels = None
   if with_test:
-    staging.fetch_records(builder, config.data.data_dir, "test")
-    test_images, test_labels = cache.load_split(builder, "test", config.data.eval_examples)
+    staging.fetch_records(builder, data.data_dir, "test")
+    test_images, test_labels = cache.load_split(builder, "test", data.eval_examples)
   loaded = test_images if test_images is not None else train_images
   image_shape = tuple(loaded.shape[1:]) if loaded is not None else _fixed_image_shape(builder)
   label = builder.info.features["label"]

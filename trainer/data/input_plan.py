@@ -38,63 +38,66 @@ class InputPlan:
     return len(self.source.files) if self.source is not None else 0
 
 
-def plan(config, runtime: distribute.Runtime) -> InputPlan:
-  """Prepares --dataset and plans the input of this process of the run.
+def plan(data: config_lib.DataConfig, training: config_lib.TrainingConfig,
+         runtime: distribute.Runtime) -> InputPlan:
+  """Prepares --dataset and plans the input of this process of the run, from the DataConfig
+  and TrainingConfig (trainer/config.py) and the strategy.
 
   ConfigError (exit 2) for a global batch that does not fit the train split or divide over the
   replicas, and for --train_steps contradicting --epochs: all before anything is decoded. In
   stream mode the train files this process reads are here when it returns (of gs:// data,
   fetched; decoded once when the run reads them whole: stream_source.record_source).
   """
-  builder = sources.prepare(config.data.dataset, config.data.data_dir, config.data.mnist_source_dir,
-                            config.data.num_shards, config.data.image_size, config.data.eval_fraction)
-  mode, reason = choose_input_mode(config, builder)
+  builder = sources.prepare_data(data)
+  mode, reason = choose_input_mode(data, builder)
   logging.info("Input mode %s (%s)." if reason == "--input_mode" else "Input mode %s: %s.", mode,
                reason)
-  num_train = num_train_examples(builder, config.data.train_examples)
-  check_batch_fits(config.training.global_batch_size, num_train)
-  in_memory.check_divisible(config.training.global_batch_size, runtime.num_replicas)
+  num_train = num_train_examples(builder, data.train_examples)
+  check_batch_fits(training.global_batch_size, num_train)
+  in_memory.check_divisible(training.global_batch_size, runtime.num_replicas)
   if mode == "in_memory":
-    steps = in_memory.steps_per_epoch(num_train, config.training.global_batch_size)
+    steps = in_memory.steps_per_epoch(num_train, training.global_batch_size)
     return InputPlan(mode, reason, builder, num_train, steps,
-                     config_lib.resolve_steps(config.training, steps))
+                     config_lib.resolve_steps(training, steps))
   pipelines = distribute.num_input_pipelines(runtime)
-  per_pipeline = config.training.global_batch_size // pipelines
+  per_pipeline = training.global_batch_size // pipelines
   epoch = stream.plan_epoch(stream_source.shard_lengths(builder), pipelines, per_pipeline)
-  total_steps = config_lib.resolve_steps(config.training, epoch.steps)
+  total_steps = config_lib.resolve_steps(training, epoch.steps)
   local_ids = distribute.local_pipeline_ids(runtime)
   # Of gs:// data, only the files this worker's pipelines read are fetched.
   source = stream_source.record_source(
-      builder, "train", config.data.data_dir, pipelines, local_ids,
+      builder, "train", data.data_dir, pipelines, local_ids,
       examples_read=total_steps * per_pipeline * len(local_ids))
   stream.warn_if_record_sharded(source, pipelines)
   return InputPlan(mode, reason, builder, num_train, epoch.steps, total_steps, pipelines,
                    local_ids, epoch, source)
 
 
-def train_input(input_plan: InputPlan, splits: in_memory.Splits, config, start_step: int):
+def train_input(input_plan: InputPlan, splits: in_memory.Splits, data: config_lib.DataConfig,
+                training: config_lib.TrainingConfig, start_step: int):
   """The training input function (InputContext -> dataset) of the plan's mode, for
-  distribute.input_iterator; both modes continue exactly at start_step."""
+  distribute.input_iterator; both modes continue exactly at start_step. data and training:
+  the run's DataConfig and TrainingConfig."""
   if input_plan.mode == "stream":
-    return stream.train_dataset_fn(input_plan.source, config.training.global_batch_size, config.training.seed,
-                                   config.data.shuffle_buffer, start_step=start_step,
+    return stream.train_dataset_fn(input_plan.source, training.global_batch_size, training.seed,
+                                   data.shuffle_buffer, start_step=start_step,
                                    total_steps=input_plan.total_steps,
                                    epoch_plan=input_plan.epoch)
   return in_memory.train_dataset_fn(splits.train_images, splits.train_labels,
-                                    config.training.global_batch_size, config.training.seed,
+                                    training.global_batch_size, training.seed,
                                     start_step=start_step, total_steps=input_plan.total_steps)
 
 
-def choose_input_mode(config, builder) -> tuple:
-  """(mode, reason): in_memory or stream, by --input_mode, or for auto by the decoded size of
-  the train split from the metadata."""
-  if config.data.input_mode != "auto":
-    return config.data.input_mode, "--input_mode"
-  decoded_mb = decoded_train_mb(builder, config.data.train_examples)
-  mode = "stream" if decoded_mb > config.data.in_memory_limit_mb else "in_memory"
+def choose_input_mode(data: config_lib.DataConfig, builder) -> tuple:
+  """(mode, reason): in_memory or stream, by the DataConfig's --input_mode, or for auto by the
+  decoded size of the train split from the metadata."""
+  if data.input_mode != "auto":
+    return data.input_mode, "--input_mode"
+  decoded_mb = decoded_train_mb(builder, data.train_examples)
+  mode = "stream" if decoded_mb > data.in_memory_limit_mb else "in_memory"
   return mode, (f"the decoded train split is about {decoded_mb:.0f} MB, "
                 f"{'over' if mode == 'stream' else 'within'} "
-                f"--in_memory_limit_mb={int(config.data.in_memory_limit_mb)}")
+                f"--in_memory_limit_mb={int(data.in_memory_limit_mb)}")
 
 
 def decoded_train_mb(builder, limit: int = 0) -> float:

@@ -52,6 +52,12 @@ def prepare(dataset: str, data_dir: str, mnist_source_dir: str = "", num_shards:
   return builder
 
 
+def prepare_data(data) -> object:
+  """prepare() of a DataConfig (trainer/config.py): --dataset, prepared as its flags say."""
+  return prepare(data.dataset, data.data_dir, data.mnist_source_dir, data.num_shards,
+                 data.image_size, data.eval_fraction)
+
+
 def tfds_builder(dataset: str, data_dir: str):
   """TFDS's builder of `dataset` in data_dir (imports TFDS and its catalog); ConfigError unless
   it names an image classification dataset."""

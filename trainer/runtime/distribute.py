@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from trainer.runtime import cluster as cluster_lib
 from trainer.runtime import cores as cores_lib
+from trainer import config as config_lib
 from trainer import errors
 from trainer.runtime import gpu as gpu_lib
 
@@ -54,20 +55,20 @@ def choose_kind(requested: str, cluster: cluster_lib.ClusterInfo, num_gpus: int,
   return requested
 
 
-def cpu_device_count(config, cluster: cluster_lib.ClusterInfo, num_gpus: int,
-                     cores: int) -> int:
+def cpu_device_count(config: config_lib.RuntimeConfig, global_batch_size: int, cluster: cluster_lib.ClusterInfo,
+                     num_gpus: int, cores: int) -> int:
   """--num_cpu_devices, or for 0 (auto) one replica per core on a single CPU-only task.
 
   Small ops split over several threads waste much of each core (bench/README.md has the
   measurements), so auto gives each core its own single-threaded replica, as long as each
   replica keeps MIN_REPLICA_BATCH examples.
   """
-  if config.runtime.num_cpu_devices:
-    return config.runtime.num_cpu_devices
-  if num_gpus or cluster.is_multi_worker or config.runtime.strategy not in ("auto", "mirrored"):
+  if config.num_cpu_devices:
+    return config.num_cpu_devices
+  if num_gpus or cluster.is_multi_worker or config.strategy not in ("auto", "mirrored"):
     return 1
-  count = min(cores, config.training.global_batch_size // MIN_REPLICA_BATCH)
-  while count > 1 and config.training.global_batch_size % count:
+  count = min(cores, global_batch_size // MIN_REPLICA_BATCH)
+  while count > 1 and global_batch_size % count:
     count -= 1
   return max(1, count)
 
@@ -96,14 +97,16 @@ def _split_cpu(num_cpu_devices: int, cores: int) -> int:
   return num_cpu_devices
 
 
-def create_runtime(config, cluster: cluster_lib.ClusterInfo) -> Runtime:
-  """Creates the strategy; must run before any other TensorFlow op (TF's rule)."""
+def create_runtime(config: config_lib.RuntimeConfig, global_batch_size: int,
+                   cluster: cluster_lib.ClusterInfo) -> Runtime:
+  """Creates the strategy of a RuntimeConfig (trainer/config.py) for the run's global batch;
+  must run before any other TensorFlow op (TF's rule)."""
   # Before the strategy: a GPU machine whose GPUs TensorFlow cannot load must not train on CPU.
-  gpus = gpu_lib.usable_gpus(config.runtime.require_gpu)
+  gpus = gpu_lib.usable_gpus(config.require_gpu)
   cores = cores_lib.available()
-  num_cpu_devices = cpu_device_count(config, cluster, len(gpus), cores)
-  kind = choose_kind(config.runtime.strategy, cluster, len(gpus), num_cpu_devices)
-  collective = choose_collective(config.runtime.collective_implementation, len(gpus))
+  num_cpu_devices = cpu_device_count(config, global_batch_size, cluster, len(gpus), cores)
+  kind = choose_kind(config.strategy, cluster, len(gpus), num_cpu_devices)
+  collective = choose_collective(config.collective_implementation, len(gpus))
   if kind == "multi_worker_mirrored":
     strategy = _multi_worker(cluster, communication_options(config, collective))
   elif kind == "mirrored":
@@ -133,14 +136,14 @@ def choose_collective(requested: str, num_gpus: int) -> str:
   return requested
 
 
-def communication_options(config, collective: str):
+def communication_options(config: config_lib.RuntimeConfig, collective: str):
   """The multi-worker all-reduce options: implementation, --bytes_per_pack and the timeout.
 
   bytes_per_pack 0 lets TensorFlow choose the pack size (CommunicationOptions' docstring:
   "If it's zero, the value is determined automatically").
   """
   return tf.distribute.experimental.CommunicationOptions(
-      bytes_per_pack=config.runtime.bytes_per_pack, timeout_seconds=config.runtime.collective_timeout_s,
+      bytes_per_pack=config.bytes_per_pack, timeout_seconds=config.collective_timeout_s,
       implementation=_IMPLEMENTATIONS[collective])
 
 
@@ -177,14 +180,14 @@ def all_reduce_description(kind: str, collective: str, num_gpus: int, bytes_per_
   return f"{collective.upper()} between workers, packs of {pack}"
 
 
-def _log_all_reduce(config, kind: str, collective: str, num_gpus: int) -> None:
+def _log_all_reduce(config: config_lib.RuntimeConfig, kind: str, collective: str, num_gpus: int) -> None:
   logging.info("All-reduce: %s (--collective_implementation=%s).",
-               all_reduce_description(kind, collective, num_gpus, config.runtime.bytes_per_pack),
-               config.runtime.collective_implementation)
-  if config.runtime.bytes_per_pack and kind != "multi_worker_mirrored":
+               all_reduce_description(kind, collective, num_gpus, config.bytes_per_pack),
+               config.collective_implementation)
+  if config.bytes_per_pack and kind != "multi_worker_mirrored":
     # MirroredStrategy takes no CommunicationOptions; only the workers' all-reduce packs.
     logging.warning("--bytes_per_pack=%d applies to the all-reduce between workers; this "
-                    "%s run ignores it.", config.runtime.bytes_per_pack, kind)
+                    "%s run ignores it.", config.bytes_per_pack, kind)
 
 
 def _mirrored(gpus, num_cpu_devices: int, cores: int, collective: str) -> tf.distribute.Strategy:
