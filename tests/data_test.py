@@ -635,3 +635,60 @@ def test_the_first_preparation_keeps_the_decoded_arrays_of_its_records(tfds_dir,
   assert cache.read_cached(sharded, "test") == (None, None)
   np.testing.assert_array_equal(cache.load_split(sharded, "test", 0)[1],
                                 cache.decode_split(sharded, "test")[1])
+
+
+def test_a_failed_mnist_preparation_leaves_nothing(tmp_path):
+  """A source that breaks mid-preparation (a truncated IDX file: the test split's images end
+  early) leaves no version folder and no incomplete.* folder; TFDS sees nothing prepared."""
+  from conftest import _write_idx
+  from trainer.data import mnist_tfds
+  source = tmp_path / "idx"
+  source.mkdir()
+  rng = np.random.default_rng(2)
+  for prefix, count in (("train", 30), ("t10k", 10)):
+    _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", 0x0803,
+               rng.integers(0, 256, size=(count, 28, 28), dtype="uint8"))
+    _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", 0x0801,
+               rng.integers(0, 10, size=count, dtype="uint8"))
+  with open(source / "t10k-images-idx3-ubyte.gz", "rb") as f:
+    whole = f.read()
+  (source / "t10k-images-idx3-ubyte.gz").write_bytes(whole[:len(whole) // 2])
+  builder = data.tfds_builder("mnist", str(tmp_path / "tfds"))
+  with pytest.raises(Exception):
+    mnist_tfds.write(builder, str(source))
+  assert os.listdir(tmp_path / "tfds" / "mnist") == []
+  assert not data.tfds_builder("mnist", str(tmp_path / "tfds")).is_prepared()
+
+
+@pytest.mark.slow
+def test_a_preparation_killed_mid_write_is_cleaned_up_and_redone(tmp_path):
+  """kill -9 while MNIST's records are being written: the next run removes the half-written
+  incomplete.* folder, prepares MNIST whole and trains on the same arrays as ever."""
+  import signal
+  import subprocess
+  import sys
+  from conftest import child_env
+  target = tmp_path / "tfds"
+  code = f"from trainer import data\ndata.prepare('mnist', {str(target)!r})\n"
+  proc = subprocess.Popen([sys.executable, "-c", code], env=child_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 120
+  folder = target / "mnist"
+  try:
+    while time.monotonic() < deadline and proc.poll() is None:
+      if folder.is_dir() and any(n.startswith("incomplete.") for n in os.listdir(folder)):
+        break
+      time.sleep(0.01)
+    assert proc.poll() is None, "the preparation ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait(30)
+  assert [n for n in os.listdir(folder) if n.startswith("incomplete.")]
+  assert not (folder / "3.0.1").exists()
+  builder = data.prepare("mnist", str(target))
+  assert os.listdir(folder) == ["3.0.1"]
+  images, labels = cache.load_split(builder, "test", 0)
+  decoded_images, decoded_labels = cache.decode_split(builder, "test")
+  np.testing.assert_array_equal(images, decoded_images)
+  np.testing.assert_array_equal(labels, decoded_labels)
+  assert len(labels) == 10000
