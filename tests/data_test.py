@@ -692,3 +692,12 @@ def test_a_preparation_killed_mid_write_is_cleaned_up_and_redone(tmp_path):
   np.testing.assert_array_equal(images, decoded_images)
   np.testing.assert_array_equal(labels, decoded_labels)
   assert len(labels) == 10000
+
+
+@pytest.mark.parametrize("small_disk", ["12m"], indirect=True)
+def test_mnist_preparation_on_a_full_disk_is_a_data_error_that_leaves_nothing(small_disk):
+  """MNIST's records (23 MB) do not fit a 12 MiB disk: DataError (exit 3) naming --data_dir
+  and the cause, and no incomplete.* or version folder left to fill the disk further."""
+  with pytest.raises(errors.DataError, match=r"--data_dir=.*small_disk.*(No space|space left)"):
+    data.prepare("mnist", str(small_disk))
+  assert [n for n in os.listdir(small_disk / "mnist") if not n.startswith(".")] == []
