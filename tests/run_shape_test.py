@@ -7,8 +7,8 @@ import os
 import pytest
 
 from conftest import child_env, run_module, tiny_flags
-from trainer import checkpoint as checkpoint_lib
 from trainer import config as config_lib
+from trainer import run_shape
 from trainer import errors
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_resume_with_another_batch_mode_or_seed_is_refused(synthetic_tfds_dir, t
   train.train_and_evaluate(_config(tmp_path, synthetic_tfds_dir))
   checkpoints = tmp_path / "run" / "checkpoints"
   before = sorted(os.listdir(checkpoints))
-  shape = json.loads((checkpoints / checkpoint_lib.SHAPE_FILE).read_text())
+  shape = json.loads((checkpoints / run_shape.SHAPE_FILE).read_text())
   assert shape["global_batch_size"] == 32 and shape["input_mode"] == "in_memory"
   for change, said in (
       (dict(global_batch_size=64), ["--global_batch_size=64 differs", "(32)",
@@ -50,7 +50,7 @@ def test_resume_with_another_batch_mode_or_seed_is_refused(synthetic_tfds_dir, t
   train.train_and_evaluate(_config(tmp_path, synthetic_tfds_dir, train_steps=5,
                                    global_batch_size=64, restart_from_scratch=True,
                                    checkpoint_every_steps=5))
-  shape = json.loads((checkpoints / checkpoint_lib.SHAPE_FILE).read_text())
+  shape = json.loads((checkpoints / run_shape.SHAPE_FILE).read_text())
   assert shape["global_batch_size"] == 64
 
 
@@ -63,7 +63,7 @@ def test_a_shrunken_cluster_resumes(synthetic_tfds_dir, tmp_path):
                     collective_timeout_s=60)
   first = run_module("trainer.launcher", "--workers=2", "--", *args, timeout=240)
   assert first.returncode == 0, first.stdout[-3000:]
-  shape_path = tmp_path / "run" / "checkpoints" / checkpoint_lib.SHAPE_FILE
+  shape_path = tmp_path / "run" / "checkpoints" / run_shape.SHAPE_FILE
   assert json.loads(shape_path.read_text())["num_workers"] == 2
   args = [a if not a.startswith("--train_steps=") else "--train_steps=20" for a in args]
   second = run_module("trainer.task", *args, env=child_env(), timeout=240)

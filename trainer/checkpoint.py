@@ -13,6 +13,7 @@ import time
 import tensorflow as tf
 
 from trainer import errors
+from trainer import run_shape
 from trainer.storage import fencing
 from trainer import storage
 
@@ -24,16 +25,6 @@ _DATA = re.compile(r"^ckpt-(\d+)\.data-(\d+)-of-(\d+)$")
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 # The private checkpoint dirs of non-chief workers: <prefix><pid>-<random>.
 _WORKER_TEMP_PREFIX = "trainer-worker-ckpt-"
-# checkpoint_dir/run_shape.json: what the order of examples of the run that wrote the
-# checkpoints depended on (see run_shape); a resumed run is held to it.
-SHAPE_FILE = "run_shape.json"
-# A resumed run with another value of one of these would replay or skip examples (docs/data.md,
-# "Resume guarantee"): refused. The worker and pipeline counts may change (a shrunken or
-# regrown cluster): in memory the order does not depend on them; in stream mode it does, and
-# the run goes on with a warning.
-_FIXED = ("dataset", "input_mode", "global_batch_size", "seed", "train_examples",
-          "shuffle_buffer")
-
 
 class CheckpointStore:
   """Finds, verifies and restores the newest good checkpoint; saves where this task may write.
@@ -105,34 +96,19 @@ class CheckpointStore:
     return None
 
   def check_run_shape(self, shape: dict) -> None:
-    """Holds a resumed run to the run_shape() its checkpoints were trained with; the chief then
-    records this run's (a run from step 0 records its own).
-
-    A different value of a _FIXED entry is a ConfigError naming the flag, the recorded value
-    and the ways on; other workers read the record too, so every worker refuses alike. Call
-    after restore_latest.
+    """Holds a resumed run to the run shape (trainer/run_shape.py) its checkpoints were
+    trained with; the chief then records this run's (a run from step 0 records its own).
+    Other workers read the record too, so every worker refuses alike. Call after
+    restore_latest.
     """
-    path = storage.join(self._remote_dir or self.chief_dir, SHAPE_FILE)
+    path = storage.join(self._remote_dir or self.chief_dir, run_shape.SHAPE_FILE)
     recorded = storage.read_json(path, {}) if self._restored else {}
     if not isinstance(recorded, dict):
       recorded = {}
-    for key in _FIXED:
-      if key in recorded and recorded[key] != shape.get(key):
-        raise errors.ConfigError(_shape_changed(key, shape, recorded, self.chief_dir))
-    changed = [k for k in ("num_workers", "input_pipelines", "record_files")
-               if k in recorded and recorded[k] != shape.get(k)]
-    if changed and shape["input_mode"] == "stream":
-      logging.warning(
-          "Resuming stream-mode checkpoints with %s: the order of examples depends on these, so "
-          "the rest of the current epoch may repeat or skip some examples; every later epoch "
-          "reads each example once again.", _changes(changed, shape, recorded))
-    elif changed:
-      logging.info("Resuming with %s: the same global batch, so the same order of examples "
-                   "(in memory it does not depend on the workers).",
-                   _changes(changed, shape, recorded))
-    elif self._restored and not recorded:
+    run_shape.check(shape, recorded, self.chief_dir)
+    if self._restored and not recorded:
       logging.info("No %s beside %s (written by an older version): recording this run's.",
-                   SHAPE_FILE, self._restored)
+                   run_shape.SHAPE_FILE, self._restored)
     if self._is_chief and recorded != shape:
       storage.write_text(path, json.dumps(shape, indent=1, sort_keys=True) + "\n")
 
@@ -168,35 +144,6 @@ class CheckpointStore:
       self._temp_dir = tempfile.mkdtemp(prefix=f"{_WORKER_TEMP_PREFIX}{os.getpid()}-")
       save_dir, keep = self._temp_dir, 1
     self._manager = tf.train.CheckpointManager(self._checkpoint, save_dir, max_to_keep=keep)
-
-
-def run_shape(data, training, num_workers: int, stream_pipelines: int = 0,
-              record_files: int = 0) -> dict:
-  """What the order of a run's examples depends on (data.train_dataset_fn, stream.plan_epoch),
-  from its DataConfig and TrainingConfig: stream_pipelines and record_files are stream mode's
-  (0: in memory)."""
-  shape = {"dataset": data.dataset, "input_mode": "stream" if stream_pipelines else "in_memory",
-           "global_batch_size": training.global_batch_size, "seed": training.seed,
-           "train_examples": data.train_examples, "num_workers": num_workers}
-  if stream_pipelines:
-    shape.update(shuffle_buffer=data.shuffle_buffer, input_pipelines=stream_pipelines,
-                 record_files=record_files)
-  return shape
-
-
-def _shape_changed(key: str, shape: dict, recorded: dict, checkpoint_dir: str) -> str:
-  value, before = shape.get(key), recorded[key]
-  # --input_mode=auto resolves to a mode: name the mode it took.
-  given = f"--input_mode (here {value})" if key == "input_mode" else f"--{key}={value}"
-  return (f"{given} differs from the {key} the checkpoints in {checkpoint_dir} were trained "
-          f"with ({before}): resuming would replay or skip examples, breaking the exactly-once "
-          f"guarantee. Resume with --{key}={before}, or start afresh: --restart_from_scratch "
-          "(moves the checkpoints aside) or a new --model_dir.")
-
-
-def _changes(keys, shape: dict, recorded: dict) -> str:
-  return ", ".join(f"{k.replace('_', ' ')} {shape.get(k)} (the checkpoints': {recorded[k]})"
-                   for k in keys)
 
 
 def complete_checkpoints(checkpoint_dir: str) -> list:

@@ -24,6 +24,7 @@ from trainer import errors
 from trainer import history
 from trainer import outputs as outputs_lib
 from trainer import phases as phases_lib
+from trainer import run_shape
 from trainer.runtime import preemption
 from trainer import step as step_lib
 from trainer.data import stream
@@ -77,9 +78,8 @@ def train_and_evaluate(config: config_lib.Config, environ=None, cluster=None) ->
         config.training.keep_checkpoints, remote_dir=outputs.paths.checkpoint_dir)
     store.restore_latest(outputs.paths.model_dir, config.outputs.restart_from_scratch)
     # A resumed run keeps what its order of examples depends on (exit 2 otherwise).
-    store.check_run_shape(checkpoint_lib.run_shape(config.data, config.training,
-                                                   runtime.num_workers, plan.pipelines,
-                                                   plan.record_files))
+    store.check_run_shape(run_shape.of(config.data, config.training, runtime.num_workers,
+                                       plan.pipelines, plan.record_files))
     start_step = int(train_step.step.numpy())
     outputs.begin(start_step)
     if runtime.is_chief:
