@@ -1,7 +1,10 @@
 """Shared fixtures: MNIST (real or a tiny synthetic one) prepared once per session, tiny configs,
-a subprocess runner and a GCS emulator."""
+a subprocess runner and a GCS emulator; and how the xdist workers of `make test-fast` share the
+tests (pytest_xdist_make_scheduler) and leave."""
 
+import atexit
 import gzip
+import logging
 import os
 import struct
 import subprocess
@@ -11,9 +14,86 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # As the entry points do before TensorFlow loads (oneDNN on, INFO chatter off), so in-process
-# tests run the kernels a real run does.
+# tests run the kernels a real run does; and, as trainer.task does, no matplotlib under Keras
+# (0.9 s of CPU in each test process; no test plots).
 from trainer import startup  # noqa: E402  (after ROOT, before anything imports TensorFlow)
 startup.set_tensorflow_environment()
+startup.skip_plotting_imports()
+
+
+def _leave_without_teardown() -> None:
+  """An xdist worker's last exit handler: its results went to the controller long before, and
+  the interpreter's teardown of TensorFlow only holds up the end of the session (0.9 s of CPU in
+  each worker, the last seconds of `make test-fast`): the trick trainer.task uses
+  (startup.exit_without_teardown). Registered when this file loads, so every handler registered
+  later (Keras, TensorFlow, absl) has run; of those registered before, execnet's cleans up
+  gateways this worker never opened, and logging's is called here."""
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(0)  # documented: exits without cleanup handlers or flushing stdio buffers
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  atexit.register(_leave_without_teardown)
+
+
+def pytest_ignore_collect(collection_path, config):
+  """Under -m "not slow" (make test-fast), a module marked slow as a whole (`pytestmark =
+  pytest.mark.slow`) is not even imported: every test of it would be deselected, after its
+  import and pytest's assertion rewriting in every xdist worker (0.6 s of CPU each)."""
+  if config.getoption("markexpr") != "not slow" or collection_path.suffix != ".py":
+    return None
+  with open(collection_path, encoding="utf-8") as f:
+    whole_module_slow = "\npytestmark = pytest.mark.slow\n" in f.read()
+  return True if whole_module_slow else None
+
+
+# Groups of tests an xdist worker runs whole, each key a test module or a test of one (with all
+# its parametrizations); pytest_xdist_make_scheduler below. A group holds
+# - a module whose tests share a set-up that costs more than they do, once in a process (a
+#   fork server and google.cloud.aiplatform_v1, 2.4 s of CPU; an export built with Keras; the
+#   CRD schemas parsed from YAML, 0.9 s), or
+# - tests that mostly wait (grace periods, retry deadlines, stalled servers, sleeping children:
+#   80 s, 12 s of it CPU), in two chains, so that two workers wait while two keep both cores
+#   busy, not four waiting at once and then four computing.
+ONE_WORKER_GROUPS = {
+    "tests/deploy_vertex_test.py": "vertex",
+    "tests/predict_test.py": "predict",
+    "tests/export_test.py": "export",
+    "tests/k8s_manifests_test.py": "k8s",
+    "tests/preemption_test.py": "waits-1",
+    "tests/run_lock_test.py": "waits-1",
+    "tests/launcher_test.py": "waits-2",
+    "tests/storage_test.py": "waits-2",
+    "tests/data_test.py::test_offline_install_without_vendored_mnist_fails_fast": "waits-2",
+    "tests/data_test.py::test_mnist_download_from_a_stalled_server_is_bounded": "waits-2",
+    "tests/data_test.py::test_lock_wait_is_bounded": "waits-2",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """--dist loadgroup (pytest.ini) as this suite wants it: a test goes to the next worker that
+  is almost out of work (the longest wait or CPU-heavy test never queues behind others at the
+  end), and each of ONE_WORKER_GROUPS goes whole to one worker, the largest first.
+
+  xdist's own loadgroup groups by the xdist_group mark, through a suffix of the test's node id
+  that pytest 9.2 no longer keeps (pytest-dev/pytest-xdist#1386): marked tests are spread like
+  any others. This is its scheduler (xdist/scheduler/loadgroup.py: a work unit per scope, the
+  largest first, the next one to a worker with two tests or fewer left), the scope also read
+  from ONE_WORKER_GROUPS. Other --dist modes are xdist's own."""
+  if config.getoption("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadGroupScheduling  # pylint: disable=import-outside-toplevel
+
+  class ModuleGroups(LoadGroupScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      test = nodeid.split("[", 1)[0]
+      return (ONE_WORKER_GROUPS.get(test) or ONE_WORKER_GROUPS.get(test.split("::", 1)[0])
+              or super()._split_scope(nodeid))
+
+  return ModuleGroups(config, log)
 
 
 @pytest.fixture(scope="session")

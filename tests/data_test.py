@@ -206,7 +206,9 @@ def test_offline_install_without_vendored_mnist_fails_fast(tmp_path, monkeypatch
   assert os.listdir(tmp_path / "tfds" / "downloads") == [], "no partial download left behind"
 
 
-@pytest.mark.parametrize("timeout_s, deadline_s, bound_s", [(1, 60, 15), (30, 2, 10)])
+# Each bound far below the other limit (60 s of deadline, 30 s a read), and short waits: the
+# first case takes 3 x 0.5 s of reads and the 1 + 2 s between attempts.
+@pytest.mark.parametrize("timeout_s, deadline_s, bound_s", [(0.5, 60, 15), (30, 1, 10)])
 def test_mnist_download_from_a_stalled_server_is_bounded(tmp_path, timeout_s, deadline_s,
                                                          bound_s):
   """A server that accepts connections and never answers (a firewall or dead proxy): each read
@@ -450,7 +452,9 @@ def test_a_prepared_dataset_opens_from_its_metadata(synthetic_tfds_dir):
   import subprocess
   import sys
   from conftest import child_env
-  code = ("import sys; from trainer import data; "
+  # As trainer.task starts (no matplotlib under Keras: 0.9 s of this child's CPU).
+  code = ("import sys; from trainer import startup; startup.skip_plotting_imports(); "
+          "from trainer import data; "
           f"b = data.prepare('mnist', {synthetic_tfds_dir!r}); "
           "print(type(b).__name__, b.info.splits['train'].num_examples, "
           "'tensorflow_datasets' in sys.modules)")
@@ -621,6 +625,7 @@ def test_mnist_written_from_idx_equals_what_tfds_own_builder_writes(tmp_path, nu
     np.testing.assert_array_equal(arrays[split][1], [label[0] for _, _, label in records])
 
 
+@pytest.mark.slow  # real MNIST written twice (the canonical files' hashes are checked)
 def test_the_first_preparation_keeps_the_decoded_arrays_of_its_records(tfds_dir, tmp_path):
   """The decoded cache of a fresh MNIST preparation comes from the IDX arrays, not from the
   records: it equals the split as TFDS reads it, and is found (by its key) as any cache is.
@@ -694,6 +699,7 @@ def test_a_preparation_killed_mid_write_is_cleaned_up_and_redone(tmp_path):
   assert len(labels) == 10000
 
 
+@pytest.mark.slow  # real MNIST encoded until the disk is full
 @pytest.mark.parametrize("small_disk", ["12m"], indirect=True)
 def test_mnist_preparation_on_a_full_disk_is_a_data_error_that_leaves_nothing(small_disk):
   """MNIST's records (23 MB) do not fit a 12 MiB disk: DataError (exit 3) naming --data_dir

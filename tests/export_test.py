@@ -18,16 +18,19 @@ KNOWN_DIGITS = 100
 
 
 @pytest.fixture(scope="module")
-def untrained(tfds_dir, tmp_path_factory):
+def untrained(synthetic_tfds_dir, tmp_path_factory):
   """An export of the default CNN's seeded initial weights, made as the trainer makes it: the
-  float32 evaluation copy built while the trainer's mixed_bfloat16 policy is global."""
+  float32 evaluation copy built while the trainer's mixed_bfloat16 policy is global. The digits
+  are the synthetic MNIST's (conftest.py): no test here needs real ones, and real MNIST's
+  preparation costs 4-5 s of CPU in each process that needs it."""
   import keras
   from trainer import config as config_lib
   from trainer import data
   from trainer import export
   from trainer import step
   root = tmp_path_factory.mktemp("untrained")
-  config = config_lib.Config(model_dir=str(root / "run"), data_dir=tfds_dir, train_steps=1)
+  config = config_lib.Config(model_dir=str(root / "run"), data_dir=synthetic_tfds_dir,
+                             train_steps=1)
   splits = data.load(config.data, with_train=False)
   keras.utils.set_random_seed(0)
   policy = keras.mixed_precision.global_policy()

@@ -162,10 +162,11 @@ def test_a_local_run_loads_no_plotting_or_bucket_libraries(tmp_path, tfds_dir):
   import TFDS; a local run on prepared, decoded data needs none of them. The entry point runs as
   `python -m` does; an exit handler lists what the process loaded (the trainer leaves through
   os._exit, after the exit handlers)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
+  import importlib.machinery  # pylint: disable=import-outside-toplevel
   from trainer import config as config_lib  # pylint: disable=import-outside-toplevel
   from trainer import data  # pylint: disable=import-outside-toplevel
-  assert importlib.util.find_spec("matplotlib") is not None  # else this test proves nothing
+  # Installed (on sys.path: conftest.py keeps it out of this process), else this proves nothing.
+  assert importlib.machinery.PathFinder.find_spec("matplotlib") is not None
   data.load(config_lib.Config(data_dir=tfds_dir, epochs=1).data)  # decoded once, as a first run does
   code = (
       "import atexit, runpy, sys\n"
