@@ -2,8 +2,7 @@
 
 --evaluator adds a side-car evaluator process; --max_restarts=K relaunches the whole job after a
 retryable exit, at most K times, as torchrun --max-restarts does. Every process dies with the
-launcher (even by kill -9), and every wait is bounded.
-"""
+launcher (even by kill -9), and every wait is bounded."""
 
 import json
 import os
@@ -24,27 +23,22 @@ from trainer.runtime import cores
 FLAGS = flags.FLAGS
 # After one worker fails, the others get this long to exit by themselves before SIGTERM.
 SETTLE_S = 10.0
-# Exits after which relaunching the job can succeed: 143 is the trainer's retryable code
-# (preempted, a lost peer, the evaluator's timeout) and SIGTERM's; 137 is SIGKILL's (kill -9, the
-# kernel's OOM killer), which a trainer cannot report itself. Every other code is permanent
-# (trainer/errors.py). The Kubeflow training operator retries every signal's code, 128 and up
-# (v1.7-v1.9 pkg/util/train/train_util.go IsRetryableExitCode); here Ctrl-C (130) stops the
-# launcher itself, which then never relaunches, and a crash by signal (SIGSEGV: 139, SIGABRT:
-# 134) is a bug that a relaunch would only repeat.
+# Exits after which a relaunch can succeed: 143, the trainer's retryable code and SIGTERM's, and
+# 137, SIGKILL's (kill -9, the OOM killer), which a trainer cannot report; all others are
+# permanent (trainer/errors.py). Unlike the Kubeflow operator, which retries every code >= 128
+# (v1.7-v1.9 pkg/util/train/train_util.go IsRetryableExitCode): Ctrl-C (130) stops the launcher
+# itself, and a crash by signal (139, 134) is a bug a relaunch would repeat.
 RETRYABLE_EXIT_CODES = (137, 143)
-# Once every worker finished, the evaluator has --evaluator_timeout_s plus this long to evaluate
-# the final checkpoint and exit; then it is stopped and the job exits 143. Its own timeout
-# covers a checkpoint that never comes, this one an evaluator that hangs or is stopped (SIGSTOP).
+# After the last worker, the evaluator has --evaluator_timeout_s plus this long (for a hung or
+# SIGSTOPped one; its own timeout is for a checkpoint that never comes), then it is stopped: 143.
 EVALUATOR_MARGIN_S = 60.0
 EXIT_EVALUATOR_OVERDUE = 143  # trainer/errors.py EXIT_RETRYABLE, as for the evaluator's timeout
 
 # Runs in each child before the trainer: asks the kernel to SIGKILL it when the launcher dies
-# (prctl(2) PR_SET_PDEATHSIG = 1; the setting survives execve(2) of a binary that is not
-# set-user-ID/set-group-ID and has no capabilities, and is sent when the thread that created
-# the child exits, hence the main-thread rule in Cluster), then exits at once if the launcher
-# is already gone (its pid is argv[1]), and finally becomes `python ARGS...` (argv[2:]). A
-# wrapper rather than Popen's preexec_fn, which is unsafe once the launcher has threads (the
-# output pumps): Python's subprocess documentation.
+# (prctl(2) PR_SET_PDEATHSIG = 1: kept across execve(2) of a binary without set-ID bits or
+# capabilities; sent when the creating thread exits, hence the main-thread rule in Cluster),
+# exits if the launcher (pid argv[1]) is already gone, then becomes `python ARGS...`. Not
+# Popen's preexec_fn: unsafe once the launcher has threads (Python's subprocess docs).
 _DIE_WITH_LAUNCHER = """
 import ctypes, os, signal, sys
 if sys.platform.startswith("linux"):
@@ -78,11 +72,9 @@ def default_threads(num_workers: int, environ) -> int:
 def worker_env(base_env, addresses, index: int, threads: int, evaluator: str = "",
                task_type: str = "worker") -> dict:
   """The environment of task `task_type:index`: its TF_CONFIG and a fair share of the cores.
-
   With an evaluator (its address), every task's TF_CONFIG lists it, as the Kubeflow training
   operator writes TF_CONFIG (pkg/controller.v1/tensorflow/tensorflow.go, genClusterSpec); the
-  training tasks leave it out of their collectives (trainer/runtime/cluster.py).
-  """
+  training tasks leave it out of their collectives (trainer/runtime/cluster.py)."""
   env = dict(base_env)
   cluster = {"worker": list(addresses)}
   if evaluator:
@@ -107,10 +99,8 @@ class Cluster:
   """N trainer processes (and an evaluator), each in its own session so only we decide how they
   stop, and each killed by the kernel if the launcher dies. The evaluator is waited for and
   stopped like a worker, and gets at most evaluator_limit() after the last worker exited.
-
-  Must be created on the main thread: the kernel's parent-death signal follows the thread
-  that started a child, and the main thread is the one that lives as long as the launcher.
-  """
+  Create it on the main thread: the kernel's parent-death signal follows the thread that
+  started a child, and the main thread lives as long as the launcher."""
 
   def __init__(self, num_workers: int, trainer_args, threads_per_worker: int = 0,
                env=None, module: str = "trainer.task", evaluator: bool = False):
@@ -386,14 +376,13 @@ def _define_flags() -> None:
   flags.DEFINE_float("shutdown_grace_s", 30.0,
                      "After Ctrl-C, SIGTERM or a worker's failure, seconds the other workers get "
                      "to checkpoint before SIGKILL.")
-  flags.DEFINE_boolean("evaluator", False,
-                       "Also start a side-car evaluator (TF_CONFIG task type evaluator) that "
-                       "evaluates each new checkpoint; needs --model_dir or --checkpoint_dir in the "
-                       "trainer flags.")
-  flags.DEFINE_integer("max_restarts", 0,
-                       "Relaunch the whole job after a retryable exit (143, or a process killed by "
-                       "SIGKILL: 137) at most this many times; it resumes from the newest "
-                       "checkpoint. Any other failure ends the job at once with its code.")
+  flags.DEFINE_boolean("evaluator", False, "Also start a side-car evaluator (TF_CONFIG task "
+                       "type evaluator) that evaluates each new checkpoint; needs --model_dir or "
+                       "--checkpoint_dir in the trainer flags.")
+  flags.DEFINE_integer("max_restarts", 0, "Relaunch the whole job after a retryable exit (143, "
+                       "or a process killed by SIGKILL: 137) at most this many times; it resumes "
+                       "from the newest checkpoint. Any other failure ends the job at once with "
+                       "its code.")
 
 
 def main(argv):

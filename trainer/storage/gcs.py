@@ -61,8 +61,6 @@ _TRANSIENT_TYPES = (
 )
 
 
-# --------------------------------------------------------------------------- client
-
 
 def client() -> gcs_client.Client:
   """The process-wide GCS client; a new one only if the emulator settings change (tests)."""
@@ -82,8 +80,6 @@ def _client_for(emulator_host, project):
         "no Google Cloud credentials for gs:// access: run `gcloud auth application-default "
         "login`, set GOOGLE_APPLICATION_CREDENTIALS, or run with a service account") from exc
 
-
-# --------------------------------------------------------------------------- retries
 
 
 def retry(fn, what: str):
