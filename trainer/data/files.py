@@ -52,9 +52,14 @@ def remove_partials(directory: str, prefix: str) -> None:
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def replace_dir(partial: str, target: str, prefix: str) -> None:
+def replace_dir(partial: str, target: str, prefix: str, marker: str = "",
+                source: str = "") -> None:
   """Renames the complete `partial` onto `target`; an incomplete old target is moved aside first
-  (one atomic rename), so an interruption never leaves a half-deleted target in place."""
+  (one atomic rename), so an interruption never leaves a half-deleted target in place. With a
+  marker, the file has_marker() reads is written into partial last, naming source."""
+  if marker:
+    with open(os.path.join(partial, marker), "w") as f:
+      f.write(source)
   if os.path.lexists(target):
     parent = os.path.dirname(target)
     old = os.path.join(parent, f"{prefix}old-{os.getpid()}-{time.monotonic_ns()}")

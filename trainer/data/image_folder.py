@@ -195,9 +195,7 @@ def _prepare_into(source: str, files: tuple, target: str, image_size: int,
           "once nothing writes to it.")
     for leftover in ("copy", "downloads"):  # the gs:// copy and TFDS's empty download dir
       shutil.rmtree(os.path.join(partial, leftover), ignore_errors=True)
-    with open(os.path.join(partial, PREPARED_MARKER), "w") as f:
-      f.write(source)
-    files_lib.replace_dir(partial, target, partial_prefix)
+    files_lib.replace_dir(partial, target, partial_prefix, PREPARED_MARKER, source)
   finally:
     shutil.rmtree(partial, ignore_errors=True)  # only after a failure: the rename moved it
   logging.info("Prepared %s into %s", source, target)

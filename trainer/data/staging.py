@@ -48,9 +48,7 @@ def stage(path: str, what: str) -> str:
         if errors.is_disk_full(e):
           raise _cache_full(path, e) from None
         raise
-      with open(os.path.join(partial, STAGED_MARKER), "w") as f:
-        f.write(path)
-      files.replace_dir(partial, local, partial_prefix)
+      files.replace_dir(partial, local, partial_prefix, STAGED_MARKER, path)
     finally:
       shutil.rmtree(partial, ignore_errors=True)  # only after a failure: the rename moved it
   logging.info("Staged %s into %s", path, local)
